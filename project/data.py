@@ -1,0 +1,584 @@
+"""Datasets as Lightning DataModules, and the batch loaders behind them.
+
+Every dataset yields raw pixels as uint8 (N, C, H, W) with int64 labels; the model standardises them
+(model.Standardize) and training augmentation runs on whole batches on the device
+(`on_after_batch_transfer`), so the two data paths below give the same batches for the same seed:
+
+- in-memory datasets (digits, MNIST, Fashion-MNIST, CIFAR-10) are held as tensors, on the GPU when they
+  fit, and batched by indexing: no per-sample Python, no collation, no worker processes;
+- image folders (and `--data-on-device no`) go through a standard DataLoader with workers and pinned
+  memory, driven by the same batch sampler.
+
+To add a dataset: subclass InMemoryData and write `load()` (or write any LightningDataModule with the
+attributes listed on InMemoryData), register it in DATASETS and its name in run.py's DATASET_NAMES.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from project.errors import UserError
+
+Split = tuple[torch.Tensor, torch.Tensor]  # (uint8 images N x C x H x W, int64 labels N)
+
+# Share of free GPU memory the in-memory data may take before `--data-on-device auto` keeps it on the
+# host: the rest is for the model, activations and the allocator's slack.
+DEVICE_MEMORY_FRACTION = 0.25
+
+
+class EpochBatches:
+    """This rank's batches of sample indices for one epoch, like DistributedSampler + BatchSampler.
+
+    The order is a permutation seeded by `seed + epoch` (the DistributedSampler recipe). Training
+    shards are padded to equal length so every rank steps the same number of times (DDP needs it);
+    evaluation shards are not, so each sample is counted exactly once across processes.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def shard(self, epoch: int) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+            per_rank = math.ceil(self.num_samples / self.world_size)
+            padding = per_rank * self.world_size - self.num_samples
+            if padding:
+                order = torch.cat([order, order[:padding]])
+        else:
+            order = torch.arange(self.num_samples)
+        return order[self.rank :: self.world_size]
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
+        shard = self.shard(epoch)
+        for start in range(skip * self.batch_size, len(shard), self.batch_size):
+            yield shard[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        per_rank = (
+            math.ceil(self.num_samples / self.world_size)
+            if self.shuffle
+            else len(range(self.rank, self.num_samples, self.world_size))
+        )
+        return math.ceil(per_rank / self.batch_size)
+
+
+class TensorBatches:
+    """Batches gathered by index from tensors that already sit where training runs."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, plan: EpochBatches) -> None:
+        self.images, self.labels, self.plan = images, labels, plan
+
+    def iterate(self, epoch: int, skip: int = 0) -> Iterator[Split]:
+        for index in self.plan.batches(epoch, skip):
+            index = index.to(self.images.device, non_blocking=True)
+            yield self.images.index_select(0, index), self.labels.index_select(0, index)
+
+    def __iter__(self) -> Iterator[Split]:
+        return self.iterate(0)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class _PlannedBatchSampler(torch.utils.data.Sampler):
+    """Lets a DataLoader follow an EpochBatches plan; `epoch` and `skip` are set before each iteration."""
+
+    def __init__(self, plan: EpochBatches) -> None:
+        self.plan, self.epoch, self.skip = plan, 0, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for index in self.plan.batches(self.epoch, self.skip):
+            yield index.tolist()
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class LoaderBatches:
+    """A standard DataLoader (workers, pinned memory) over a dataset, driven by an EpochBatches plan."""
+
+    def __init__(self, dataset: Dataset, plan: EpochBatches, num_workers: int, pin_memory: bool):
+        self.plan = plan
+        self.sampler = _PlannedBatchSampler(plan)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+        )
+
+    def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+        self.sampler.epoch, self.sampler.skip = epoch, skip
+        return iter(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iterate(0)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class ResumableEpochs:
+    """The training loader: a new epoch on each `iter()`, with a position Lightning saves in checkpoints.
+
+    Lightning stores `state_dict()` of a stateful training loader in every checkpoint and hands it back
+    to `load_state_dict()` on resume, before it creates the first iterator, so a run resumed mid-epoch
+    carries on with the very next batch of the same permutation.
+    """
+
+    def __init__(self, batches: TensorBatches | LoaderBatches) -> None:
+        self.batches = batches
+        self.epoch = -1  # the epoch being iterated; the next iter() starts `next_epoch`
+        self.next_epoch, self.skip = 0, 0
+        self.yielded, self.exhausted = 0, True
+
+    def __iter__(self) -> Iterator[Any]:
+        self.epoch, self.yielded, self.exhausted = self.next_epoch, self.skip, False
+        self.next_epoch, skip, self.skip = self.next_epoch + 1, self.skip, 0
+        for batch in self.batches.iterate(self.epoch, skip):
+            self.yielded += 1
+            yield batch
+        self.exhausted = True
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def state_dict(self) -> dict[str, int]:
+        # Lightning's fetcher holds one batch ahead of the training step; it has not been trained on.
+        consumed = self.yielded if self.exhausted else self.yielded - 1
+        return {"epoch": self.epoch, "consumed": max(consumed, 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["consumed"] >= len(self):
+            self.next_epoch, self.skip = state["epoch"] + 1, 0
+        else:
+            self.next_epoch, self.skip = state["epoch"], state["consumed"]
+
+
+def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch.Tensor:
+    """Per-sample random horizontal flip and shift by up to `max_shift` pixels (reflect-padded), for a
+    whole batch in a few tensor ops on the device (the airbench way), instead of per-sample PIL calls."""
+    n, _, height, width = images.shape
+    flip = torch.rand(n, device=images.device) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    padded = F.pad(images, (max_shift,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * max_shift + 1, (n, 1), device=images.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (n, 1), device=images.device)
+    rows = (dy + torch.arange(height, device=images.device)).view(n, 1, height, 1)
+    cols = (dx + torch.arange(width, device=images.device)).view(n, 1, 1, width)
+    padded = padded.gather(2, rows.expand(-1, padded.shape[1], -1, padded.shape[3]))
+    return padded.gather(3, cols.expand(-1, padded.shape[1], height, -1))
+
+
+class ImageData(pl.LightningDataModule):
+    """What every dataset here gives the solver: input_shape (C, H, W), class_names, mean/std per
+    channel in raw pixel units, split_sizes after setup(), and this rank's batches of each split."""
+
+    input_shape: tuple[int, int, int]
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment = False  # random flips and shifts while training
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        data_on_device: str = "auto",
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.data_on_device = data_on_device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _batches(self, split: str, shuffle: bool) -> TensorBatches | LoaderBatches:
+        raise NotImplementedError
+
+    def _plan(self, num_samples: int, shuffle: bool) -> EpochBatches:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return EpochBatches(num_samples, self.batch_size, shuffle, self.seed, rank, world_size)
+
+    def train_dataloader(self) -> ResumableEpochs:
+        return ResumableEpochs(self._batches("train", shuffle=True))
+
+    def val_dataloader(self) -> TensorBatches | LoaderBatches:
+        return self._batches("val", shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches | LoaderBatches:
+        return self._batches("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
+        images, labels = batch
+        images = images.float()
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = random_flip_and_translate(images)
+        return images, labels
+
+
+class InMemoryData(ImageData):
+    """A dataset that fits in memory as uint8 tensors: subclasses set the attributes and write load()."""
+
+    splits: dict[str, Split]
+
+    def load(self) -> dict[str, Split]:
+        """Return {"train": ..., "val": ..., "test": ...} as uint8 images and int64 labels."""
+        raise NotImplementedError
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(labels) for name, (_, labels) in self.splits.items()}
+
+    def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "splits", None):
+            return
+        splits = self.load()
+        device = self._placement(sum(x.nbytes + y.nbytes for x, y in splits.values()))
+        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
+
+    def _placement(self, nbytes: int) -> torch.device:
+        """Where the tensors live: on the GPU when they fit (`auto`) or when asked (`yes`)."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if device.type != "cuda" or self.data_on_device == "no":
+            return torch.device("cpu")
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        if self.data_on_device == "yes" or nbytes < DEVICE_MEMORY_FRACTION * free_bytes:
+            return device
+        return torch.device("cpu")
+
+    def _batches(self, split: str, shuffle: bool) -> TensorBatches | LoaderBatches:
+        images, labels = self.splits[split]
+        plan = self._plan(len(labels), shuffle)
+        if self.data_on_device == "no":
+            dataset = torch.utils.data.TensorDataset(images, labels)
+            return LoaderBatches(dataset, plan, self.num_workers, torch.cuda.is_available())
+        return TensorBatches(images, labels, plan)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with `fraction` of each class held out, fixed by `seed`."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    keep, held_out = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed, shuffle=True)
+    return np.sort(keep), np.sort(held_out)
+
+
+def _as_split(images: np.ndarray | torch.Tensor, labels: Any, index: np.ndarray) -> Split:
+    images = torch.as_tensor(np.asarray(images)[index], dtype=torch.uint8)
+    return images, torch.as_tensor(np.asarray(labels)[index], dtype=torch.long)
+
+
+class Digits(InMemoryData):
+    """scikit-learn's bundled 8x8 digits (1,797 images, pixel values 0-16): works offline."""
+
+    input_shape = (1, 8, 8)
+    class_names = [str(d) for d in range(10)]
+    mean, std = (4.884,), (6.017,)
+
+    def load(self) -> dict[str, Split]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images, labels = digits.images[:, None].astype(np.uint8), digits.target
+        # 80/10/10, stratified: hold out 20%, then halve it into val and test.
+        train, held_out = stratified_split(labels, 0.2, self.seed)
+        val_pos, test_pos = stratified_split(labels[held_out], 0.5, self.seed)
+        return {
+            "train": _as_split(images, labels, train),
+            "val": _as_split(images, labels, held_out[val_pos]),
+            "test": _as_split(images, labels, held_out[test_pos]),
+        }
+
+
+class TorchvisionData(InMemoryData):
+    """A torchvision dataset with an official train/test split; val is a stratified share of train.
+
+    `prepare_data` (run once per node by Lightning) downloads what is missing; without a network the
+    error names the files expected and where.
+    """
+
+    folder: str  # where torchvision keeps the files, under --data-dir
+    files: tuple[str, ...]
+
+    def missing_files(self) -> list[Path]:
+        return [self.data_dir / self.folder / f for f in self.files if not (self.data_dir / self.folder / f).is_file()]
+
+    def prepare_data(self) -> None:
+        missing = self.missing_files()
+        if not missing:
+            return
+        try:
+            self.download()
+        except Exception as error:  # any network or archive failure means the same thing here
+            names = ", ".join(p.name for p in missing)
+            raise UserError(
+                f"{self.name}: missing {names} in {missing[0].parent} and the download failed "
+                f"({type(error).__name__}); put the files there or run once with internet access"
+            ) from error
+
+    def download(self) -> None:
+        raise NotImplementedError
+
+    def read(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def load(self) -> dict[str, Split]:
+        self.prepare_data()  # no-op when present; a clear error when a rank finds files missing
+        train_images, train_labels = self.read(train=True)
+        test_images, test_labels = self.read(train=False)
+        train, val = stratified_split(train_labels, self.val_fraction, self.seed)
+        every = np.arange(len(test_labels))
+        return {
+            "train": _as_split(train_images, train_labels, train),
+            "val": _as_split(train_images, train_labels, val),
+            "test": _as_split(test_images, test_labels, every),
+        }
+
+
+class MNIST(TorchvisionData):
+    """MNIST in its IDX files (torchvision's layout: <data-dir>/MNIST/raw/)."""
+
+    name = "mnist"
+    input_shape = (1, 28, 28)
+    class_names = [str(d) for d in range(10)]
+    mean, std = (33.32,), (78.57,)
+    files = (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    )
+
+    @property
+    def torchvision_class(self) -> Any:
+        import torchvision
+
+        return torchvision.datasets.MNIST
+
+    @property
+    def folder(self) -> str:  # type: ignore[override]
+        return f"{self.torchvision_class.__name__}/raw"
+
+    def download(self) -> None:
+        self.torchvision_class(str(self.data_dir), train=True, download=True)
+
+    def read(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        dataset = self.torchvision_class(str(self.data_dir), train=train, download=False)
+        return dataset.data.numpy()[:, None], dataset.targets.numpy()
+
+
+class FashionMNIST(MNIST):
+    """Fashion-MNIST, same IDX format (<data-dir>/FashionMNIST/raw/)."""
+
+    name = "fashion-mnist"
+    class_names = [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ]  # fmt: skip
+    mean, std = (72.94,), (90.02,)
+
+    @property
+    def torchvision_class(self) -> Any:
+        import torchvision
+
+        return torchvision.datasets.FashionMNIST
+
+
+class CIFAR10(TorchvisionData):
+    """CIFAR-10 in its python pickle batches (<data-dir>/cifar-10-batches-py/)."""
+
+    name = "cifar10"
+    input_shape = (3, 32, 32)
+    class_names = [
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck",
+    ]  # fmt: skip
+    mean, std = (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)
+    augment = True
+    folder = "cifar-10-batches-py"
+    files = tuple(f"data_batch_{i}" for i in range(1, 6)) + (
+        "test_batch",
+        "batches.meta",
+    )
+
+    def download(self) -> None:
+        import torchvision
+
+        torchvision.datasets.CIFAR10(str(self.data_dir), train=True, download=True)
+
+    def read(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        # torchvision's reader, minus its MD5 check: the hashes pin the official archive, and a
+        # truncated or foreign file still fails loudly when unpickled.
+        import torchvision
+
+        class Unchecked(torchvision.datasets.CIFAR10):
+            def _check_integrity(self) -> bool:
+                return all(
+                    (Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list
+                )
+
+        try:
+            dataset = Unchecked(str(self.data_dir), train=train, download=False)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+            raise UserError(f"cifar10: cannot read {self.data_dir / self.folder}: {error}") from error
+        return dataset.data.transpose(0, 3, 1, 2), np.asarray(dataset.targets)
+
+
+class ImageFolderData(ImageData):
+    """Your own images, one folder per class (torchvision's ImageFolder), read by DataLoader workers.
+
+    Layouts: <data-dir>/<class>/<image> (train/val/test split 80/10/10, stratified, fixed by --seed),
+    or <data-dir>/train/<class>/... with optional val/ and test/ beside it (a missing one is split
+    off train). Images are converted to RGB and resized to image_size x image_size.
+    """
+
+    augment = True
+    mean, std = (
+        (123.68, 116.28, 103.53),
+        (58.40, 57.12, 57.38),
+    )  # ImageNet's, in 0-255 units
+
+    def __init__(self, data_dir: str = "data", image_size: int = 64, **kwargs: Any) -> None:
+        super().__init__(data_dir=data_dir, **kwargs)
+        root = self.data_dir
+        if not root.is_dir():
+            raise UserError(f"image-folder: {root} is not a folder; pass --data-dir with one folder per class")
+        self.presplit = (root / "train").is_dir()
+        class_root = root / "train" if self.presplit else root
+        self.class_names = sorted(p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if len(self.class_names) < 2:
+            raise UserError(
+                f"image-folder: {class_root} holds {len(self.class_names)} class folder(s); "
+                "a classifier needs at least 2 (one sub-folder of images per class)"
+            )
+        self.input_shape = (3, image_size, image_size)
+        self.image_size = image_size
+        self.subsets: dict[str, Dataset] = {}
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(subset) for name, subset in self.subsets.items()}
+
+    def _folder(self, path: Path) -> Any:
+        import torchvision
+        from torchvision.transforms import v2
+
+        transform = v2.Compose([v2.Resize((self.image_size, self.image_size)), v2.PILToTensor()])
+        try:
+            folder = torchvision.datasets.ImageFolder(
+                str(path),
+                transform=transform,
+                allow_empty=False,
+                loader=lambda p: _open_rgb(p),
+            )
+        except (FileNotFoundError, RuntimeError) as error:
+            raise UserError(f"image-folder: {path}: {error}") from error
+        if folder.classes != self.class_names:
+            raise UserError(f"image-folder: {path} has classes {folder.classes}, expected {self.class_names}")
+        for sample_path, _ in folder.samples:
+            _check_image(sample_path)
+        return folder
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.subsets:
+            return
+        from torch.utils.data import Subset
+
+        root = self.data_dir
+        if not self.presplit:
+            folder = self._folder(root)
+            labels = np.asarray(folder.targets)
+            rest, test = stratified_split(labels, 0.1, self.seed)
+            train, val = stratified_split(labels[rest], 1 / 9, self.seed)
+            self.subsets = {
+                "train": Subset(folder, rest[train]),
+                "val": Subset(folder, rest[val]),
+                "test": Subset(folder, test),
+            }
+            return
+        train_folder = self._folder(root / "train")
+        given = {name: self._folder(root / name) for name in ("val", "test") if (root / name).is_dir()}
+        train_index = np.arange(len(train_folder))
+        for name in ("val", "test"):
+            if name not in given:
+                labels = np.asarray(train_folder.targets)[train_index]
+                keep, held_out = stratified_split(labels, self.val_fraction, self.seed)
+                given[name] = Subset(train_folder, train_index[held_out])
+                train_index = train_index[keep]
+        self.subsets = {"train": Subset(train_folder, train_index), **given}
+
+    def _batches(self, split: str, shuffle: bool) -> LoaderBatches:
+        subset = self.subsets[split]
+        plan = self._plan(len(subset), shuffle)
+        return LoaderBatches(subset, plan, self.num_workers, torch.cuda.is_available())
+
+
+def _open_rgb(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _check_image(path: str) -> None:
+    """Fail before training, naming the file, rather than deep inside a worker process mid-epoch."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:
+        raise UserError(
+            f"image-folder: cannot read image {path} ({type(error).__name__}); remove or replace it"
+        ) from error
+
+
+DATASETS: dict[str, type[ImageData]] = {
+    "digits": Digits,
+    "mnist": MNIST,
+    "fashion-mnist": FashionMNIST,
+    "cifar10": CIFAR10,
+    "image-folder": ImageFolderData,
+}

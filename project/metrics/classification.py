@@ -1,0 +1,121 @@
+"""Classification metrics derived from one confusion matrix, accumulated step by step on the device.
+
+The state is a C x C count matrix, never the stored outputs: memory does not grow with the number of
+batches, and reduction across DDP processes is one `sum` (torchmetrics does it at `compute()`).
+scikit-learn is the reference these are tested against (tests/test_metrics.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+class ConfusionMatrix(Metric):
+    """Counts of (true class, predicted class) pairs; row = true class, column = predicted class.
+
+    `update` is a fixed-size `scatter_add_`: no `bincount`, no `.item()`, so it never waits for the GPU
+    (torchmetrics' own classification metrics do, once per call).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state(
+            "counts",
+            torch.zeros(num_classes * num_classes, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """`preds`: class indices (N,) or scores (N, C); `target`: class indices (N,)."""
+        if preds.ndim == target.ndim + 1:
+            preds = preds.argmax(dim=1)
+        flat_index = target.long() * self.num_classes + preds.long()
+        self.counts.scatter_add_(0, flat_index, torch.ones_like(flat_index))
+
+    def compute(self) -> torch.Tensor:
+        return self.counts.view(self.num_classes, self.num_classes)
+
+
+class MeanValue(Metric):
+    """Exact mean of per-sample values (a loss) across batches of any size and across processes."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, value_sum: torch.Tensor, count: int) -> None:
+        self.total += value_sum.detach().double()
+        self.count += count
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+def summarize(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1 over all C classes.
+
+    Matches scikit-learn's `precision_recall_fscore_support(..., labels=range(C), average="macro",
+    zero_division=0)`: a class never predicted has precision 0, a class never present has recall 0.
+    """
+    per_class = per_class_scores(confusion)
+    cm = confusion.double()
+    total = cm.sum()
+    return {
+        "acc": float(cm.trace() / total) if total > 0 else 0.0,
+        "precision": float(per_class["precision"].mean()),
+        "recall": float(per_class["recall"].mean()),
+        "f1": float(per_class["f1"].mean()),
+    }
+
+
+def per_class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Precision, recall, F1 and support of each class (float64, on the CPU)."""
+    cm = confusion.detach().cpu().double()
+    true_pos = cm.diagonal()
+    predicted = cm.sum(dim=0)
+    support = cm.sum(dim=1)
+    precision = _safe_divide(true_pos, predicted)
+    recall = _safe_divide(true_pos, support)
+    # scikit-learn >= 1.3 computes F1 from counts, which differs from 2PR/(P+R) in the last bit.
+    f1 = _safe_divide(2 * true_pos, predicted + support)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+
+
+def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
+    """A readable confusion matrix and a per-class report, as plain text."""
+    cm = confusion.detach().cpu().long()
+    scores = per_class_scores(cm)
+    names = [str(n) for n in class_names]
+    width = max(6, *(len(n) for n in names), len(str(int(cm.max())) if cm.numel() else "0") + 1)
+    lines = ["Confusion matrix (rows: true class, columns: predicted class)"]
+    lines.append(" " * width + " " + " ".join(n.rjust(width) for n in names))
+    for name, row in zip(names, cm.tolist(), strict=True):
+        lines.append(name.rjust(width) + " " + " ".join(str(v).rjust(width) for v in row))
+    lines.append("")
+    lines.append("class".rjust(width) + "  precision     recall         f1    support")
+    for i, name in enumerate(names):
+        lines.append(
+            f"{name.rjust(width)} {scores['precision'][i]:10.4f} {scores['recall'][i]:10.4f} "
+            f"{scores['f1'][i]:10.4f} {int(scores['support'][i]):10d}"
+        )
+    summary = summarize(cm)
+    lines.append("")
+    lines.append(
+        f"{'macro avg'.rjust(width)} {summary['precision']:10.4f} {summary['recall']:10.4f} "
+        f"{summary['f1']:10.4f} {int(cm.sum()):10d}"
+    )
+    lines.append(f"{'accuracy'.rjust(width)} {summary['acc']:10.4f}")
+    return "\n".join(lines)
