@@ -297,11 +297,18 @@ class InMemoryData(ImageData):
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out) with `fraction` of each class held out, fixed by `seed`."""
+    """Indices (keep, held_out) with `fraction` of each class held out, fixed by `seed`.
+
+    Sets too small to stratify (a class with one sample, fewer held-out samples than classes) are
+    split without stratification rather than refused.
+    """
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
-    keep, held_out = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed, shuffle=True)
+    try:
+        keep, held_out = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError:
+        keep, held_out = train_test_split(index, test_size=fraction, random_state=seed)
     return np.sort(keep), np.sort(held_out)
 
 
@@ -449,20 +456,24 @@ class CIFAR10(TorchvisionData):
         torchvision.datasets.CIFAR10(str(self.data_dir), train=True, download=True)
 
     def read(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
-        # torchvision's reader, minus its MD5 check: the hashes pin the official archive, and a
-        # truncated or foreign file still fails loudly when unpickled.
         import torchvision
 
         class Unchecked(torchvision.datasets.CIFAR10):
+            """torchvision's reader minus its MD5 checks: the hashes pin the official archive, and a
+            truncated or foreign file still fails loudly when unpickled. Class names are ours."""
+
             def _check_integrity(self) -> bool:
-                return all(
-                    (Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list
-                )
+                return True  # missing files were reported by prepare_data
+
+            def _load_meta(self) -> None:
+                pass
 
         try:
             dataset = Unchecked(str(self.data_dir), train=train, download=False)
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
-            raise UserError(f"cifar10: cannot read {self.data_dir / self.folder}: {error}") from error
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError, OSError) as error:
+            raise UserError(
+                f"cifar10: cannot read {self.data_dir / self.folder} ({type(error).__name__}: {error})"
+            ) from error
         return dataset.data.transpose(0, 3, 1, 2), np.asarray(dataset.targets)
 
 
