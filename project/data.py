@@ -123,17 +123,17 @@ class LoaderBatches:
 
     def __init__(self, dataset: Dataset, plan: EpochBatches, num_workers: int, pin_memory: bool):
         self.plan = plan
-        self.sampler = _PlannedBatchSampler(plan)
+        self.batch_plan = _PlannedBatchSampler(plan)
         self.loader = DataLoader(
             dataset,
-            batch_sampler=self.sampler,
+            batch_sampler=self.batch_plan,
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
         )
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
-        self.sampler.epoch, self.sampler.skip = epoch, skip
+        self.batch_plan.epoch, self.batch_plan.skip = epoch, skip
         return iter(self.loader)
 
     def __iter__(self) -> Iterator[Any]:

@@ -7,6 +7,7 @@ scikit-learn is the reference these are tested against (tests/test_metrics.py).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -69,11 +70,10 @@ def summarize(confusion: torch.Tensor) -> dict[str, float]:
     per_class = per_class_scores(confusion)
     cm = confusion.double()
     total = cm.sum()
+    # numpy's mean (pairwise summation), as scikit-learn averages: equal to the last bit.
     return {
         "acc": float(cm.trace() / total) if total > 0 else 0.0,
-        "precision": float(per_class["precision"].mean()),
-        "recall": float(per_class["recall"].mean()),
-        "f1": float(per_class["f1"].mean()),
+        **{name: float(np.mean(per_class[name].numpy())) for name in ("precision", "recall", "f1")},
     }
 
 
@@ -99,7 +99,7 @@ def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
     cm = confusion.detach().cpu().long()
     scores = per_class_scores(cm)
     names = [str(n) for n in class_names]
-    width = max(6, *(len(n) for n in names), len(str(int(cm.max())) if cm.numel() else "0") + 1)
+    width = max(len("macro avg"), *(len(n) for n in names), len(str(int(cm.max()))) + 1)
     lines = ["Confusion matrix (rows: true class, columns: predicted class)"]
     lines.append(" " * width + " " + " ".join(n.rjust(width) for n in names))
     for name, row in zip(names, cm.tolist(), strict=True):

@@ -1,0 +1,172 @@
+"""DataModules: shapes, dtypes, splits, real on-disk formats, sharding, and the clear missing-data error."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_cifar10_like, write_image_folder, write_mnist_like
+
+from project.data import DATASETS, EpochBatches, ResumableEpochs, TensorBatches
+from project.errors import UserError
+
+
+def setup_module_data(name: str, data_dir: Path | str = "data", **kwargs):
+    datamodule = DATASETS[name](data_dir=str(data_dir), batch_size=8, num_workers=0, **kwargs)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def split_labels_and_pixels(datamodule) -> dict[str, set]:
+    """Each split's samples as hashable (pixels, label) pairs, to check disjointness and coverage."""
+    return {
+        name: {(x.numpy().tobytes(), int(y)) for x, y in zip(images, labels, strict=True)}
+        for name, (images, labels) in datamodule.splits.items()
+    }
+
+
+def test_digits_split_is_stratified_disjoint_covering_and_seeded():
+    datamodule = setup_module_data("digits", seed=3)
+    sizes = datamodule.split_sizes
+    assert sum(sizes.values()) == 1797
+    assert sizes["train"] == pytest.approx(0.8 * 1797, abs=1)
+    assert sizes["val"] == pytest.approx(0.1 * 1797, abs=2) and sizes["test"] == pytest.approx(0.1 * 1797, abs=2)
+    images, labels = datamodule.splits["train"]
+    assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == datamodule.input_shape == (1, 8, 8)
+    assert labels.dtype == torch.long
+    # Stratified: every class keeps about the same share in every split.
+    for _, split_labels in datamodule.splits.values():
+        shares = np.bincount(split_labels.numpy(), minlength=10) / len(split_labels)
+        assert np.all(np.abs(shares - 0.1) < 0.02)
+    # Disjoint and covering: the splits together are the dataset, as a multiset (digits has duplicates).
+    from collections import Counter
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    everything = Counter(
+        (x.astype(np.uint8).tobytes(), int(y)) for x, y in zip(digits.images, digits.target, strict=True)
+    )
+    parts = Counter(
+        (x.numpy().tobytes(), int(y))
+        for images, labels in datamodule.splits.values()
+        for x, y in zip(images, labels, strict=True)
+    )
+    assert parts == everything
+    same = setup_module_data("digits", seed=3)
+    other = setup_module_data("digits", seed=4)
+    for name in ("train", "val", "test"):
+        assert torch.equal(same.splits[name][0], datamodule.splits[name][0])
+    assert not torch.equal(other.splits["test"][0], datamodule.splits["test"][0])
+
+
+@pytest.mark.parametrize(
+    "name, folder, shape",
+    [("mnist", "MNIST", (1, 28, 28)), ("fashion-mnist", "FashionMNIST", (1, 28, 28)), ("cifar10", None, (3, 32, 32))],
+)
+def test_torchvision_datasets_read_their_real_file_formats(tmp_path, name, folder, shape):
+    if folder:
+        write_mnist_like(tmp_path, folder, n_train=60, n_test=20)
+    else:
+        write_cifar10_like(tmp_path, per_batch=20, n_test=20)
+    datamodule = setup_module_data(name, tmp_path, val_fraction=0.2)
+    assert datamodule.input_shape == shape and datamodule.num_classes == 10
+    train_size = 60 if folder else 100
+    assert datamodule.split_sizes == {"train": train_size * 4 // 5, "val": train_size // 5, "test": 20}
+    pairs = split_labels_and_pixels(datamodule)
+    assert not pairs["train"] & pairs["val"]
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (8, *shape) and labels.dtype == torch.long
+
+
+def test_cifar10_pixels_keep_their_channel_layout(tmp_path):
+    write_cifar10_like(tmp_path, per_batch=10, n_test=10)
+    raw = np.frombuffer(
+        __import__("pickle").loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())["data"][0],
+        dtype=np.uint8,
+    )
+    datamodule = setup_module_data("cifar10", tmp_path)
+    first = datamodule.splits["test"][0][0]  # the test split keeps the file's order
+    assert torch.equal(first, torch.from_numpy(raw.reshape(3, 32, 32).copy()))
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10"])
+def test_missing_dataset_names_the_missing_files(tmp_path, name):
+    datamodule = DATASETS[name](data_dir=str(tmp_path / "empty"))
+    with pytest.raises(UserError) as error:
+        datamodule.prepare_data()
+    message = str(error.value)
+    assert "missing" in message and str(tmp_path / "empty") in message
+    assert "\n" not in message
+
+
+def test_image_folder_reads_pngs_and_splits(tmp_path):
+    write_image_folder(tmp_path / "pets", classes=("cat", "dog", "fox"), per_class=10, size=12)
+    datamodule = setup_module_data("image-folder", tmp_path / "pets", image_size=16)
+    assert datamodule.class_names == ["cat", "dog", "fox"]
+    assert datamodule.input_shape == (3, 16, 16)
+    assert sum(datamodule.split_sizes.values()) == 30 and datamodule.split_sizes["test"] == 3
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == (3, 16, 16)
+    assert set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_image_folder_with_given_splits(tmp_path):
+    for split, n in (("train", 8), ("test", 3)):
+        write_image_folder(tmp_path / "pets" / split, per_class=n, size=8)
+    datamodule = setup_module_data("image-folder", tmp_path / "pets", image_size=8, val_fraction=0.25)
+    assert datamodule.split_sizes == {"train": 12, "val": 4, "test": 6}
+
+
+@pytest.mark.parametrize("problem", ["missing", "one-class", "unreadable"])
+def test_image_folder_problems_are_one_clear_line(tmp_path, problem):
+    root = tmp_path / "pets"
+    if problem == "one-class":
+        write_image_folder(root, classes=("cat",))
+    elif problem == "unreadable":
+        write_image_folder(root)
+        (root / "dog" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(UserError) as error:
+        setup_module_data("image-folder", root)
+    assert "\n" not in str(error.value)
+    if problem == "unreadable":
+        assert "broken.png" in str(error.value)
+
+
+@pytest.mark.parametrize("num_samples, world_size", [(19, 2), (20, 3), (7, 4)])
+def test_evaluation_shards_count_every_sample_once(num_samples, world_size):
+    seen = []
+    for rank in range(world_size):
+        plan = EpochBatches(num_samples, 3, shuffle=False, seed=0, rank=rank, world_size=world_size)
+        batches = list(plan.batches(epoch=0))
+        assert len(batches) == len(plan)
+        seen += torch.cat(batches).tolist() if batches else []
+    assert sorted(seen) == list(range(num_samples))
+
+
+def test_training_shards_are_equal_length_disjoint_and_reshuffled_each_epoch():
+    plans = [EpochBatches(19, 4, shuffle=True, seed=1, rank=r, world_size=2) for r in range(2)]
+    shards = [plan.shard(epoch=0) for plan in plans]
+    assert len(shards[0]) == len(shards[1]) == 10  # padded like DistributedSampler
+    assert set(torch.cat(shards).tolist()) == set(range(19))
+    assert not torch.equal(plans[0].shard(epoch=0), plans[0].shard(epoch=1))
+    assert torch.equal(plans[0].shard(epoch=2), EpochBatches(19, 4, True, 1, 0, 2).shard(epoch=2))
+
+
+def test_resumable_loader_continues_mid_epoch():
+    images, labels = torch.arange(20).view(20, 1, 1, 1).to(torch.uint8), torch.arange(20)
+
+    def loader():
+        return ResumableEpochs(TensorBatches(images, labels, EpochBatches(20, 3, True, 0, 0, 1)))
+
+    uninterrupted = loader()
+    epoch0 = [y.tolist() for _, y in uninterrupted]
+    interrupted = loader()
+    iterator = iter(interrupted)
+    for _ in range(4):  # Lightning's fetcher pulls one batch ahead: 3 trained on, 1 waiting
+        next(iterator)
+    resumed = loader()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert [y.tolist() for _, y in resumed] == epoch0[3:]
+    # The next iteration is the next epoch, with a new order.
+    assert [y.tolist() for _, y in resumed] == [y.tolist() for _, y in uninterrupted]

@@ -1,0 +1,90 @@
+"""The confusion-matrix metrics against scikit-learn, the reference, on uneven random batches."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from project.metrics import ConfusionMatrix, MeanValue, format_report, per_class_scores, summarize
+
+
+def random_batches(num_classes: int, seed: int, never: tuple[int, ...] = ()):
+    """Batches of uneven size; classes in `never` appear neither as labels nor as predictions."""
+    rng = np.random.default_rng(seed)
+    allowed = np.array([c for c in range(num_classes) if c not in never])
+    for size in rng.integers(1, 50, size=30):
+        target = rng.choice(allowed, size=size)
+        # Mostly right, so precision/recall are not all ~1/C.
+        preds = np.where(rng.random(size) < 0.6, target, rng.choice(allowed, size=size))
+        yield torch.from_numpy(preds), torch.from_numpy(target)
+
+
+@pytest.mark.parametrize("never", [(), (3,), (0, 6)])
+def test_matches_scikit_learn_exactly(never):
+    num_classes = 7
+    metric = ConfusionMatrix(num_classes)
+    all_preds, all_target = [], []
+    for preds, target in random_batches(num_classes, seed=len(never), never=never):
+        metric.update(preds, target)
+        all_preds.append(preds)
+        all_target.append(target)
+    y_pred, y_true = torch.cat(all_preds).numpy(), torch.cat(all_target).numpy()
+    labels = list(range(num_classes))
+
+    cm = metric.compute()
+    np.testing.assert_array_equal(cm.numpy(), confusion_matrix(y_true, y_pred, labels=labels))
+
+    scores = summarize(cm)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=0
+    )
+    assert scores["acc"] == accuracy_score(y_true, y_pred)
+    assert scores["precision"] == precision
+    assert scores["recall"] == recall
+    assert scores["f1"] == f1
+
+    per_class = per_class_scores(cm)
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    np.testing.assert_allclose(per_class["precision"].numpy(), p, rtol=0, atol=0)
+    np.testing.assert_allclose(per_class["recall"].numpy(), r, rtol=0, atol=0)
+    np.testing.assert_allclose(per_class["f1"].numpy(), f, rtol=0, atol=0)
+    np.testing.assert_array_equal(per_class["support"].numpy(), support)
+
+
+def test_rows_are_true_classes_columns_predictions():
+    # The old template passed (y_pred, y_true) to scikit-learn: a transposed matrix.
+    metric = ConfusionMatrix(3)
+    metric.update(torch.tensor([2, 2]), torch.tensor([0, 0]))
+    assert metric.compute()[0, 2] == 2
+    assert metric.compute()[2, 0] == 0
+
+
+def test_accepts_scores_and_resets():
+    metric = ConfusionMatrix(3)
+    logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
+    metric.update(logits, torch.tensor([1, 2]))
+    assert metric.compute().sum() == 2
+    assert metric.compute()[1, 1] == 1 and metric.compute()[2, 0] == 1
+    metric.reset()
+    assert metric.compute().sum() == 0
+
+
+def test_state_does_not_grow_with_batches():
+    metric = ConfusionMatrix(10)
+    for preds, target in random_batches(10, seed=1):
+        metric.update(preds, target)
+    assert [tuple(s.shape) for s in metric.metric_state.values()] == [(100,)]
+
+
+def test_mean_value_weights_by_count():
+    mean = MeanValue()
+    mean.update(torch.tensor(3.0), 1)  # one sample with loss 3
+    mean.update(torch.tensor(4.0), 4)  # four samples with loss 1
+    assert float(mean.compute()) == pytest.approx(7 / 5)
+
+
+def test_report_names_classes_and_scores():
+    cm = torch.tensor([[5, 1], [0, 4]])
+    report = format_report(cm, ["cat", "dog"])
+    assert "cat" in report and "dog" in report
+    assert "0.9000" in report  # accuracy 9/10
