@@ -8,6 +8,7 @@ and mistakes in the arguments answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -268,7 +269,7 @@ def train_and_test(args: argparse.Namespace) -> int:
 
     # 3. Records: a run directory, trackers, checkpoints.
     run = tracking.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
-    trainer = pl.Trainer(
+    trainer = _build_trainer(
         accelerator=accelerator,
         devices=device_count,
         num_nodes=args.num_nodes,
@@ -302,12 +303,23 @@ def train_and_test(args: argparse.Namespace) -> int:
 
 
 def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:
-    """(accelerator, devices, precision) for the Trainer, from --gpus/--accelerator/--devices/--precision."""
+    """(accelerator, devices, precision) for the Trainer, from --gpus/--accelerator/--devices/--precision,
+    checked against what this machine has before anything is written."""
     import torch
+
+    from project.errors import UserError
 
     accelerator, count = args.accelerator, args.devices
     if args.gpus is not None:
         accelerator, count = "gpu", args.gpus
+    if accelerator in ("gpu", "cuda"):
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise UserError("a GPU was requested (--gpus/--accelerator gpu) but none is visible; use --accelerator cpu")
+        if isinstance(count, int) and count > available:
+            raise UserError(f"--devices {count}: only {available} GPU(s) visible on this machine")
+    if accelerator == "cpu" and isinstance(count, int) and count > (os.cpu_count() or 1):
+        raise UserError(f"--devices {count}: this machine has {os.cpu_count()} CPU cores; use at most that many")
     if args.precision:
         precision = args.precision
     elif args.half_precision:
@@ -317,6 +329,20 @@ def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:
     else:
         precision = "32-true"
     return accelerator, count, precision
+
+
+def _build_trainer(**settings: Any) -> Any:
+    """Lightning's Trainer, with hardware mistakes (no GPU, too many devices, unknown strategy) as one line."""
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from project.errors import UserError
+
+    try:
+        return pl.Trainer(**settings)
+    except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as error:
+        first_sentence = str(error).split(". ")[0].splitlines()[0]
+        raise UserError(f"--accelerator/--devices/--strategy/--precision: {first_sentence}") from error
 
 
 if __name__ == "__main__":
