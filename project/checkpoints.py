@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
                 "(it could run code when loaded). Only load checkpoints you trust, and re-save them."
             ) from error
         raise UserError(f"{flag}: {path} is not a readable checkpoint ({error})") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # torch.load fails in many ways on foreign bytes (IndexError, EOFError, ...)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{flag}: {path} is not a valid checkpoint (truncated or another format: {reason})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:

@@ -507,6 +507,13 @@ class ImageFolderData(ImageData):
         self.input_shape = (3, image_size, image_size)
         self.image_size = image_size
         self.subsets: dict[str, Dataset] = {}
+        # Read every folder now: an unreadable image fails before the run starts, naming the file.
+        if self.presplit:
+            self.folders = {
+                name: self._folder(root / name) for name in ("train", "val", "test") if (root / name).is_dir()
+            }
+        else:
+            self.folders = {"all": self._folder(root)}
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -522,7 +529,7 @@ class ImageFolderData(ImageData):
                 str(path),
                 transform=transform,
                 allow_empty=False,
-                loader=lambda p: _open_rgb(p),
+                loader=_open_rgb,
             )
         except (FileNotFoundError, RuntimeError) as error:
             raise UserError(f"image-folder: {path}: {error}") from error
@@ -537,9 +544,8 @@ class ImageFolderData(ImageData):
             return
         from torch.utils.data import Subset
 
-        root = self.data_dir
         if not self.presplit:
-            folder = self._folder(root)
+            folder = self.folders["all"]
             labels = np.asarray(folder.targets)
             rest, test = stratified_split(labels, 0.1, self.seed)
             train, val = stratified_split(labels[rest], 1 / 9, self.seed)
@@ -549,8 +555,8 @@ class ImageFolderData(ImageData):
                 "test": Subset(folder, test),
             }
             return
-        train_folder = self._folder(root / "train")
-        given = {name: self._folder(root / name) for name in ("val", "test") if (root / name).is_dir()}
+        train_folder = self.folders["train"]
+        given = {name: folder for name, folder in self.folders.items() if name != "train"}
         train_index = np.arange(len(train_folder))
         for name in ("val", "test"):
             if name not in given:

@@ -246,8 +246,11 @@ def train_and_test(args: argparse.Namespace) -> int:
     pl.seed_everything(args.seed, workers=True, verbose=False)
     accelerator, device_count, precision = _hardware(args)
 
-    # 1. Data: the dataset tells the model its input shape, classes and pixel statistics.
+    # 1. Data: the dataset tells the model its input shape, classes and pixel statistics. Missing files
+    # fail here, before a run directory exists (Lightning calls prepare_data again, then a no-op).
     datamodule = DATASETS[args.dataset](**vars(args))
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        datamodule.prepare_data()
 
     # 2. Model: fresh, or the weights under test / being resumed.
     checkpoint = checkpoints.resolve(args) if (args.only_test or args.resume) else None
@@ -320,6 +323,12 @@ def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:
             raise UserError(f"--devices {count}: only {available} GPU(s) visible on this machine")
     if accelerator == "cpu" and isinstance(count, int) and count > (os.cpu_count() or 1):
         raise UserError(f"--devices {count}: this machine has {os.cpu_count()} CPU cores; use at most that many")
+    if args.strategy != "auto":
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if args.strategy not in StrategyRegistry:
+            names = ", ".join(sorted(StrategyRegistry))
+            raise UserError(f"--strategy {args.strategy}: unknown; Lightning offers {names}")
     if args.precision:
         precision = args.precision
     elif args.half_precision:
