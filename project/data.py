@@ -64,16 +64,16 @@ class EpochBatches:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_samples, generator=generator)
-            per_rank = math.ceil(self.num_samples / self.world_size)
-            padding = per_rank * self.world_size - self.num_samples
-            if padding:
-                order = torch.cat([order, order[:padding]])
+            total = math.ceil(self.num_samples / self.world_size) * self.world_size
+            if total > self.num_samples:  # repeat from the start, as DistributedSampler pads
+                order = order.repeat(math.ceil(total / self.num_samples))[:total]
         else:
             order = torch.arange(self.num_samples)
         return order[self.rank :: self.world_size]
 
-    def batches(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
-        shard = self.shard(epoch)
+    def batches(self, epoch: int, skip: int = 0, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        # One copy of the whole shard to `device` per epoch; each batch is then a view of it.
+        shard = self.shard(epoch).to(device or "cpu", non_blocking=True)
         for start in range(skip * self.batch_size, len(shard), self.batch_size):
             yield shard[start : start + self.batch_size]
 
@@ -93,8 +93,7 @@ class TensorBatches:
         self.images, self.labels, self.plan = images, labels, plan
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Split]:
-        for index in self.plan.batches(epoch, skip):
-            index = index.to(self.images.device, non_blocking=True)
+        for index in self.plan.batches(epoch, skip, device=self.images.device):
             yield self.images.index_select(0, index), self.labels.index_select(0, index)
 
     def __iter__(self) -> Iterator[Split]:
@@ -123,13 +122,19 @@ class LoaderBatches:
 
     def __init__(self, dataset: Dataset, plan: EpochBatches, num_workers: int, pin_memory: bool):
         self.plan = plan
+        # Not named `sampler`: Lightning would take this object for a DataLoader and inspect it.
         self.batch_plan = _PlannedBatchSampler(plan)
         self.loader = DataLoader(
             dataset,
             batch_sampler=self.batch_plan,
             num_workers=num_workers,
+            # Page-locked batches copy to the GPU asynchronously, overlapping the previous step.
             pin_memory=pin_memory,
+            # Workers are started once, not at every epoch and every validation pass.
             persistent_workers=num_workers > 0,
+            # Its own generator: each new iterator draws a seed from it, and drawing from torch's
+            # global one would shift the augmentation's random numbers away from the in-memory path's.
+            generator=torch.Generator().manual_seed(plan.seed),
         )
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
@@ -239,6 +244,9 @@ class ImageData(pl.LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return EpochBatches(num_samples, self.batch_size, shuffle, self.seed, rank, world_size)
 
+    def _training_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
     def train_dataloader(self) -> ResumableEpochs:
         return ResumableEpochs(self._batches("train", shuffle=True))
 
@@ -277,9 +285,9 @@ class InMemoryData(ImageData):
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
 
     def _placement(self, nbytes: int) -> torch.device:
-        """Where the tensors live: on the GPU when they fit (`auto`) or when asked (`yes`)."""
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        """Where the tensors live: on the GPU when they fit in a safe share of its free memory (`auto`)
+        or when asked (`yes`); otherwise on the host, from where a DataLoader feeds the GPU."""
+        device = self._training_device()
         if device.type != "cuda" or self.data_on_device == "no":
             return torch.device("cpu")
         free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -290,9 +298,12 @@ class InMemoryData(ImageData):
     def _batches(self, split: str, shuffle: bool) -> TensorBatches | LoaderBatches:
         images, labels = self.splits[split]
         plan = self._plan(len(labels), shuffle)
-        if self.data_on_device == "no":
+        to_gpu = self._training_device().type == "cuda"
+        if self.data_on_device == "no" or (to_gpu and images.device.type == "cpu"):
             dataset = torch.utils.data.TensorDataset(images, labels)
-            return LoaderBatches(dataset, plan, self.num_workers, torch.cuda.is_available())
+            return LoaderBatches(dataset, plan, self.num_workers, pin_memory=to_gpu)
+        # Training on the device that holds the tensors (or on the CPU, or a device without
+        # pinned memory): batches are gathered by index, no workers and no collation.
         return TensorBatches(images, labels, plan)
 
 
@@ -569,7 +580,7 @@ class ImageFolderData(ImageData):
     def _batches(self, split: str, shuffle: bool) -> LoaderBatches:
         subset = self.subsets[split]
         plan = self._plan(len(subset), shuffle)
-        return LoaderBatches(subset, plan, self.num_workers, torch.cuda.is_available())
+        return LoaderBatches(subset, plan, self.num_workers, pin_memory=self._training_device().type == "cuda")
 
 
 def _open_rgb(path: str) -> Any:

@@ -1,0 +1,144 @@
+"""Speed properties that can be checked without a stopwatch: both data paths train the same model,
+evaluation holds no per-batch outputs, the step loss is logged only where it is written, no step waits
+for the GPU (on a GPU), and the benchmarks run. The timings themselves live in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import only_run_dir, write_cifar10_like
+
+from project import run
+from project.checkpoints import CHECKPOINT_DIR, LAST
+from project.data import InMemoryData
+
+
+class Synthetic(InMemoryData):
+    """Random uint8 images in memory, CIFAR-shaped but small; sizes chosen per test."""
+
+    input_shape = (3, 8, 8)
+    class_names = [str(c) for c in range(4)]
+    mean, std = (127.5,) * 3, (73.6,) * 3
+
+    def __init__(self, sizes: dict[str, int], augment: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sizes, self.augment = sizes, augment
+
+    def load(self) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        return {
+            split: (
+                torch.randint(0, 256, (n, *self.input_shape), dtype=torch.uint8, generator=generator),
+                torch.randint(0, len(self.class_names), (n,), generator=generator),
+            )
+            for split, n in self.sizes.items()
+        }
+
+
+def template_parts(argv: list[str], datamodule_sizes: dict[str, int], tmp_path: Path, augment: bool = False):
+    """(args, datamodule, solver, trainer) as run.py builds them, with in-memory loggers and no files
+    beyond tmp_path; `argv` are command-line flags."""
+    args = run.parse_args([*argv, "--exp-dir", str(tmp_path)])
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    datamodule = Synthetic(datamodule_sizes, augment=augment, **vars(args))
+    solver = run.build_solver(args, datamodule)
+    records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path)
+    return args, datamodule, solver, run.build_trainer(args, records)
+
+
+class StepLogger(pl.loggers.Logger):
+    """Keeps what Lightning hands to the loggers: [(step, {name: value})]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    name, version = "memory", "0"
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_device_resident_and_dataloader_paths_train_the_same_weights(tmp_path: Path) -> None:
+    """Same seed, same batches, same augmentation draws: the in-memory path (tensors batched by index)
+    and the standard DataLoader path (`--data-on-device no`, a worker process) end with the same weights."""
+    write_cifar10_like(tmp_path / "data", per_batch=20, n_test=16)
+    weights = {}
+    for path, workers in (("auto", "0"), ("no", "1")):
+        exp_dir = tmp_path / path
+        flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "cnn", "--hidden-dim", "8"]
+        flags += ["--batch-size", "16", "--max-epochs", "2", "--logger", "none", "--accelerator", "cpu"]
+        flags += ["--data-on-device", path, "--num-workers", workers, "--exp-dir", str(exp_dir)]
+        assert run.main(flags) == 0
+        checkpoint = only_run_dir(exp_dir) / CHECKPOINT_DIR / LAST
+        weights[path] = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert weights["auto"].keys() == weights["no"].keys()
+    for name, value in weights["auto"].items():
+        torch.testing.assert_close(value, weights["no"][name], msg=f"{name} differs between the data paths")
+
+
+class StepLosses(pl.Callback):
+    """The training loss of every step, by global step (0-based), as the step returned it."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.losses[trainer.global_step - 1] = float(outputs["loss"])
+
+
+def test_step_loss_is_logged_with_its_own_value_on_the_steps_lightning_writes(tmp_path: Path) -> None:
+    """The Solver calls `self.log` for the step loss only on the steps whose values Lightning hands to
+    the loggers: each of those steps must get the loss of that very step, and no step is left out."""
+    flags = ["--model", "mlp", "--hidden-dim", "8", "--batch-size", "2", "--max-epochs", "2", "--accelerator", "cpu"]
+    _, datamodule, solver, trainer = template_parts(flags, {"train": 110, "val": 4, "test": 4}, tmp_path)
+    recorder = StepLosses()
+    trainer.callbacks.append(recorder)
+    trainer.fit(solver, datamodule=datamodule)
+
+    every = trainer.log_every_n_steps
+    assert trainer.global_step >= 2 * every, "the run is too short to show two written steps"
+    written = {step: m["train/loss_step"] for step, m in trainer.loggers[0].records if "train/loss_step" in m}
+    assert sorted(written) == [s for s in range(trainer.global_step) if (s + 1) % every == 0]
+    for step, value in written.items():
+        assert value == pytest.approx(recorder.losses[step]), f"step {step} logged another step's loss"
+
+
+class LiveTensorBytes(pl.Callback):
+    """Bytes held by live CPU tensors (distinct storages) at the end of the evaluation batches `at`
+    (a scan of every Python object: too slow to run after each batch)."""
+
+    def __init__(self, at: tuple[int, ...]) -> None:
+        self.at, self.after_batch = at, {}
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx not in self.at:
+            return
+        gc.collect()
+        storages = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        self.after_batch[batch_idx] = sum(storages.values())
+
+
+def test_evaluation_memory_does_not_grow_with_the_number_of_batches(tmp_path: Path) -> None:
+    """Evaluation keeps a confusion matrix, not the outputs of every batch: after the first batches the
+    live tensors are the same size whether the loop has run 2 batches or 12."""
+    flags = ["--model", "cnn", "--hidden-dim", "8", "--batch-size", "16", "--accelerator", "cpu"]
+    _, datamodule, solver, trainer = template_parts(flags, {"train": 16, "val": 12 * 16, "test": 16}, tmp_path)
+    meter = LiveTensorBytes(at=(1, 11))
+    trainer.callbacks.append(meter)
+    trainer.validate(solver, datamodule=datamodule, verbose=False)
+
+    assert meter.after_batch[11] == meter.after_batch[1], f"live tensor bytes grew: {meter.after_batch}"
