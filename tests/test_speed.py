@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import only_run_dir, write_cifar10_like
 
-from project import run
+from project import run, tracking
 from project.checkpoints import CHECKPOINT_DIR, LAST
 from project.data import InMemoryData
 
@@ -40,14 +40,20 @@ class Synthetic(InMemoryData):
         }
 
 
-def template_parts(argv: list[str], datamodule_sizes: dict[str, int], tmp_path: Path, augment: bool = False):
-    """(args, datamodule, solver, trainer) as run.py builds them, with in-memory loggers and no files
-    beyond tmp_path; `argv` are command-line flags."""
+def template_parts(
+    argv: list[str], sizes: dict[str, int], tmp_path: Path, augment: bool = False, real_records: bool = False
+):
+    """(args, datamodule, solver, trainer) as run.py builds them for the command-line flags `argv`, on
+    Synthetic data of `sizes`. The Trainer logs to one StepLogger (trainer.loggers[0]) and keeps no
+    checkpoints, unless `real_records`: then it has the run directory, trackers and checkpoints of a run."""
     args = run.parse_args([*argv, "--exp-dir", str(tmp_path)])
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    datamodule = Synthetic(datamodule_sizes, augment=augment, **vars(args))
+    datamodule = Synthetic(sizes, augment=augment, **vars(args))
     solver = run.build_solver(args, datamodule)
-    records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path)
+    if real_records:
+        records = tracking.open_run(args, run.config_of(args))
+    else:
+        records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path)
     return args, datamodule, solver, run.build_trainer(args, records)
 
 
@@ -142,3 +148,41 @@ def test_evaluation_memory_does_not_grow_with_the_number_of_batches(tmp_path: Pa
     trainer.validate(solver, datamodule=datamodule, verbose=False)
 
     assert meter.after_batch[11] == meter.after_batch[1], f"live tensor bytes grew: {meter.after_batch}"
+
+
+class FailOnHostSync(pl.Callback):
+    """CUDA's sync debug mode set to "error" through every training and validation epoch, so that any
+    operation that makes the host wait for the GPU raises. Waits are allowed only where intended:
+    at epoch ends (metrics computed and logged, checkpoints written) and after the steps whose loss
+    the loggers write (every `log_every_n_steps`)."""
+
+    def _strict(self, *_args, **_kwargs) -> None:
+        torch.cuda.set_sync_debug_mode("error")
+
+    def _lenient(self, *_args, **_kwargs) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+    on_train_epoch_start = on_train_batch_start = on_validation_epoch_start = _strict
+    on_train_epoch_end = on_validation_epoch_end = teardown = _lenient
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_args) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._lenient()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_and_validation_steps_never_wait_for_the_gpu(tmp_path: Path) -> None:
+    """Two epochs of the real setup on a GPU (data on the device, augmentation, bf16, channels_last, the
+    default tracker, checkpoints, progress bar) with sync debug mode on: no step waits for the GPU."""
+    flags = ["--model", "cnn", "--hidden-dim", "16", "--precision", "bf16-mixed", "--batch-size", "8"]
+    flags += ["--max-epochs", "2", "--accelerator", "gpu", "--devices", "1"]
+    sizes = {"train": 8 * 60, "val": 8 * 4, "test": 8}
+    _, datamodule, solver, trainer = template_parts(flags, sizes, tmp_path, augment=True, real_records=True)
+    trainer.callbacks.append(FailOnHostSync())
+    try:
+        trainer.fit(solver, datamodule=datamodule)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step == 120 and trainer.global_step > 2 * trainer.log_every_n_steps
+    assert datamodule.splits["train"][0].is_cuda, "the in-memory data should sit on the GPU"
