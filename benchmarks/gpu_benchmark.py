@@ -21,6 +21,7 @@ Without a CUDA device (and without `--device cpu`) it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -148,6 +149,9 @@ def template_path(
         def load(self) -> dict:
             return data
 
+    # Lightning's MLFlowLogger sets MLFLOW_TRACKING_URI for the whole process, and tracking.py honours
+    # that variable: without this, the next setting would log into this one's deleted database.
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as exp_dir:
         # The arguments a user would type; everything else is the template's default.
         argv = ["--model", setting.model, "--hidden-dim", str(setting.hidden_dim), "--precision", setting.precision,
@@ -168,6 +172,10 @@ def template_path(
         trainer.fit(solver, datamodule=datamodule)
         for logger in trainer.loggers:  # let a tracker with background writes finish inside the tempdir
             logger.finalize("success")
+    if tracking_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     return clock.seconds()
 
 

@@ -5,13 +5,16 @@ for the GPU (on a GPU), and the benchmarks run. The timings themselves live in b
 from __future__ import annotations
 
 import gc
+import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import only_run_dir, write_cifar10_like
+from conftest import ROOT, cli_env, only_run_dir, write_cifar10_like
 
 from project import run, tracking
 from project.checkpoints import CHECKPOINT_DIR, LAST
@@ -102,6 +105,7 @@ class StepLosses(pl.Callback):
         self.losses[trainer.global_step - 1] = float(outputs["loss"])
 
 
+@pytest.mark.slow
 def test_step_loss_is_logged_with_its_own_value_on_the_steps_lightning_writes(tmp_path: Path) -> None:
     """The Solver calls `self.log` for the step loss only on the steps whose values Lightning hands to
     the loggers: each of those steps must get the loss of that very step, and no step is left out."""
@@ -138,6 +142,7 @@ class LiveTensorBytes(pl.Callback):
         self.after_batch[batch_idx] = sum(storages.values())
 
 
+@pytest.mark.slow
 def test_evaluation_memory_does_not_grow_with_the_number_of_batches(tmp_path: Path) -> None:
     """Evaluation keeps a confusion matrix, not the outputs of every batch: after the first batches the
     live tensors are the same size whether the loop has run 2 batches or 12."""
@@ -186,3 +191,37 @@ def test_training_and_validation_steps_never_wait_for_the_gpu(tmp_path: Path) ->
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.global_step == 120 and trainer.global_step > 2 * trainer.log_every_n_steps
     assert datamodule.splits["train"][0].is_cuda, "the in-memory data should sit on the GPU"
+
+
+def run_gpu_benchmark(*flags: str) -> subprocess.CompletedProcess:
+    # One OpenMP thread: on a busy 2-core machine a second one mostly waits for the first.
+    return subprocess.run(
+        [sys.executable, "benchmarks/gpu_benchmark.py", *flags],
+        cwd=ROOT,
+        env=cli_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu() -> None:
+    """The benchmark's own code path (hand loop, then the template through run.py, default tracker
+    included) for both settings, shrunk to run on a CPU; it prints one table row per setting."""
+    done = run_gpu_benchmark("--device", "cpu", "--small", "--epochs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\| (CIFAR|MNIST)-shaped", line)]
+    assert len(rows) == 2, done.stdout[-3000:]
+    for row in rows:
+        ratio = float(row.rstrip(" |").split("|")[-1].strip().rstrip("x"))
+        assert ratio > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly() -> None:
+    done = run_gpu_benchmark()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no CUDA device: GPU part skipped" in done.stdout
+    assert "Traceback" not in done.stderr
