@@ -20,6 +20,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,8 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+HAND = "hand-written script"
 JOBS = {
-    "hand-written script": [sys.executable, "benchmarks/hand_digits.py"],
+    HAND: [sys.executable, "benchmarks/hand_digits.py"],
     "template (default: MLflow)": [sys.executable, "-m", "project.run"],
     "template --logger none": [sys.executable, "-m", "project.run", "--logger", "none"],
 }
@@ -45,14 +47,18 @@ def environment(threads: int | None) -> dict[str, str]:
     return env
 
 
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Wall seconds of `command` from start to exit, and its stdout; a failure stops the benchmark."""
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Wall seconds of `command` from start to exit, the CPU seconds it used (user + system, all its
+    threads: less sensitive to other processes than wall time), and its stdout. A failure stops here."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"benchmark: {' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return seconds, done.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done.stdout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n`python -m project.run --help`: median {statistics.median(help_seconds):.3f} s, "
           f"max {max(help_seconds):.3f} s over {options.help_runs} runs")  # fmt: skip
 
-    seconds: dict[str, list[float]] = {name: [] for name in JOBS}
+    walls: dict[str, list[float]] = {name: [] for name in JOBS}
+    cpus: dict[str, list[float]] = {name: [] for name in JOBS}
     accuracy: dict[str, list[float]] = {name: [] for name in JOBS}
     loads = []
     with tempfile.TemporaryDirectory() as exp_dir:
@@ -77,27 +84,31 @@ def main(argv: list[str] | None = None) -> int:
             for name, command in JOBS.items():
                 template = "project.run" in command
                 loads.append(os.getloadavg()[0])
-                wall, stdout = timed(command + (["--exp-dir", exp_dir] if template else []), env)
+                wall, cpu, stdout = timed(command + (["--exp-dir", exp_dir] if template else []), env)
                 found = ACCURACY.search(stdout)
-                seconds[name].append(wall)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
                 accuracy[name].append(float(found.group(1)) if found else float("nan"))
-                print(f"  {name}: {wall:.1f} s, test accuracy {accuracy[name][-1]:.4f}", flush=True)
+                print(
+                    f"  {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, test accuracy {accuracy[name][-1]:.4f}", flush=True
+                )
 
-    hand = statistics.median(seconds["hand-written script"])
+    hand_wall, hand_cpu = statistics.median(walls[HAND]), statistics.median(cpus[HAND])
     print(f"\n{options.repeats} repetitions, interleaved; 1-minute load average {min(loads):.1f} to {max(loads):.1f}")
-    print("\n| job | median wall s | min | max | / hand (median) | test accuracy |")
+    print("\n| job | wall s: median (min-max) | / hand | CPU s: median | / hand | test accuracy |")
     print("|---|---|---|---|---|---|")
     for name in JOBS:
-        walls = seconds[name]
+        wall, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
+        spread = f"{min(walls[name]):.1f}-{max(walls[name]):.1f}"
         accuracies = ", ".join(sorted({f"{a:.4f}" for a in accuracy[name]}))
-        median = statistics.median(walls)
-        print(f"| {name} | {median:.1f} | {min(walls):.1f} | {max(walls):.1f} | {median / hand:.2f}x | {accuracies} |")
+        cells = [name, f"{wall:.1f} ({spread})", f"{wall / hand_wall:.2f}x", f"{cpu:.1f}", f"{cpu / hand_cpu:.2f}x"]
+        print("| " + " | ".join([*cells, accuracies]) + " |")
 
     print("\n| import (fresh process, `python -c 'import X'`) | median wall s over 3 |")
     print("|---|---|")
     for module in IMPORTS:
-        walls = [timed([sys.executable, "-c", f"import {module}"], env)[0] for _ in range(3)]
-        print(f"| {module} | {statistics.median(walls):.2f} |")
+        seconds = [timed([sys.executable, "-c", f"import {module}"], env)[0] for _ in range(3)]
+        print(f"| {module} | {statistics.median(seconds):.2f} |")
     return 0
 
 
