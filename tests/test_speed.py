@@ -15,10 +15,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ROOT, cli_env, only_run_dir, write_cifar10_like
+from torch.utils.data import DistributedSampler
 
 from project import run, tracking
 from project.checkpoints import CHECKPOINT_DIR, LAST
-from project.data import InMemoryData
+from project.data import EpochBatches, InMemoryData
 
 
 class Synthetic(InMemoryData):
@@ -93,6 +94,18 @@ def test_device_resident_and_dataloader_paths_train_the_same_weights(tmp_path: P
     assert weights["auto"].keys() == weights["no"].keys()
     for name, value in weights["auto"].items():
         torch.testing.assert_close(value, weights["no"][name], msg=f"{name} differs between the data paths")
+
+
+@pytest.mark.parametrize("num_samples, world_size", [(19, 2), (20, 3), (2, 3), (2, 5)])
+def test_training_shards_are_the_indices_distributed_sampler_gives(num_samples: int, world_size: int) -> None:
+    """The in-memory path shuffles and shards on its own, exactly as DistributedSampler would (same
+    permutation per seed and epoch, same padding, same rank slicing), so DDP runs see the same data."""
+    for epoch in (0, 3):
+        for rank in range(world_size):
+            sampler = DistributedSampler(range(num_samples), world_size, rank, shuffle=True, seed=7)
+            sampler.set_epoch(epoch)
+            plan = EpochBatches(num_samples, 4, shuffle=True, seed=7, rank=rank, world_size=world_size)
+            assert plan.shard(epoch).tolist() == list(sampler)
 
 
 class StepLosses(pl.Callback):
