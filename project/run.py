@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,9 @@ def build_trainer(args: argparse.Namespace, run: Any) -> Any:
     from project.errors import UserError
 
     accelerator, device_count, precision = _hardware(args)
+    # Epoch metrics are logged at every epoch end whatever the interval; Lightning's warning that an
+    # epoch (digits: 12 steps) is shorter than LOG_EVERY_N_STEPS only means fewer step-loss points.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     settings = dict(
         accelerator=accelerator,
         devices=device_count,

@@ -118,7 +118,6 @@ class StepLosses(pl.Callback):
         self.losses[trainer.global_step - 1] = float(outputs["loss"])
 
 
-@pytest.mark.slow
 def test_step_loss_is_logged_with_its_own_value_on_the_steps_lightning_writes(tmp_path: Path) -> None:
     """The Solver calls `self.log` for the step loss only on the steps whose values Lightning hands to
     the loggers: each of those steps must get the loss of that very step, and no step is left out."""
