@@ -237,3 +237,19 @@ def test_gpu_benchmark_without_cuda_says_so_and_exits_cleanly() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no CUDA device: GPU part skipped" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_run_imports_only_the_trackers_it_uses(tmp_path: Path) -> None:
+    """Start-up time: a run that logs to CSV never imports MLflow, TensorBoard, W&B or Neptune."""
+    trackers = ("mlflow", "tensorboard", "tensorboardX", "wandb", "neptune")
+    flags = ["--fast-dev-run", "--model", "mlp", "--logger", "csv", "--exp-dir", str(tmp_path)]
+    code = (
+        "import sys; from project.run import main; code = main(sys.argv[1:]); "
+        f"print('imported:', sorted(m for m in sys.modules if m.split('.')[0] in {trackers!r})); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *flags], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "imported: []" in done.stdout, done.stdout[-500:]
