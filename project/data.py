@@ -15,6 +15,7 @@ attributes listed on InMemoryData), register it in DATASETS and its name in run.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from collections.abc import Iterator
@@ -197,12 +198,13 @@ def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch
 
 class ImageData(pl.LightningDataModule):
     """What every dataset here gives the solver: input_shape (C, H, W), class_names, mean/std per
-    channel in raw pixel units, split_sizes after setup(), and this rank's batches of each split."""
+    channel in raw pixel units, pixel_max, split_sizes after setup(), and this rank's batches of each split."""
 
     input_shape: tuple[int, int, int]
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    pixel_max = 255  # raw pixel values run 0..pixel_max (8-bit images); saved with the model for predict
     augment = False  # random flips and shifts while training
 
     def __init__(
@@ -323,6 +325,7 @@ class Digits(InMemoryData):
     input_shape = (1, 8, 8)
     class_names = [str(d) for d in range(10)]
     mean, std = (4.884,), (6.017,)
+    pixel_max = 16
 
     def load(self) -> dict[str, Split]:
         from sklearn.datasets import load_digits
@@ -521,15 +524,12 @@ class ImageFolderData(ImageData):
 
     def _folder(self, path: Path) -> Any:
         import torchvision
-        from torchvision.transforms import v2
 
-        transform = v2.Compose([v2.Resize((self.image_size, self.image_size)), v2.PILToTensor()])
         try:
             folder = torchvision.datasets.ImageFolder(
                 str(path),
-                transform=transform,
                 allow_empty=False,
-                loader=_open_rgb,
+                loader=functools.partial(read_image, input_shape=self.input_shape),
             )
         except (FileNotFoundError, RuntimeError) as error:
             raise UserError(f"image-folder: {path}: {error}") from error
@@ -572,11 +572,17 @@ class ImageFolderData(ImageData):
         return LoaderBatches(subset, plan, self.num_workers, torch.cuda.is_available())
 
 
-def _open_rgb(path: str) -> Any:
+def read_image(path: str | Path, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """An image file as a model of `input_shape` (C, H, W) takes it: uint8 (C, H, W), converted to RGB
+    (grayscale for one channel) and resized to H x W. Image-folder training and project.predict both
+    read images here, so a prediction sees exactly the pixels training saw."""
     from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
 
+    channels, height, width = input_shape
     with Image.open(path) as image:
-        return image.convert("RGB")
+        converted = image.convert("RGB" if channels == 3 else "L")
+    return TF.pil_to_tensor(TF.resize(converted, [height, width]))
 
 
 def _check_image(path: str) -> None:

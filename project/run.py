@@ -11,6 +11,8 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     from project.errors import UserError
 
     try:
-        return train_and_test(args)
+        train_and_test(args)
+        return 0
     except UserError as error:
         if args.debug:
             raise
@@ -236,7 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def train_and_test(args: argparse.Namespace) -> int:
+@dataclass
+class RunResult:
+    """What a finished run leaves for a caller that runs several (project.sweep, project.seeds)."""
+
+    directory: Path
+    best_score: float | None  # the best value of --monitor, from the checkpoint that was tested
+    test_metrics: dict[str, float] = field(default_factory=dict)  # "test/acc", "test/loss", ...
+
+
+def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> RunResult:
+    """One run; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
     import lightning.pytorch as pl
 
     from project import checkpoints, tracking
@@ -263,6 +276,7 @@ def train_and_test(args: argparse.Namespace) -> int:
             class_names=list(datamodule.class_names),
             mean=list(datamodule.mean),
             std=list(datamodule.std),
+            pixel_max=datamodule.pixel_max,
             hidden_dim=args.hidden_dim,
             learning_rate=args.learning_rate,
             max_epochs=args.max_epochs,
@@ -282,7 +296,7 @@ def train_and_test(args: argparse.Namespace) -> int:
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic or None,
         logger=run.loggers,
-        callbacks=run.callbacks,
+        callbacks=[*run.callbacks, *callbacks],
         default_root_dir=str(run.directory),
         # Our loaders shard by rank themselves (evaluation without padding duplicates).
         use_distributed_sampler=False,
@@ -302,7 +316,18 @@ def train_and_test(args: argparse.Namespace) -> int:
 
     # 5. Report.
     run.finish(trainer, solver, datamodule, tested)
-    return 0
+    return RunResult(
+        directory=run.directory,
+        best_score=_best_score(trainer, args.monitor),
+        test_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},
+    )
+
+
+def _best_score(trainer: Any, monitor: str) -> float | None:
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor == monitor and callback.best_model_score is not None:
+            return float(callback.best_model_score)
+    return None
 
 
 def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:

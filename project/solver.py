@@ -29,6 +29,7 @@ class Solver(pl.LightningModule):
         class_names: Sequence[str],
         mean: Sequence[float],
         std: Sequence[float],
+        pixel_max: float = 255.0,
         hidden_dim: int = 128,
         learning_rate: float = 1e-3,
         max_epochs: int = 20,
@@ -37,6 +38,8 @@ class Solver(pl.LightningModule):
     ) -> None:
         super().__init__()
         # Plain types only: checkpoints load with weights_only=True, which refuses arbitrary objects.
+        # input_shape, class_names, mean/std and pixel_max (raw pixels run 0..pixel_max) are also how
+        # project.predict reads new inputs exactly as the dataset gave them.
         self.save_hyperparameters()
         self.class_names = list(class_names)
         num_classes = len(class_names)
