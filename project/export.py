@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--checkpoint", default="best", help="a .ckpt file, or best/last of the latest run of --exp-name")
     add("--format", choices=tuple(FORMATS), default="onnx", help="onnx (ONNX Runtime, TensorRT, ...) or torchscript")
-    add("--output", type=Path, default=None, help="file to write (default: the checkpoint's path, new suffix)")
+    add("--output", type=Path, default=None, help="file to write; unset: beside the checkpoint, as .onnx or .pt")
     add("--exp-dir", default="~/Experiments", help="where runs are, for --checkpoint best/last")
     add("--exp-name", default="debug", help="whose latest run --checkpoint best/last means")
     add("--debug", action="store_true", help="show tracebacks instead of one-line errors")

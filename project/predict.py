@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .ckpt, .onnx or TorchScript file, or best/last of the latest run of --exp-name")  # fmt: skip
     add("--output", default="predictions.csv", help="CSV file to write; - for standard output")
     add("--batch-size", type=positive_int, default=256, help="inputs per forward pass")
-    add("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    add("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available")
     add("--exp-dir", default="~/Experiments", help="where runs are, for --checkpoint best/last")
     add("--exp-name", default="debug", help="whose latest run --checkpoint best/last means")
     add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -74,16 +74,15 @@ def predict(args: argparse.Namespace) -> int:
     """Write the CSV; return the number of rows."""
     import torch
 
-    device = pick_device(args.device)
-    run_model, spec = load_model(args.checkpoint, args.exp_dir, args.exp_name, device)
+    run_model, spec = load_model(args.checkpoint, args.exp_dir, args.exp_name, args.device)
     sources = find_inputs(args.inputs, spec)  # every input checked before the first forward pass
     header = ["input", "predicted", *(f"prob_{name}" for name in spec["class_names"])]
 
     def rows() -> Iterator[list[str]]:
         for names, images in batches(read_inputs(sources, spec), args.batch_size):
             probabilities = torch.softmax(run_model(images).float(), dim=1)
-            for name, row in zip(names, probabilities.tolist(), strict=True):
-                best = max(range(len(row)), key=row.__getitem__)
+            predicted = probabilities.argmax(dim=1).tolist()
+            for name, best, row in zip(names, predicted, probabilities.tolist(), strict=True):
                 yield [name, spec["class_names"][best], *(f"{p:.6f}" for p in row)]
 
     count = write_csv(args.output, header, rows())
@@ -111,6 +110,7 @@ def pick_device(name: str) -> str:
 
 
 def load_model(spec: str, exp_dir: str, exp_name: str, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
+    """`device`: as --device takes it (auto, cpu, cuda, cuda:1, ...)."""
     from project.export import input_spec, resolve_checkpoint
 
     path = Path(spec).expanduser()
@@ -122,6 +122,7 @@ def load_model(spec: str, exp_dir: str, exp_name: str, device: str) -> tuple[Cal
     from project import checkpoints
 
     solver = checkpoints.load_solver(resolve_checkpoint(spec, exp_dir, exp_name))
+    device = pick_device(device)
     solver.to(device).eval()
 
     def run_solver(images: torch.Tensor) -> torch.Tensor:
@@ -141,7 +142,7 @@ def is_torchscript(path: Path) -> bool:
 
 
 def load_exported(path: Path, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
-    """A model written by project.export, and the input spec saved inside it."""
+    """A model written by project.export, and the input spec saved inside it. `device` as --device takes it."""
     import json
     import warnings
 
@@ -154,8 +155,11 @@ def load_exported(path: Path, device: str) -> tuple[Callable[[Any], Any], dict[s
         import onnxruntime
 
         providers = ["CPUExecutionProvider"]
+        has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        if device == "auto":
+            device = "cuda" if has_cuda else "cpu"  # the onnxruntime build decides, not torch
         if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            if not has_cuda:
                 raise UserError(
                     f"--device {device}: this onnxruntime has no CUDA support; install onnxruntime-gpu "
                     "or use --device cpu"
@@ -175,6 +179,7 @@ def load_exported(path: Path, device: str) -> tuple[Callable[[Any], Any], dict[s
 
         run: Callable[[Any], Any] = run_onnx
     else:
+        device = pick_device(device)
         extra_files = {f"{METADATA_KEY}.json": ""}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; see export.py

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other option is a project.run option (python -m project.run --help), the same for each seed.",
         allow_abbrev=False,  # a prefix of a project.run option must reach project.run
     )
-    parser.add_argument("--seeds", type=seed_list, required=True, help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument(
+        "--seeds", type=seed_list, required=True, metavar="LIST", help="comma-separated seeds, e.g. 0,1,2"
+    )
     return parser
 
 

@@ -57,49 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m project.sweep",
         description="Search hyperparameters with Optuna: each trial a project.run run, pruned early when "
-        "hopeless; re-run the same command to continue an interrupted sweep.",
+        "hopeless. Run the same command again to continue an interrupted sweep.",
         epilog=SEARCH_SPACE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the search-space example as written
         allow_abbrev=False,  # a prefix of a project.run option must reach project.run
     )
     add = parser.add_argument
-    add(
-        "--study",
-        type=run.experiment_name,
-        required=True,
-        help="the study's name; its trials are runs of --exp-name STUDY",
-    )
-    add(
-        "--n-trials",
-        type=run.positive_int,
-        required=True,
-        help="finished (completed or pruned) trials the study should have",
-    )
-    add("--search-space", type=Path, default=None, help="YAML file of ranges and choices (below)")
-    add(
-        "--storage",
-        default=None,
-        help="database URL: sqlite:///<exp-dir>/optuna.db by default; a server (postgresql://...) for workers "
-        "on several machines",
-    )
-    add(
-        "--pruner",
-        choices=("median", "none"),
-        default="median",
-        help="median: stop a trial whose metric is worse than the median of earlier trials at the same epoch",
-    )
-    add(
-        "--prune-after-trials",
-        type=run.non_negative_int,
-        default=5,
-        help="finished trials needed before pruning starts",
-    )
-    add(
-        "--prune-after-epochs",
-        type=run.non_negative_int,
-        default=1,
-        help="epochs every trial runs before it can be pruned",
-    )
+    # fmt: off
+    add("--study", type=run.experiment_name, required=True, metavar="NAME",
+        help="the study's name; its trials are the runs of --exp-name NAME")
+    add("--n-trials", type=run.positive_int, required=True, metavar="N",
+        help="finished (completed or pruned) trials the study should have")
+    add("--search-space", type=Path, default=None, metavar="FILE",
+        help="YAML file of ranges and choices (below; default: the default search space)")
+    add("--storage", default=None, metavar="URL",
+        help="database URL (default: sqlite:///<exp-dir>/optuna.db); a server (postgresql://...) lets "
+        "workers on several machines share a study")
+    add("--pruner", choices=("median", "none"), default="median",
+        help="median (default): stop a trial whose metric is worse than the median of earlier trials at "
+        "the same epoch")
+    add("--prune-after-trials", type=run.non_negative_int, default=5, metavar="N",
+        help="finished trials needed before pruning starts (default: 5)")
+    add("--prune-after-epochs", type=run.non_negative_int, default=1, metavar="N",
+        help="epochs every trial runs before it can be pruned (default: 1)")
+    # fmt: on
     return parser
 
 
@@ -113,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to continue study {args.study}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -175,7 +159,8 @@ def check_run_options(args: argparse.Namespace, base: argparse.Namespace) -> Non
 
 
 def read_search_space(path: Path | None) -> dict[str, dict[str, Any]]:
-    """{option: {"low", "high", "log", "step"} or {"choices"}}, checked against project.run's options."""
+    """{option: {"choices": [...]} or {"low", "high", "log", "step", "int"}}, every bound and choice checked
+    as project.run would check the same value on its command line."""
     import yaml
 
     if path is None:
