@@ -76,11 +76,16 @@ def export(args: argparse.Namespace) -> Path:
     difference = parity(model, output, metadata)
     sizes = ", ".join(map(str, PARITY_BATCH_SIZES))
     if not difference <= PARITY_TOLERANCE:
+        output.unlink()  # a file that gives other answers than the checkpoint must not be served by mistake
         raise UserError(
-            f"{output} disagrees with {checkpoint}: max |logit difference| {difference:.2e} > {PARITY_TOLERANCE:g} "
-            f"on batches of {sizes}; the exporter mistranslated the model (please report it with the checkpoint)"
+            f"the {args.format} export of {checkpoint} disagrees with it (max |logit difference| {difference:.2e} > "
+            f"{PARITY_TOLERANCE:g} on batches of {sizes}), so it was not kept; please report it with the checkpoint"
         )
-    print(f"Wrote {output} ({args.format}, input 'images' float (N, {', '.join(map(str, metadata['input_shape']))}))")
+    shape = ", ".join(map(str, metadata["input_shape"]))
+    print(
+        f"Wrote {output} ({args.format}): raw pixels 0..{metadata['pixel_max']:g} as float (N, {shape}) in, "
+        f"{len(metadata['class_names'])} logits out"
+    )
     print(f"Checked against PyTorch on batches of {sizes}: max |logit difference| {difference:.1e}")
     return output
 

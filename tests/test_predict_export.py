@@ -242,3 +242,14 @@ def test_help_does_not_import_torch(module: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
     assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
+
+
+@pytest.mark.slow
+def test_an_export_that_disagrees_is_not_kept(digits_run: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    from project import export
+
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # no file can pass: the failure path, for real
+    output = tmp_path / "digits.pt"
+    argv = ["--checkpoint", str(digits_run["checkpoint"]), "--format", "torchscript", "--output", str(output)]
+    assert export.main(argv) == 2
+    assert "disagrees with it" in capsys.readouterr().err and not output.exists()
