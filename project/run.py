@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -222,23 +223,55 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in NOT_CONFIG}
 
 
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """This command line with `--resume CHECKPOINT` in place of any --resume it had, ready to paste."""
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value and not token.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = token == "--resume"  # nargs="?": it may or may not have taken a value
+        if not skip_value and not token.startswith("--resume="):
+            kept.append(token)
+    return shlex.join([sys.executable, "-m", "project.run", *kept, "--resume", str(checkpoint.resolve())])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    from project.errors import UserError
+    from project.errors import RunStopped, UserError
 
     try:
-        return train_and_test(args)
+        return train_and_test(args, argv)
     except UserError as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as error:
+        if args.debug:
+            raise
+        print(error, file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (while loading data): nothing to save yet
+        print("stopped by SIGINT before training began", file=sys.stderr)
+        return 130
+    except SystemExit as error:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Outside training steps (sanity check, testing) Lightning's own SIGTERM handler stops the run
+        # with this SystemExit, whose code (None) would tell a scheduler that the job succeeded.
+        if not isinstance(error, SIGTERMException):
+            raise
+        print("stopped by SIGTERM outside a training step: nothing new to save", file=sys.stderr)
+        return 143
 
 
-def train_and_test(args: argparse.Namespace) -> int:
+def train_and_test(args: argparse.Namespace, argv: list[str]) -> int:
     import lightning.pytorch as pl
 
     from project import checkpoints, tracking
+    from project.callbacks import safety_callbacks
     from project.data import DATASETS
     from project.solver import Solver
 
@@ -268,6 +301,7 @@ def train_and_test(args: argparse.Namespace) -> int:
 
     # 3. Records: a run directory, trackers, checkpoints.
     run = tracking.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
+    last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=device_count,
@@ -278,7 +312,8 @@ def train_and_test(args: argparse.Namespace) -> int:
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic or None,
         logger=run.loggers,
-        callbacks=run.callbacks,
+        callbacks=[*run.callbacks, *safety_callbacks(last, resume_command(argv, last))],
+        plugins=[checkpoints.SafeCheckpointIO()],  # atomic writes, weights_only reads
         default_root_dir=str(run.directory),
         # Our loaders shard by rank themselves (evaluation without padding duplicates).
         use_distributed_sampler=False,
@@ -288,13 +323,15 @@ def train_and_test(args: argparse.Namespace) -> int:
 
     # 4. Train, then test the best checkpoint (never the weights of the last epoch by accident).
     if not args.only_test:
-        trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
+        trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
         tested = run.best_checkpoint() if not args.fast_dev_run else None
         if tested is not None:
             solver = checkpoints.load_solver(tested, datamodule)
     else:
         tested = checkpoint
-    trainer.test(solver, datamodule=datamodule, verbose=False)
+    # The weights under test are the solver's: a ckpt_path of None would let Lightning on SLURM load an
+    # hpc_ckpt_*.ckpt (written by its auto-requeue) from the run directory instead.
+    trainer.test(solver, datamodule=datamodule, verbose=False, ckpt_path=str(tested) if tested else None)
 
     # 5. Report.
     run.finish(trainer, solver, datamodule, tested)
