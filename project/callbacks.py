@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +85,20 @@ class FiniteLoss(Callback):
         self._check(trainer, pl_module, weights=True)
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, weights: bool) -> None:
-        bad_step = -1 if self.first_bad_step is None else int(self.first_bad_step)  # the one host sync
-        if bad_step < 0 and weights:
-            finite = torch.stack([torch.isfinite(p).all() for p in pl_module.parameters()]).all()
-            bad_step = -1 if bool(finite) else trainer.global_step
-        if bad_step < 0:
+        loss_step = -1 if self.first_bad_step is None else int(self.first_bad_step)  # the one host sync
+        if loss_step >= 0:
+            what, step = "the loss", loss_step
+        elif weights and not bool(torch.stack([torch.isfinite(p).all() for p in pl_module.parameters()]).all()):
+            what, step = "the weights", trainer.global_step
+        else:
             return
-        what = "the loss" if self.first_bad_step is not None and int(self.first_bad_step) >= 0 else "the weights"
         kept = (
             f"the last good checkpoint is kept: {self.last_checkpoint}"
             if self.last_checkpoint.is_file()
             else "no checkpoint was written before it"
         )
         raise RunStopped(
-            f"training diverged: {what} became NaN or infinite at step {bad_step} (epoch {trainer.current_epoch}); "
+            f"training diverged: {what} became NaN or infinite at step {step} (epoch {trainer.current_epoch}); "
             f"stopped without saving the broken weights, {kept}. Try a lower --learning-rate.",
             exit_code=1,
         )
@@ -125,6 +126,8 @@ class GracefulStop(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after the Trainer registered its own SIGTERM handler at the start of fit().
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._record)
 
@@ -134,8 +137,11 @@ class GracefulStop(Callback):
         signal.signal(signum, signal.SIG_DFL)  # a second one stops the process at once
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        if self.received is None:
+        # With several processes all must stop at the same step (saving is collective); on one device
+        # this is just `self.received is not None`, with no communication.
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
+        self.received = self.received or signal.SIGTERM  # a process that did not get the signal itself
         # The same point where ModelCheckpoint(every_n_train_steps) saves, so Lightning resumes after it.
         trainer.save_checkpoint(self.last_checkpoint)
         raise self._stopped(f"saved {self.last_checkpoint} after step {trainer.global_step}")

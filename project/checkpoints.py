@@ -140,7 +140,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
             for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
             with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
+                writer = _KeepsWriteError(file)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError:
+                    # torch reports a failed write (a full disk) as "unexpected pos": raise the real one
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
@@ -155,8 +162,28 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 temporary.unlink(missing_ok=True)  # after a failure: no half-written file left behind
         _fsync_folder(path.parent)  # make the rename itself survive a power loss
 
+    def __init__(self, flag: str = "--resume") -> None:
+        self.flag = flag  # the option that named the file, for error messages
+
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return read(Path(path), "--resume")  # weights_only=True whatever the caller asked
+        return read(Path(path), self.flag)  # weights_only=True whatever the caller asked
+
+
+class _KeepsWriteError:
+    """A file for torch.save that remembers the OSError its write raised (errno and all)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -313,7 +313,8 @@ def train_and_test(args: argparse.Namespace, argv: list[str]) -> int:
         deterministic=args.deterministic or None,
         logger=run.loggers,
         callbacks=[*run.callbacks, *safety_callbacks(last, resume_command(argv, last))],
-        plugins=[checkpoints.SafeCheckpointIO()],  # atomic writes, weights_only reads
+        # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
+        plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=str(run.directory),
         # Our loaders shard by rank themselves (evaluation without padding duplicates).
         use_distributed_sampler=False,
@@ -329,8 +330,8 @@ def train_and_test(args: argparse.Namespace, argv: list[str]) -> int:
             solver = checkpoints.load_solver(tested, datamodule)
     else:
         tested = checkpoint
-    # The weights under test are the solver's: a ckpt_path of None would let Lightning on SLURM load an
-    # hpc_ckpt_*.ckpt (written by its auto-requeue) from the run directory instead.
+    # Name the checkpoint under test: with ckpt_path=None, Lightning on SLURM would load an hpc_ckpt_*.ckpt
+    # that its auto-requeue left in the run directory instead of these weights.
     trainer.test(solver, datamodule=datamodule, verbose=False, ckpt_path=str(tested) if tested else None)
 
     # 5. Report.
