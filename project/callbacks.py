@@ -1,5 +1,6 @@
 """Callbacks that keep a run safe: exact resume, a loss that stops being finite, preemption signals.
 
+- MidEpochCheckpoint writes last.ckpt every --checkpoint-every-n-steps steps, where a resume is exact.
 - RandomState puts every global random stream into each checkpoint, so a resumed run draws the same
   augmentations as an uninterrupted one (Lightning saves none of them).
 - FiniteLoss stops a diverging run before a checkpoint of broken weights replaces the last good one,
@@ -21,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from project.errors import RunStopped
 
@@ -54,6 +55,27 @@ class RandomState(Callback):
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class MidEpochCheckpoint(ModelCheckpoint):
+    """last.ckpt every N training steps (--checkpoint-every-n-steps), besides the one at each epoch end.
+
+    Not after the last step of an epoch: Lightning resumes a checkpoint saved there as if the epoch had
+    ended, skipping its validation and so its best checkpoint. The epoch-end last.ckpt, written right
+    after that validation, stands in for it.
+    """
+
+    def __init__(self, last_checkpoint: Path, every_n_steps: int) -> None:
+        super().__init__(
+            dirpath=last_checkpoint.parent,
+            filename=last_checkpoint.stem,
+            every_n_train_steps=every_n_steps,
+            enable_version_counter=False,
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
 
 class FiniteLoss(Callback):
@@ -142,13 +164,15 @@ class GracefulStop(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         self.received = self.received or signal.SIGTERM  # a process that did not get the signal itself
-        # The same point where ModelCheckpoint(every_n_train_steps) saves, so Lightning resumes after it.
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # validation and the epoch-end checkpoint come next (see MidEpochCheckpoint)
+        # Where MidEpochCheckpoint saves too, so Lightning resumes with the next step.
         trainer.save_checkpoint(self.last_checkpoint)
         raise self._stopped(f"saved {self.last_checkpoint} after step {trainer.global_step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.received is not None:
-            trainer.should_stop = True  # let the epoch-end checkpoint be written, then stop in on_train_end
+            trainer.should_stop = True  # let the epoch-end last.ckpt be written, then stop in on_train_end
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.received is not None:
@@ -175,6 +199,9 @@ class GracefulStop(Callback):
         return RunStopped(f"stopped by {name}: {saved}\nresume with: {self.resume_command}", 128 + self.received)
 
 
-def safety_callbacks(last_checkpoint: Path, resume_command: str) -> list[Callback]:
-    """The callbacks every training run gets, whatever its trackers."""
-    return [RandomState(), FiniteLoss(last_checkpoint), GracefulStop(last_checkpoint, resume_command)]
+def safety_callbacks(last_checkpoint: Path, resume_command: str, every_n_steps: int | None) -> list[Callback]:
+    """The callbacks every training run gets, whatever its trackers (which write the epoch-end last.ckpt)."""
+    callbacks = [RandomState(), FiniteLoss(last_checkpoint), GracefulStop(last_checkpoint, resume_command)]
+    if every_n_steps:
+        callbacks.append(MidEpochCheckpoint(last_checkpoint, every_n_steps))
+    return callbacks

@@ -312,7 +312,7 @@ def train_and_test(args: argparse.Namespace, argv: list[str]) -> int:
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic or None,
         logger=run.loggers,
-        callbacks=[*run.callbacks, *safety_callbacks(last, resume_command(argv, last))],
+        callbacks=[*run.callbacks, *safety_callbacks(last, resume_command(argv, last), args.checkpoint_every_n_steps)],
         # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
         plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=str(run.directory),

@@ -69,15 +69,10 @@ def open_run(args: argparse.Namespace, config: dict[str, Any], resume_from: Path
         ModelCheckpoint(
             dirpath=checkpoint_dir,
             filename=LAST.removesuffix(".ckpt"),
-            every_n_train_steps=args.checkpoint_every_n_steps,
             save_top_k=1,
             enable_version_counter=False,
         ),
     ]
-    if args.checkpoint_every_n_steps:  # a step trigger replaces the epoch one in ModelCheckpoint: keep both
-        callbacks.append(
-            ModelCheckpoint(dirpath=checkpoint_dir, filename=LAST.removesuffix(".ckpt"), enable_version_counter=False)
-        )
     return Run(directory=directory, loggers=_loggers(args, directory), callbacks=callbacks)
 
 

@@ -175,7 +175,9 @@ def test_disk_filling_while_writing_leaves_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     io_plugin, path = checkpoints.SafeCheckpointIO(), tmp_path / "last.ckpt"
+    (tmp_path / ".last.ckpt.12345.tmp").write_bytes(b"left by a process killed mid-write")
     io_plugin.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "hyper_parameters": {}}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     before = path.read_bytes()
 
     class FillingDisk(io.BufferedWriter):

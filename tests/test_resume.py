@@ -32,7 +32,8 @@ DIGITS = (
 )  # fmt: skip
 
 # Tiny CIFAR-10 files (random flips and shifts: the random streams matter) read through the standard
-# DataLoader with worker processes: 180 training images in batches of 16, 12 steps an epoch.
+# DataLoader with worker processes: 180 training images in batches of 16, 12 steps an epoch. last.ckpt
+# is written after steps 4, 8, 12 (end of epoch 0, after validation: not before it), 16, ...
 CIFAR = (
     "--dataset", "cifar10", "--model", "mlp", "--hidden-dim", "16", "--batch-size", "16", "--max-epochs", "3",
     "--logger", "none", "--deterministic", "--checkpoint-every-n-steps", "4", "--data-on-device", "no",
@@ -100,7 +101,6 @@ KILLS = {
     "mid-epoch": (("kill-train", "1", "12"), 35),
     "right-after-epoch-end-checkpoint": (("kill-after-save", "5"), 23),
     "during-validation": (("kill-val", "1"), 45),
-    "halfway-through-writing-last-ckpt": (("kill-mid-write", "6"), 23),
 }
 
 
@@ -119,10 +119,20 @@ def test_run_killed_then_resumed_ends_bit_identical(point: str, digits_reference
     assert_same_run(digits_reference, run_dir)
 
 
+@pytest.mark.slow
+def test_run_killed_while_writing_last_ckpt_keeps_the_previous_one(exp_dir: Path) -> None:
+    killed = run_cli("kill-mid-write", "6", "--", *DIGITS, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    folder = only_run_dir(exp_dir) / "checkpoints"
+    assert len(list(folder.glob(".last.ckpt.*.tmp"))) == 1  # killed halfway through the 6th write...
+    assert last_step(folder.parent) == 23  # ...so last.ckpt is still the 5th, whole (resumed as above)
+
+
 # point: (fault, exit status, the step last.ckpt was saved at)
 SIGNALS = {
-    "SIGTERM-mid-step": (("signal-train", "SIGTERM", "1", "5"), 143, 29),
-    "SIGINT-during-validation": (("signal-val", "SIGINT", "1"), 130, 46),
+    "SIGTERM-mid-epoch": (("signal-train", "SIGTERM", "1", "5"), 143, 29),
+    # After the last step of an epoch the run validates first, then saves the epoch-end last.ckpt.
+    "SIGINT-in-the-last-step-of-an-epoch": (("signal-train", "SIGINT", "1", "22"), 130, 46),
 }
 
 
@@ -156,8 +166,8 @@ def test_signal_saves_prints_the_resume_command_that_ends_bit_identical(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "resumes_from_step"),
-    [(("kill-train", "1", "6"), 16), (("kill-after-save", "4"), 12)],
-    ids=["mid-epoch", "epoch-boundary"],
+    [(("kill-val", "0"), 8), (("kill-after-save", "3"), 12)],
+    ids=["during-validation-after-a-checkpointed-last-step", "epoch-boundary"],
 )
 def test_dataloader_run_with_augmentation_killed_then_resumed_ends_bit_identical(
     fault: tuple[str, ...], resumes_from_step: int, cifar_dir: Path, cifar_reference: Path, exp_dir: Path
