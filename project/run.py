@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(error, file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside training (while loading data): nothing to save yet
-        print("stopped by SIGINT before training began", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (loading data, reporting)
+        print("stopped by SIGINT outside training: nothing new to save", file=sys.stderr)
         return 130
     except SystemExit as error:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -302,6 +302,7 @@ def train_and_test(args: argparse.Namespace, argv: list[str]) -> int:
     # 3. Records: a run directory, trackers, checkpoints.
     run = tracking.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
     last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
+    safety = safety_callbacks(last, resume_command(argv, last), args.checkpoint_every_n_steps)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=device_count,
@@ -312,7 +313,7 @@ def train_and_test(args: argparse.Namespace, argv: list[str]) -> int:
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic or None,
         logger=run.loggers,
-        callbacks=[*run.callbacks, *safety_callbacks(last, resume_command(argv, last), args.checkpoint_every_n_steps)],
+        callbacks=[*run.callbacks, *safety],
         # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
         plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=str(run.directory),
