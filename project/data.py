@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +124,26 @@ class LoaderBatches:
 
     def __init__(self, dataset: Dataset, plan: EpochBatches, num_workers: int, pin_memory: bool):
         self.plan = plan
-        self.batch_plan = _PlannedBatchSampler(plan)
+        # Not named `sampler`: Lightning would take this object for a DataLoader and look for more.
+        self.planned_sampler = _PlannedBatchSampler(plan)
+        # Every new DataLoader iterator draws its workers' base seed from `generator`, or else from
+        # torch's global stream, which augmentation uses: a run resumed mid-epoch creates one iterator
+        # more than an uninterrupted run and would then draw different augmentations.
+        self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset,
-            batch_sampler=self.batch_plan,
+            batch_sampler=self.planned_sampler,
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
+            generator=self.generator,
         )
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
-        self.batch_plan.epoch, self.batch_plan.skip = epoch, skip
+        self.planned_sampler.epoch, self.planned_sampler.skip = epoch, skip
+        # Worker seeds follow (seed, epoch). Persistent workers keep the seeds of the epoch they started
+        # in; nothing here draws random numbers in workers (augmentation runs on whole batches).
+        self.generator.manual_seed(self.plan.seed + epoch)
         return iter(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
@@ -145,40 +154,42 @@ class LoaderBatches:
 
 
 class ResumableEpochs:
-    """The training loader: a new epoch on each `iter()`, with a position Lightning saves in checkpoints.
+    """The training loader: one epoch of batches per `iter()`, resumable in the middle of an epoch.
 
-    Lightning stores `state_dict()` of a stateful training loader in every checkpoint and hands it back
-    to `load_state_dict()` on resume, before it creates the first iterator, so a run resumed mid-epoch
-    carries on with the very next batch of the same permutation.
+    The epoch comes from `current_epoch` (the Trainer's), read when the first batch is asked for:
+    Lightning restores its epoch counter on resume but, after an end-of-epoch checkpoint, does not
+    hand the loader its saved state back, so a loader that counted epochs itself would replay epoch 0.
+    Mid-epoch, Lightning stores `state_dict()` in the checkpoint and gives it to `load_state_dict()`
+    before the first iterator runs, and the resumed epoch skips the batches already trained on.
     """
 
-    def __init__(self, batches: TensorBatches | LoaderBatches) -> None:
+    def __init__(self, batches: TensorBatches | LoaderBatches, current_epoch: Callable[[], int] | None = None):
         self.batches = batches
-        self.epoch = -1  # the epoch being iterated; the next iter() starts `next_epoch`
-        self.next_epoch, self.skip = 0, 0
-        self.yielded, self.exhausted = 0, True
+        self.current_epoch = current_epoch  # None: count iter() calls (outside a Trainer)
+        self.epoch, self.yielded = -1, 0
+        self.resume_at: dict[str, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        self.epoch, self.yielded, self.exhausted = self.next_epoch, self.skip, False
-        self.next_epoch, skip, self.skip = self.next_epoch + 1, self.skip, 0
-        for batch in self.batches.iterate(self.epoch, skip):
+        # A generator: none of this runs until the first batch is asked for, after Lightning has
+        # restored its counters. (Lightning asks early only of loaders without a length; ours has one.)
+        epoch = self.current_epoch() if self.current_epoch is not None else self.epoch + 1
+        resume_at, self.resume_at = self.resume_at, None
+        skip = resume_at["consumed"] if resume_at and resume_at["epoch"] == epoch else 0
+        self.epoch, self.yielded = epoch, skip
+        for batch in self.batches.iterate(epoch, skip):
             self.yielded += 1
             yield batch
-        self.exhausted = True
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def state_dict(self) -> dict[str, int]:
-        # Lightning's fetcher holds one batch ahead of the training step; it has not been trained on.
-        consumed = self.yielded if self.exhausted else self.yielded - 1
-        return {"epoch": self.epoch, "consumed": max(consumed, 0)}
+        # Every batch handed out has been trained on when a checkpoint is saved: Lightning fetches ahead
+        # only from loaders without a length. tests/test_resume.py kills and resumes runs mid-epoch.
+        return {"epoch": self.epoch, "consumed": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["consumed"] >= len(self):
-            self.next_epoch, self.skip = state["epoch"] + 1, 0
-        else:
-            self.next_epoch, self.skip = state["epoch"], state["consumed"]
+        self.resume_at = dict(state)
 
 
 def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch.Tensor:
@@ -242,7 +253,9 @@ class ImageData(pl.LightningDataModule):
         return EpochBatches(num_samples, self.batch_size, shuffle, self.seed, rank, world_size)
 
     def train_dataloader(self) -> ResumableEpochs:
-        return ResumableEpochs(self._batches("train", shuffle=True))
+        trainer = self.trainer
+        current_epoch = (lambda: trainer.current_epoch) if trainer is not None else None
+        return ResumableEpochs(self._batches("train", shuffle=True), current_epoch)
 
     def val_dataloader(self) -> TensorBatches | LoaderBatches:
         return self._batches("val", shuffle=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ LOGGER_NAMES = ("mlflow", "tensorboard", "csv", "wandb", "none", "neptune")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 
 # Options that say what to do with a run, not how to train it: never part of config.yaml.
-NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "gpus")
+NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug")
 
 
 def positive_int(text: str) -> int:
@@ -225,18 +226,52 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in NOT_CONFIG}
 
 
+def resume_command(argv: Sequence[str] | None, run_dir: Path, checkpoint: Path) -> str:
+    """The command line that started this run (or, for a run started from Python, one that reads the
+    run's config.yaml) with `--resume CHECKPOINT` in place of any --resume it had, ready to paste."""
+    if argv is None:
+        argv = ["--config", str((run_dir / "config.yaml").resolve())]
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value and not token.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = token == "--resume"  # nargs="?": it may or may not have taken a value
+        if not skip_value and not token.startswith("--resume="):
+            kept.append(token)
+    return shlex.join([sys.executable, "-m", "project.run", *kept, "--resume", str(checkpoint.resolve())])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    from project.errors import UserError
+    from project.errors import RunStopped, UserError
 
     try:
-        train_and_test(args)
+        train_and_test(args, argv)
         return 0
     except UserError as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as error:
+        if args.debug:
+            raise
+        print(error, file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (loading data, reporting)
+        print("stopped by SIGINT outside training: nothing new to save", file=sys.stderr)
+        return 130
+    except SystemExit as error:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Outside training steps (sanity check, testing) Lightning's own SIGTERM handler stops the run
+        # with this SystemExit, whose code (None) would tell a scheduler that the job succeeded.
+        if not isinstance(error, SIGTERMException):
+            raise
+        print("stopped by SIGTERM outside a training step: nothing new to save", file=sys.stderr)
+        return 143
 
 
 @dataclass
@@ -248,11 +283,15 @@ class RunResult:
     test_metrics: dict[str, float] = field(default_factory=dict)  # "test/acc", "test/loss", ...
 
 
-def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> RunResult:
-    """One run; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
+def train_and_test(
+    args: argparse.Namespace, argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()
+) -> RunResult:
+    """One run. `argv`, the command line that started it, goes into the resume command printed when the
+    run is stopped; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
     import lightning.pytorch as pl
 
     from project import checkpoints, tracking
+    from project.callbacks import safety_callbacks
     from project.data import DATASETS
     from project.solver import Solver
 
@@ -286,6 +325,8 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
 
     # 3. Records: a run directory, trackers, checkpoints.
     run = tracking.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
+    last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
+    safety = safety_callbacks(last, resume_command(argv, run.directory, last), args.checkpoint_every_n_steps)
     trainer = _build_trainer(
         accelerator=accelerator,
         devices=device_count,
@@ -296,7 +337,9 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic or None,
         logger=run.loggers,
-        callbacks=[*run.callbacks, *callbacks],
+        callbacks=[*run.callbacks, *safety, *callbacks],
+        # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
+        plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=str(run.directory),
         # Our loaders shard by rank themselves (evaluation without padding duplicates).
         use_distributed_sampler=False,
@@ -306,13 +349,13 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
 
     # 4. Train, then test the best checkpoint (never the weights of the last epoch by accident).
     if not args.only_test:
-        trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
+        trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
         tested = run.best_checkpoint() if not args.fast_dev_run else None
-        if tested is not None:
-            solver = checkpoints.load_solver(tested, datamodule)
     else:
         tested = checkpoint
-    trainer.test(solver, datamodule=datamodule, verbose=False)
+    # Name the checkpoint under test: with ckpt_path=None, Lightning on SLURM would load an hpc_ckpt_*.ckpt
+    # that its auto-requeue left in the run directory instead of these weights.
+    trainer.test(solver, datamodule=datamodule, verbose=False, ckpt_path=str(tested) if tested else None)
 
     # 5. Report.
     run.finish(trainer, solver, datamodule, tested)

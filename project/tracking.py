@@ -69,7 +69,6 @@ def open_run(args: argparse.Namespace, config: dict[str, Any], resume_from: Path
         ModelCheckpoint(
             dirpath=checkpoint_dir,
             filename=LAST.removesuffix(".ckpt"),
-            every_n_train_steps=args.checkpoint_every_n_steps,
             save_top_k=1,
             enable_version_counter=False,
         ),
