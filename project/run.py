@@ -24,7 +24,7 @@ LOGGER_NAMES = ("mlflow", "tensorboard", "csv", "wandb", "none", "neptune")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 
 # Options that say what to do with a run, not how to train it: never part of config.yaml.
-NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "gpus")
+NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "gpus", "tag", "argv")
 
 
 def positive_int(text: str) -> int:
@@ -62,6 +62,13 @@ def experiment_name(text: str) -> str:
     return text
 
 
+def tag(text: str) -> str:
+    """KEY=VALUE, with a key MLflow accepts: letters, digits, '_', '-', '.', '/'."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text):
+        raise ValueError
+    return text
+
+
 def devices(text: str) -> str | int:
     """`auto`, a count (`2`), or device indices (`0,1`), as Lightning's Trainer takes them."""
     if text == "auto":
@@ -78,6 +85,7 @@ for _type, _name in [
     (fraction, "a number between 0 and 1"),
     (experiment_name, "a name of letters, digits, '_', '-' and '.' (no path separators or '..')"),
     (devices, "'auto', a positive count or indices like 0,1"),
+    (tag, "KEY=VALUE (a key of letters, digits, '_', '-', '.', '/')"),
 ]:
     _type.__name__ = _name  # argparse names the type in its error message
 
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the model")
     add("--logger", action=Repeatable, choices=LOGGER_NAMES, default=["mlflow"],
         help="experiment tracker; repeat the flag for several")
+    add("--tag", action=Repeatable, type=tag, default=[], metavar="KEY=VALUE",
+        help="a tag for the tracker run and manifest.json; repeat the flag for several")
     add("--monitor", default="val/loss", help="metric that picks the best checkpoint (val/loss, val/acc, ...)")
     add("--checkpoint", default=None, help="--only-test: a checkpoint file, or best/last of the latest run")
     add("--resume", nargs="?", const="last", default=None,
@@ -157,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.only_test and args.resume:
         parser.error("--only-test and --resume exclude each other")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for manifest.json and the tracker
     return args
 
 
@@ -250,9 +261,13 @@ class RunResult:
 
 def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> RunResult:
     """One run; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
+    from project import tracking
+
+    tracking.require_trackers(args.logger)  # before the slow imports: a missing tracker answers at once
+
     import lightning.pytorch as pl
 
-    from project import checkpoints, tracking
+    from project import checkpoints, records
     from project.data import DATASETS
     from project.solver import Solver
 
@@ -285,7 +300,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         )
 
     # 3. Records: a run directory, trackers, checkpoints.
-    run = tracking.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
+    run = records.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
     trainer = _build_trainer(
         accelerator=accelerator,
         devices=device_count,
