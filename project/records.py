@@ -52,6 +52,8 @@ TEST_METRICS = "test_metrics.json"
 # Rank 0 names the run directory here; Lightning's DDP launcher starts the other processes with its environment.
 RUN_DIR_ENV = "PROJECT_RUN_DIR"
 TRACKER_STATUS = {"finished": "FINISHED", "interrupted": "KILLED"}  # anything else: FAILED
+# The test report goes on screen too while it fits there (with the summary); beyond this, only into its file.
+MAX_CLASSES_ON_SCREEN = 20
 
 
 def new_run_id() -> str:
@@ -130,23 +132,22 @@ def open_run(args: argparse.Namespace, config: dict[str, Any], resume_from: Path
         "mode": "test" if args.only_test else "train",
         **tags,
     }
-    loggers = []
-    if not args.fast_dev_run:  # Lightning replaces every logger of a fast dev run with a dummy
-        try:
-            loggers = tracking.make_loggers(
-                args.logger,
-                directory,
-                experiment=args.exp_name,
-                exp_dir=Path(args.exp_dir),
-                tags=tracker_tags,
-                previous=previous.get("trackers", {}),
-                open_runs=zero,
-            )
-        except UserError:
-            if zero and resume_from is None:
-                with contextlib.suppress(OSError):
-                    directory.rmdir()  # still empty: leave no trace of a run that never started
-            raise
+    # Tracker runs belong to rank 0 alone; Lightning replaces every logger of a fast dev run with a dummy.
+    trackers = args.logger if zero and not args.fast_dev_run else []
+    try:
+        loggers = tracking.make_loggers(
+            trackers,
+            directory,
+            experiment=args.exp_name,
+            exp_dir=Path(args.exp_dir),
+            tags=tracker_tags,
+            previous=previous.get("trackers", {}),
+        )
+    except UserError:
+        if resume_from is None:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # still empty: leave no trace of a run that never started
+        raise
     run = Run(directory, loggers, monitor=args.monitor, zero=zero)
     run.callbacks = [
         ModelCheckpoint(
@@ -235,6 +236,8 @@ class Run(pl.Callback):
         records = [CONFIG, CURVES, CONFUSION, REPORT, TEST_METRICS, METRICS]
         tracking.log_files(self.loggers, self.directory, [self.directory / name for name in records])
         problems = self.close("finished")
+        if scores is not None and len(scores["per_class"]) <= MAX_CLASSES_ON_SCREEN:
+            print((self.directory / REPORT).read_text(), end="")
         print(self._summary(scores, tested, problems))
 
     def _write_test_records(self, trainer: pl.Trainer, solver: Any, datamodule: Any, tested: Path | None) -> dict:
@@ -318,10 +321,8 @@ def hardware(trainer: pl.Trainer) -> dict[str, Any]:
 
     accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     ids = list(getattr(trainer, "device_ids", []) or [])
-    if accelerator == "cuda":
-        names = [torch.cuda.get_device_name(i) for i in ids]
-    else:
-        names = [platform.processor() or platform.machine()] * max(len(ids), 1)
+    on_gpu = accelerator == "cuda"
+    names = [torch.cuda.get_device_name(i) for i in ids] if on_gpu else [_cpu_name()] * max(len(ids), 1)
     return {
         "accelerator": accelerator,
         "devices": names,
@@ -364,13 +365,25 @@ def _versions() -> dict[str, str]:
     import torch
     import torchmetrics
 
-    return {
+    versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "torchmetrics": torchmetrics.__version__,
         "platform": platform.platform(),
     }
+    for tracker in ("mlflow", "wandb", "tensorboard"):  # the ones this run imported
+        if tracker in sys.modules:
+            versions[tracker] = getattr(sys.modules[tracker], "__version__", "unknown")
+    return versions
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):  # Linux names the model; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _user() -> str:

@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from project.errors import UserError
-from project.redact import redact, scrub
+from project.redact import redact, redact_argv, scrub
 
 NEPTUNE_GONE = (
     "--logger neptune: neptune.ai ended its service in March 2026 and Lightning 2.6.4 removed NeptuneLogger. "
@@ -34,6 +35,7 @@ NEPTUNE_GONE = (
 )
 # --logger name -> modules that provide it (any one will do), and the pip extra that installs them.
 OPTIONAL_TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}
+DISTRIBUTION = "deep-learning-project-template"  # pyproject.toml's [project] name
 
 # MLflow's client retries a dead server for about 8 minutes by default. A run only needs to find out
 # that the server is gone; a user who sets these variables keeps their values.
@@ -57,7 +59,8 @@ def require_trackers(names: list[str]) -> None:
         modules, extra = OPTIONAL_TRACKERS[name]
         if not any(_importable(module) for module in modules):
             raise UserError(
-                f"--logger {name}: {name} is not installed; install it with: pip install 'project[{extra}]'"
+                f"--logger {name}: {name} is not installed; install it with: pip install '{DISTRIBUTION}[{extra}]' "
+                f"(in a clone of this project: pip install -e '.[{extra}]')"
             )
 
 
@@ -77,15 +80,14 @@ def make_loggers(
     exp_dir: Path,
     tags: Mapping[str, str],
     previous: Mapping[str, Any],
-    open_runs: bool,
 ) -> list[Any]:
-    """Lightning loggers for `--logger names`; CSV first, always. `previous`: the trackers' ids of the run
-    being resumed (from its manifest.json). `open_runs`: start (or reopen) the tracker runs now, which
-    only global rank 0 does; the other processes get the same loggers, which Lightning keeps silent."""
+    """Lightning loggers for `--logger names`, CSV first and always, with their tracker runs started (or,
+    resuming, reopened) now. `previous`: the trackers' ids of the run being resumed (its manifest.json).
+    Only global rank 0 calls this with trackers: the tracker runs are its alone."""
     loggers: list[Any] = [_csv_logger(directory)]
     for name in dict.fromkeys(names):
         if name == "mlflow":
-            loggers.append(_mlflow_logger(directory, experiment, exp_dir, tags, previous.get("mlflow"), open_runs))
+            loggers.append(_mlflow_logger(directory, experiment, exp_dir, tags, previous.get("mlflow")))
         elif name == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -93,7 +95,7 @@ def make_loggers(
                 TensorBoardLogger(save_dir=str(directory), name="tensorboard", version="", default_hp_metric=False)
             )
         elif name == "wandb":
-            loggers.append(_wandb_logger(directory, experiment, tags, previous.get("wandb"), open_runs))
+            loggers.append(_wandb_logger(directory, experiment, tags, previous.get("wandb")))
     return loggers
 
 
@@ -198,18 +200,17 @@ def _mlflow_logger(
     exp_dir: Path,
     tags: Mapping[str, str],
     previous: Mapping[str, Any] | None,
-    open_run: bool,
 ) -> Any:
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     for name in ("alembic", "mlflow.store.db.utils"):  # schema migration chatter on a new local store
         logging.getLogger(name).setLevel(logging.WARNING)
-    remote = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = remote or local_tracking_uri(exp_dir)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(exp_dir)
+    served = uri.startswith(("http://", "https://", "databricks"))
     exp_dir = exp_dir.expanduser().resolve()
-    # Artifacts of the local store stay under --exp-dir (MLflow's default would be ./mlruns in the
-    # working directory); a server stores them where its own --artifacts-destination says.
-    artifacts = None if remote else (exp_dir / "mlflow-artifacts" / experiment).as_uri()
+    # A server stores artifacts where its own --artifacts-destination says. Straight into a database,
+    # MLflow's default would be ./mlruns in the working directory: they stay under --exp-dir instead.
+    artifacts = None if served else (exp_dir / "mlflow-artifacts" / experiment).as_uri()
     run_id = None
     if previous and previous.get("tracking_uri") == scrub(uri):
         run_id = previous.get("run_id")
@@ -220,7 +221,7 @@ def _mlflow_logger(
             file=sys.stderr,
         )
     logger_class = _guarded_mlflow_class()
-    with _store_lock(None if remote else exp_dir):
+    with _store_lock(None if served else exp_dir):
         try:
             logger = logger_class(
                 experiment_name=experiment,
@@ -231,8 +232,7 @@ def _mlflow_logger(
                 run_id=run_id,
                 run_dir=directory,
             )
-            if open_run:
-                logger.open()
+            logger.open()
         except Exception as error:
             if isinstance(error, UserError):
                 raise
@@ -263,6 +263,9 @@ def _store_lock(exp_dir: Path | None) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_STOP, _DONE = object(), object()  # markers in TrackerCalls' queue
+
+
 class TrackerCalls:
     """A tracker's calls, made in order on one background thread, so that a slow or dead server never
     stalls a training step. After the first call that fails, the rest are dropped, with one warning."""
@@ -275,13 +278,19 @@ class TrackerCalls:
         self._thread.start()
 
     def submit(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        if self.failure is None:
+        if self.failure is None and self._thread.is_alive():
             self._queue.put((call, args, kwargs))
+
+    def stop(self) -> None:
+        """End the thread once the queued calls are done (a sweep runs many runs in one process)."""
+        self._queue.put((_STOP, (), {}))
 
     def drain(self, timeout: float) -> bool:
         """Wait until every call submitted so far is made (or dropped); False if `timeout` ran out."""
+        if not self._thread.is_alive():
+            return True
         done = threading.Event()
-        self._queue.put((None, (done,), {}))
+        self._queue.put((_DONE, (done,), {}))
         return done.wait(timeout)
 
     def fail(self, reason: str) -> None:
@@ -297,7 +306,9 @@ class TrackerCalls:
     def _work(self) -> None:
         while True:
             call, args, kwargs = self._queue.get()
-            if call is None:
+            if call is _STOP:
+                return
+            if call is _DONE:
                 args[0].set()
             elif self.failure is None:
                 try:
@@ -307,8 +318,14 @@ class TrackerCalls:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return scrub(text[0][:300]) if text else type(error).__name__
+    """A short reason: MLflow's own messages quote the whole urllib3 retry chain."""
+    text = str(error).strip()
+    request = re.search(r"API request to (\w+://[^/\s]+)\S* failed", text)
+    if request:
+        kind = next((k for k in ("Connection refused", "timed out", "Name or service not known") if k in text), None)
+        return scrub(f"no answer from {request.group(1)}" + (f": {kind.lower()}" if kind else ""))
+    lines = text.splitlines()
+    return scrub(lines[0][:300]) if lines else type(error).__name__
 
 
 def _guarded_mlflow_class() -> type:
@@ -343,7 +360,7 @@ def _define_guarded_mlflow_logger() -> type:
             """Create (or, resuming, reopen) the run now, in the foreground: a server that cannot be
             reached is an error before training, not a surprise after it."""
             client = self._mlflow_client
-            resuming = self._run_id is not None
+            resuming = self._run_id is not None and self._run_exists()
             if not resuming and self._find_experiment() is None:
                 try:
                     client.create_experiment(self._experiment_name, artifact_location=self._artifact_location)
@@ -354,6 +371,20 @@ def _define_guarded_mlflow_logger() -> type:
             if resuming:  # the same run again: keep its params, mark it running
                 self._params = dict(client.get_run(self._run_id).data.params)
                 client.update_run(self._run_id, status="RUNNING")
+
+        def _run_exists(self) -> bool:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                found = self._mlflow_client.get_run(self._run_id).info.lifecycle_stage != "deleted"
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                found = False
+            if not found:
+                print(f"warning: MLflow run {self._run_id} is gone; the resumed run starts a new one", file=sys.stderr)
+                self._run_id = None
+            return found
 
         def _find_experiment(self) -> Any:
             found = self._mlflow_client.get_experiment_by_name(self._experiment_name)
@@ -379,11 +410,10 @@ def _define_guarded_mlflow_logger() -> type:
         def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
             self.calls.submit(super().log_metrics, dict(metrics), step)
 
-        @rank_zero_only
         def finalize(self, status: str = "success") -> None:
-            # Lightning calls this after fit and again after test: only wait for what is queued.
-            # The run's status is set once, by close(), when the whole run has ended.
-            self.calls.drain(DRAIN_SECONDS)
+            # Lightning calls this after fit and again after test; the run goes on (test, report), so the
+            # status is set once, by close(), when the whole run has ended.
+            pass
 
         def log_files(self, paths: list[Path]) -> None:
             for path in paths:
@@ -394,6 +424,7 @@ def _define_guarded_mlflow_logger() -> type:
                 self.calls.submit(self.experiment.set_terminated, self.run_id, status)
             if not self.calls.drain(DRAIN_SECONDS):
                 self.calls.fail(f"no answer for {DRAIN_SECONDS:.0f} s")
+            self.calls.stop()
             if self.calls.failure:
                 return f"MLflow: records stop where the server stopped answering ({self.calls.failure})"
             return None
@@ -419,9 +450,7 @@ def _define_guarded_mlflow_logger() -> type:
 # --- Weights & Biases --------------------------------------------------------------------------------
 
 
-def _wandb_logger(
-    directory: Path, experiment: str, tags: Mapping[str, str], previous: Mapping[str, Any] | None, open_run: bool
-) -> Any:
+def _wandb_logger(directory: Path, experiment: str, tags: Mapping[str, str], previous: Mapping[str, Any] | None) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
     run_id = (previous or {}).get("id")
@@ -434,6 +463,12 @@ def _wandb_logger(
         resume="allow" if run_id else None,
         tags=[f"{k}={v}"[:64] for k, v in redact(dict(tags)).items()],  # W&B tags are short labels
     )
-    if open_run:
-        _ = logger.experiment  # wandb.init now: its run id goes into manifest.json
+    # wandb.init now, so that its run id goes into manifest.json. W&B records sys.argv with the run: it
+    # sees the command line with its secrets redacted, as every other record does.
+    argv = sys.argv
+    sys.argv = [argv[0], *redact_argv(argv[1:])]
+    try:
+        _ = logger.experiment
+    finally:
+        sys.argv = argv
     return logger
