@@ -25,7 +25,7 @@ LOGGER_NAMES = ("mlflow", "tensorboard", "csv", "wandb", "none", "neptune")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 
 # Options that say what to do with a run, not how to train it: never part of config.yaml.
-NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug")
+NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "tag", "argv")
 
 
 def positive_int(text: str) -> int:
@@ -63,6 +63,13 @@ def experiment_name(text: str) -> str:
     return text
 
 
+def tag(text: str) -> str:
+    """KEY=VALUE, with a key MLflow accepts: letters, digits, '_', '-', '.', '/'."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text):
+        raise ValueError
+    return text
+
+
 def devices(text: str) -> str | int:
     """`auto`, a count (`2`), or device indices (`0,1`), as Lightning's Trainer takes them."""
     if text == "auto":
@@ -79,6 +86,7 @@ for _type, _name in [
     (fraction, "a number between 0 and 1"),
     (experiment_name, "a name of letters, digits, '_', '-' and '.' (no path separators or '..')"),
     (devices, "'auto', a positive count or indices like 0,1"),
+    (tag, "KEY=VALUE (a key of letters, digits, '_', '-', '.', '/')"),
 ]:
     _type.__name__ = _name  # argparse names the type in its error message
 
@@ -138,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the model")
     add("--logger", action=Repeatable, choices=LOGGER_NAMES, default=["mlflow"],
         help="experiment tracker; repeat the flag for several")
+    add("--tag", action=Repeatable, type=tag, default=[], metavar="KEY=VALUE",
+        help="a tag for the tracker run and manifest.json; repeat the flag for several")
     add("--monitor", default="val/loss", help="metric that picks the best checkpoint (val/loss, val/acc, ...)")
     add("--checkpoint", default=None, help="--only-test: a checkpoint file, or best/last of the latest run")
     add("--resume", nargs="?", const="last", default=None,
@@ -158,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.only_test and args.resume:
         parser.error("--only-test and --resume exclude each other")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for manifest.json and the tracker
     return args
 
 
@@ -226,11 +237,9 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in NOT_CONFIG}
 
 
-def resume_command(argv: Sequence[str] | None, run_dir: Path, checkpoint: Path) -> str:
-    """The command line that started this run (or, for a run started from Python, one that reads the
-    run's config.yaml) with `--resume CHECKPOINT` in place of any --resume it had, ready to paste."""
-    if argv is None:
-        argv = ["--config", str((run_dir / "config.yaml").resolve())]
+def resume_command(argv: Sequence[str], checkpoint: Path) -> str:
+    """The command line that started this run (for a sweep's trial, its own) with `--resume CHECKPOINT`
+    in place of any --resume it had, ready to paste."""
     kept, skip_value = [], False
     for token in argv:
         if skip_value and not token.startswith("-"):
@@ -243,12 +252,11 @@ def resume_command(argv: Sequence[str] | None, run_dir: Path, checkpoint: Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     from project.errors import RunStopped, UserError
 
     try:
-        train_and_test(args, argv)
+        train_and_test(args)
         return 0
     except UserError as error:
         if args.debug:
@@ -283,14 +291,15 @@ class RunResult:
     test_metrics: dict[str, float] = field(default_factory=dict)  # "test/acc", "test/loss", ...
 
 
-def train_and_test(
-    args: argparse.Namespace, argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()
-) -> RunResult:
-    """One run. `argv`, the command line that started it, goes into the resume command printed when the
-    run is stopped; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
+def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> RunResult:
+    """One run; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
+    from project import tracking
+
+    tracking.require_trackers(args.logger)  # before the slow imports: a missing tracker answers at once
+
     import lightning.pytorch as pl
 
-    from project import checkpoints, tracking
+    from project import checkpoints, records
     from project.callbacks import safety_callbacks
     from project.data import DATASETS
     from project.solver import Solver
@@ -324,9 +333,9 @@ def train_and_test(
         )
 
     # 3. Records: a run directory, trackers, checkpoints.
-    run = tracking.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
+    run = records.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
     last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
-    safety = safety_callbacks(last, resume_command(argv, run.directory, last), args.checkpoint_every_n_steps)
+    safety = safety_callbacks(last, resume_command(args.argv, last), args.checkpoint_every_n_steps)
     trainer = _build_trainer(
         accelerator=accelerator,
         devices=device_count,

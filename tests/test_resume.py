@@ -231,12 +231,6 @@ def test_resumable_epochs_continue_with_the_next_batch_of_the_same_epoch() -> No
 )
 def test_resume_command_replaces_any_resume_option(argv: list[str], tmp_path: Path) -> None:
     checkpoint = tmp_path / "run dir" / "last.ckpt"
-    command = shlex.split(resume_command(argv, checkpoint.parent, checkpoint))
+    command = shlex.split(resume_command(argv, checkpoint))
     assert command[1:3] == ["-m", "project.run"]
     assert command[3:] == ["--max-epochs", "3", "--resume", str(checkpoint)]
-
-
-def test_resume_command_of_a_run_started_from_python_reads_its_config(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    command = shlex.split(resume_command(None, tmp_path / "run", checkpoint))
-    assert command[3:] == ["--config", str(tmp_path / "run" / "config.yaml"), "--resume", str(checkpoint)]
