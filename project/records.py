@@ -38,7 +38,7 @@ import lightning.pytorch as pl
 import yaml
 
 from project import plots, tracking
-from project.checkpoints import CHECKPOINT_DIR, LAST, best_in, experiment_dir
+from project.checkpoints import CHECKPOINT_DIR, LAST, experiment_dir
 from project.errors import UserError
 from project.redact import redact, redact_argv
 
@@ -207,9 +207,6 @@ class Run(pl.Callback):
         self.closed = False
         # A run that ends any other way (an error outside the Trainer, sys.exit) still records how it ended.
         atexit.register(self._close_unfinished)
-
-    def best_checkpoint(self) -> Path | None:
-        return best_in(self.directory)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not (self.zero and trainer.is_global_zero):

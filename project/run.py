@@ -359,7 +359,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     # 4. Train, then test the best checkpoint (never the weights of the last epoch by accident).
     if not args.only_test:
         trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
-        tested = run.best_checkpoint() if not args.fast_dev_run else None
+        tested = _best_checkpoint(trainer, args.monitor)
     else:
         tested = checkpoint
     # Name the checkpoint under test: with ckpt_path=None, Lightning on SLURM would load an hpc_ckpt_*.ckpt
@@ -373,6 +373,15 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         best_score=_best_score(trainer, args.monitor),
         test_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},
     )
+
+
+def _best_checkpoint(trainer: Any, monitor: str) -> Path | None:
+    """The best checkpoint's path, the same on every process (Lightning broadcasts rank 0's directory),
+    so each rank tests the same weights whoever launched it (Lightning, torchrun, SLURM)."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor == monitor and callback.best_model_path:
+            return Path(callback.best_model_path)
+    return None
 
 
 def _best_score(trainer: Any, monitor: str) -> float | None:
