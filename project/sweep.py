@@ -241,9 +241,9 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def trial_argv(run_argv: list[str], study: str, params: dict[str, Any]) -> list[str]:
     """The project.run command line of one trial: the sweep's run options, the sampled values (which win
-    over the options before them), and the study's grouping of its runs."""
+    over the options before them), and the study's grouping of its runs: one experiment, and a tracker tag."""
     sampled = [item for name, value in params.items() for item in (f"--{name.replace('_', '-')}", str(value))]
-    return [*run_argv, *sampled, "--exp-name", study]
+    return [*run_argv, *sampled, "--exp-name", study, "--tag", f"study={study}"]
 
 
 # ---------------------------------------------------------------------------------------------------

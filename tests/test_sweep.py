@@ -161,6 +161,7 @@ def test_a_trial_is_a_project_run_command_line() -> None:
     argv = sweep.trial_argv(["--dataset", "digits", "--hidden-dim", "8"], "study", {"hidden_dim": 32, "model": "mlp"})
     args = run.parse_args(argv)
     assert (args.hidden_dim, args.model, args.exp_name, args.dataset) == (32, "mlp", "study", "digits")
+    assert args.tag == ["study=study"]  # the tracker run is tagged with its study
 
 
 def test_sweep_option_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
