@@ -11,6 +11,7 @@ Lightning 2.x pitfalls this file avoids (see the README):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -19,6 +20,10 @@ import torch.nn.functional as F
 
 from project.metrics import ConfusionMatrix, MeanValue, summarize
 from project.model import build_model
+
+# Epoch values are logged after torchmetrics has summed the states over all processes, so Lightning's advice
+# to add sync_dist=True (another all-reduce, of numbers already equal on every rank) does not apply.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 class Solver(pl.LightningModule):

@@ -72,3 +72,20 @@ def test_two_process_training_converges_with_one_set_of_records(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1  # one tracker run, not one per process
     assert runs[0].data.metrics["test/acc"] == pytest.approx(metrics["acc"])
+
+
+def test_torchrun_launch_writes_one_run_directory(tmp_path):
+    """Under torchrun every rank starts at once (no Lightning launcher): still one set of records."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    exp_dir = tmp_path / "experiments"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "project.run", "--max-epochs", "2", "--exp-dir", str(exp_dir), *TWO_PROCESSES, *QUICK]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(exp_dir)
+    assert sum(map(sum, read_test_metrics(run_dir)["confusion_matrix"])) == 180
+    assert json.loads((run_dir / "manifest.json").read_text())["hardware"]["world_size"] == 2
