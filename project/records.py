@@ -126,8 +126,7 @@ def open_run(args: argparse.Namespace, config: dict[str, Any], resume_from: Path
     tracker_tags = {
         "user": user,
         "host": socket.gethostname(),
-        "git_commit": str(git["commit"]),
-        "git_dirty": str(git["dirty"]),
+        **({"git_commit": git["commit"], "git_dirty": str(git["dirty"])} if git["commit"] else {}),
         "run_dir": str(directory),
         "mode": "test" if args.only_test else "train",
         **tags,
