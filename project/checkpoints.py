@@ -105,6 +105,31 @@ def check_compatible(path: Path, checkpoint: dict[str, Any], datamodule: Any) ->
         )
 
 
+# What a resumed run must share with the run it continues: the model's shape, the data, and the optimiser
+# and schedule (the cosine schedule is fixed by --max-epochs when the run starts; a new --learning-rate would be
+# ignored by the restored optimiser).
+RESUME_MUST_MATCH = ("model", "hidden_dim", "input_shape", "class_names", "learning_rate", "max_epochs")
+
+
+def check_resumable(path: Path, hparams: dict[str, Any]) -> None:
+    """--resume continues the same run: settings that differ from the checkpoint's are refused, by name."""
+    trained = read(path, "--resume")["hyper_parameters"]
+    differing = [
+        f"--{key.replace('_', '-')} {trained[key]} (now {hparams[key]})"
+        for key in RESUME_MUST_MATCH
+        if key in trained and key in hparams and list_if_tuple(trained[key]) != list_if_tuple(hparams[key])
+    ]
+    if differing:
+        raise UserError(
+            f"--resume: {path} was trained with {', '.join(differing)}; resume with the run's own settings "
+            "(add --config <run-dir>/config.yaml) or start a new run"
+        )
+
+
+def list_if_tuple(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def load_solver(path: Path, datamodule: Any = None) -> Any:
     """A Solver with the weights and hyperparameters of checkpoint `path`."""
     from project.solver import Solver

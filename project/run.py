@@ -331,6 +331,8 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
             channels_last=args.model == "cnn" and accelerator != "cpu",
             compile=args.compile,
         )
+        if args.resume:
+            checkpoints.check_resumable(checkpoint, dict(solver.hparams))
 
     # 3. Records: a run directory, trackers, checkpoints.
     run = records.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
