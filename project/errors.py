@@ -1,8 +1,25 @@
-"""Exceptions that end a run with one clear message instead of a traceback (run.main prints them)."""
+"""The one exception type that means "the user's input is wrong", and how every command reports it."""
+
+import sys
+from collections.abc import Callable
+from typing import Any
 
 
 class UserError(Exception):
-    """A mistake the user can fix (a bad path, a missing dataset, a wrong checkpoint); never a bug. Exit 2."""
+    """A mistake the user can fix (a bad path, a missing dataset, a wrong checkpoint); never a bug."""
+
+
+def exit_code(action: Callable[[], Any], debug: bool = False) -> int:
+    """Run a command's work: 0 when it succeeds; a UserError is one line on stderr and exit code 2
+    (the traceback only with --debug)."""
+    try:
+        action()
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class RunStopped(Exception):

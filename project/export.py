@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from project.errors import UserError
+from project.errors import UserError, exit_code
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 METADATA_KEY = "project"  # ONNX metadata_props key; TorchScript extra file METADATA_KEY + ".json"
@@ -45,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        export(args)
-    except UserError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: export(args), args.debug)
 
 
 def export(args: argparse.Namespace) -> Path:

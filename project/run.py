@@ -253,16 +253,10 @@ def resume_command(argv: Sequence[str], checkpoint: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from project.errors import RunStopped, UserError
+    from project.errors import RunStopped, exit_code
 
     try:
-        train_and_test(args)
-        return 0
-    except UserError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exit_code(lambda: train_and_test(args), args.debug)
     except RunStopped as error:
         if args.debug:
             raise

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from project import run
-from project.errors import UserError
+from project.errors import UserError, exit_code
 
 
 def seed_list(text: str) -> list[int]:
@@ -48,14 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, run_argv = build_parser().parse_known_args(argv)
     base = run.parse_args(run_argv)  # checked once, before the first run (exits 2 with one line if wrong)
-    try:
-        repeat(args.seeds, run_argv, base)
-    except UserError as error:
-        if base.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: repeat(args.seeds, run_argv, base), base.debug)
 
 
 def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> dict[str, Any]:

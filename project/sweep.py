@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from project import run
-from project.errors import UserError
+from project.errors import UserError, exit_code
 
 # Used when --search-space is not given; a search-space file has the same form.
 DEFAULT_SEARCH_SPACE: dict[str, Any] = {
@@ -88,16 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     args, run_argv = build_parser().parse_known_args(argv)
     base = run.parse_args(run_argv)  # the trials' own options, checked now (exits 2 with one line if wrong)
     try:
-        sweep(args, run_argv, base)
-    except UserError as error:
-        if base.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exit_code(lambda: sweep(args, run_argv, base), base.debug)
     except KeyboardInterrupt:
         print(f"interrupted: run the same command again to continue study {args.study}", file=sys.stderr)
         return 130
-    return 0
 
 
 def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespace) -> None:
