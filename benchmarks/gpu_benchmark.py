@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project package, from anywhere
-from project import run, tracking  # noqa: E402
+from project import records, run  # noqa: E402
 from project.data import InMemoryData, random_flip_and_translate  # noqa: E402
 from project.model import build_model  # noqa: E402
 
@@ -169,8 +169,8 @@ def template_path(
         pl.seed_everything(args.seed, workers=True, verbose=False)
         datamodule = Synthetic(**vars(args))
         solver = run.build_solver(args, datamodule)
-        records = tracking.open_run(args, run.config_of(args))
-        trainer = run.build_trainer(args, records)
+        run_records = records.open_run(args, run.config_of(args))
+        trainer = run.build_trainer(args, run_records)
         # Diagnostics only: add up the time spent in checkpoint writes and tracker calls.
         clock = EpochClock(device)
         trainer.save_checkpoint = clock.timing("checkpoints", trainer.save_checkpoint)

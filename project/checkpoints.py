@@ -1,17 +1,23 @@
-"""Finding checkpoints (`best`, `last`, a path) and loading them safely.
+"""Finding checkpoints (`best`, `last`, a path), and reading and writing them safely.
 
-Checkpoints are loaded with `weights_only=True`: a file that carries a pickled program is refused
-before any of it runs. Everything the Solver saves is plain types, so its own checkpoints always load.
+Checkpoints are loaded with `weights_only=True`, by us and by Lightning when it resumes (through
+SafeCheckpointIO): a file that carries a pickled program is refused before any of it runs. Everything
+the Solver and our callbacks save is plain types and tensors, so their own checkpoints always load.
+They are written to a temporary file and renamed, so a crash or a full disk never leaves a
+half-written checkpoint in place of a good one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from project.errors import UserError
 
@@ -99,6 +105,31 @@ def check_compatible(path: Path, checkpoint: dict[str, Any], datamodule: Any) ->
         )
 
 
+# What a resumed run must share with the run it continues: the model's shape, the data, and the optimiser
+# and schedule (the cosine schedule is fixed by --max-epochs when the run starts; a new --learning-rate would be
+# ignored by the restored optimiser).
+RESUME_MUST_MATCH = ("model", "hidden_dim", "input_shape", "class_names", "learning_rate", "max_epochs")
+
+
+def check_resumable(path: Path, hparams: dict[str, Any]) -> None:
+    """--resume continues the same run: settings that differ from the checkpoint's are refused, by name."""
+    trained = read(path, "--resume")["hyper_parameters"]
+    differing = [
+        f"--{key.replace('_', '-')} {trained[key]} (now {hparams[key]})"
+        for key in RESUME_MUST_MATCH
+        if key in trained and key in hparams and list_if_tuple(trained[key]) != list_if_tuple(hparams[key])
+    ]
+    if differing:
+        raise UserError(
+            f"--resume: {path} was trained with {', '.join(differing)}; resume with the run's own settings "
+            "(add --config <run-dir>/config.yaml) or start a new run"
+        )
+
+
+def list_if_tuple(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def load_solver(path: Path, datamodule: Any = None) -> Any:
     """A Solver with the weights and hyperparameters of checkpoint `path`."""
     from project.solver import Solver
@@ -114,3 +145,76 @@ def load_solver(path: Path, datamodule: Any = None) -> Any:
         reason = str(error).splitlines()[0]
         raise UserError(f"--checkpoint: {path} does not fit this project's models ({reason})") from error
     return solver
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader and writer, made safe for files a crash or a stranger may have touched.
+
+    Writes go to a temporary file in the same folder, are flushed to the disk, then renamed over the
+    target: a rename within one file system is atomic, so `last.ckpt` is always either the previous
+    checkpoint or the new one, whatever kills the process (SIGKILL, power loss, a full disk). Reads
+    (Lightning's `fit(ckpt_path=...)` resume path) go through `read`, always with weights_only=True.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+            with open(temporary, "wb") as file:
+                writer = _KeepsWriteError(file)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError:
+                    # torch reports a failed write (a full disk) as "unexpected pos": raise the real one
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except OSError as error:
+            kept = f"; the previous {path.name} is intact" if path.is_file() else ""
+            raise UserError(
+                f"cannot write checkpoint {path}: {error.strerror or error}{kept}. "
+                "Free some space (or fix the folder's permissions), then continue with --resume."
+            ) from error
+        finally:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)  # after a failure: no half-written file left behind
+        _fsync_folder(path.parent)  # make the rename itself survive a power loss
+
+    def __init__(self, flag: str = "--resume") -> None:
+        self.flag = flag  # the option that named the file, for error messages
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read(Path(path), self.flag)  # weights_only=True whatever the caller asked
+
+
+class _KeepsWriteError:
+    """A file for torch.save that remembers the OSError its write raised (errno and all)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Some platforms and file systems cannot open or sync a folder; the rename is atomic all the same.
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

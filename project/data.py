@@ -15,9 +15,10 @@ attributes listed on InMemoryData), register it in DATASETS and its name in run.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,23 +123,28 @@ class LoaderBatches:
 
     def __init__(self, dataset: Dataset, plan: EpochBatches, num_workers: int, pin_memory: bool):
         self.plan = plan
-        # Not named `sampler`: Lightning would take this object for a DataLoader and inspect it.
-        self.batch_plan = _PlannedBatchSampler(plan)
+        # Not named `sampler`: Lightning would take this object for a DataLoader and look for more.
+        self.planned_sampler = _PlannedBatchSampler(plan)
+        # Every new DataLoader iterator draws its workers' base seed from `generator`, or else from
+        # torch's global stream, which augmentation uses: a run resumed mid-epoch creates one iterator
+        # more than an uninterrupted run and would then draw different augmentations.
+        self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset,
-            batch_sampler=self.batch_plan,
+            batch_sampler=self.planned_sampler,
             num_workers=num_workers,
             # Page-locked batches copy to the GPU asynchronously, overlapping the previous step.
             pin_memory=pin_memory,
             # Workers are started once, not at every epoch and every validation pass.
             persistent_workers=num_workers > 0,
-            # Its own generator: each new iterator draws a seed from it, and drawing from torch's
-            # global one would shift the augmentation's random numbers away from the in-memory path's.
-            generator=torch.Generator().manual_seed(plan.seed),
+            generator=self.generator,
         )
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
-        self.batch_plan.epoch, self.batch_plan.skip = epoch, skip
+        self.planned_sampler.epoch, self.planned_sampler.skip = epoch, skip
+        # Worker seeds follow (seed, epoch). Persistent workers keep the seeds of the epoch they started
+        # in; nothing here draws random numbers in workers (augmentation runs on whole batches).
+        self.generator.manual_seed(self.plan.seed + epoch)
         return iter(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
@@ -149,40 +155,42 @@ class LoaderBatches:
 
 
 class ResumableEpochs:
-    """The training loader: a new epoch on each `iter()`, with a position Lightning saves in checkpoints.
+    """The training loader: one epoch of batches per `iter()`, resumable in the middle of an epoch.
 
-    Lightning stores `state_dict()` of a stateful training loader in every checkpoint and hands it back
-    to `load_state_dict()` on resume, before it creates the first iterator, so a run resumed mid-epoch
-    carries on with the very next batch of the same permutation.
+    The epoch comes from `current_epoch` (the Trainer's), read when the first batch is asked for:
+    Lightning restores its epoch counter on resume but, after an end-of-epoch checkpoint, does not
+    hand the loader its saved state back, so a loader that counted epochs itself would replay epoch 0.
+    Mid-epoch, Lightning stores `state_dict()` in the checkpoint and gives it to `load_state_dict()`
+    before the first iterator runs, and the resumed epoch skips the batches already trained on.
     """
 
-    def __init__(self, batches: TensorBatches | LoaderBatches) -> None:
+    def __init__(self, batches: TensorBatches | LoaderBatches, current_epoch: Callable[[], int] | None = None):
         self.batches = batches
-        self.epoch = -1  # the epoch being iterated; the next iter() starts `next_epoch`
-        self.next_epoch, self.skip = 0, 0
-        self.yielded, self.exhausted = 0, True
+        self.current_epoch = current_epoch  # None: count iter() calls (outside a Trainer)
+        self.epoch, self.yielded = -1, 0
+        self.resume_at: dict[str, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        self.epoch, self.yielded, self.exhausted = self.next_epoch, self.skip, False
-        self.next_epoch, skip, self.skip = self.next_epoch + 1, self.skip, 0
-        for batch in self.batches.iterate(self.epoch, skip):
+        # A generator: none of this runs until the first batch is asked for, after Lightning has
+        # restored its counters. (Lightning asks early only of loaders without a length; ours has one.)
+        epoch = self.current_epoch() if self.current_epoch is not None else self.epoch + 1
+        resume_at, self.resume_at = self.resume_at, None
+        skip = resume_at["consumed"] if resume_at and resume_at["epoch"] == epoch else 0
+        self.epoch, self.yielded = epoch, skip
+        for batch in self.batches.iterate(epoch, skip):
             self.yielded += 1
             yield batch
-        self.exhausted = True
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def state_dict(self) -> dict[str, int]:
-        # Lightning's fetcher holds one batch ahead of the training step; it has not been trained on.
-        consumed = self.yielded if self.exhausted else self.yielded - 1
-        return {"epoch": self.epoch, "consumed": max(consumed, 0)}
+        # Every batch handed out has been trained on when a checkpoint is saved: Lightning fetches ahead
+        # only from loaders without a length. tests/test_resume.py kills and resumes runs mid-epoch.
+        return {"epoch": self.epoch, "consumed": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["consumed"] >= len(self):
-            self.next_epoch, self.skip = state["epoch"] + 1, 0
-        else:
-            self.next_epoch, self.skip = state["epoch"], state["consumed"]
+        self.resume_at = dict(state)
 
 
 def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch.Tensor:
@@ -202,12 +210,13 @@ def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch
 
 class ImageData(pl.LightningDataModule):
     """What every dataset here gives the solver: input_shape (C, H, W), class_names, mean/std per
-    channel in raw pixel units, split_sizes after setup(), and this rank's batches of each split."""
+    channel in raw pixel units, pixel_max, split_sizes after setup(), and this rank's batches of each split."""
 
     input_shape: tuple[int, int, int]
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    pixel_max = 255  # raw pixel values run 0..pixel_max (8-bit images); saved with the model for predict
     augment = False  # random flips and shifts while training
 
     def __init__(
@@ -248,7 +257,9 @@ class ImageData(pl.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def train_dataloader(self) -> ResumableEpochs:
-        return ResumableEpochs(self._batches("train", shuffle=True))
+        trainer = self.trainer
+        current_epoch = (lambda: trainer.current_epoch) if trainer is not None else None
+        return ResumableEpochs(self._batches("train", shuffle=True), current_epoch)
 
     def val_dataloader(self) -> TensorBatches | LoaderBatches:
         return self._batches("val", shuffle=False)
@@ -334,6 +345,7 @@ class Digits(InMemoryData):
     input_shape = (1, 8, 8)
     class_names = [str(d) for d in range(10)]
     mean, std = (4.884,), (6.017,)
+    pixel_max = 16
 
     def load(self) -> dict[str, Split]:
         from sklearn.datasets import load_digits
@@ -532,15 +544,12 @@ class ImageFolderData(ImageData):
 
     def _folder(self, path: Path) -> Any:
         import torchvision
-        from torchvision.transforms import v2
 
-        transform = v2.Compose([v2.Resize((self.image_size, self.image_size)), v2.PILToTensor()])
         try:
             folder = torchvision.datasets.ImageFolder(
                 str(path),
-                transform=transform,
                 allow_empty=False,
-                loader=_open_rgb,
+                loader=functools.partial(read_image, input_shape=self.input_shape),
             )
         except (FileNotFoundError, RuntimeError) as error:
             raise UserError(f"image-folder: {path}: {error}") from error
@@ -583,11 +592,17 @@ class ImageFolderData(ImageData):
         return LoaderBatches(subset, plan, self.num_workers, pin_memory=self._training_device().type == "cuda")
 
 
-def _open_rgb(path: str) -> Any:
+def read_image(path: str | Path, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """An image file as a model of `input_shape` (C, H, W) takes it: uint8 (C, H, W), converted to RGB
+    (grayscale for one channel) and resized to H x W. Image-folder training and project.predict both
+    read images here, so a prediction sees exactly the pixels training saw."""
     from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
 
+    channels, height, width = input_shape
     with Image.open(path) as image:
-        return image.convert("RGB")
+        converted = image.convert("RGB" if channels == 3 else "L")
+    return TF.pil_to_tensor(TF.resize(converted, [height, width]))
 
 
 def _check_image(path: str) -> None:

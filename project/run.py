@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ LOG_EVERY_N_STEPS = 50
 PROGRESS_BAR_REFRESH_STEPS = 10
 
 # Options that say what to do with a run, not how to train it: never part of config.yaml.
-NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "gpus")
+NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "tag", "argv")
 
 
 def positive_int(text: str) -> int:
@@ -66,6 +69,13 @@ def experiment_name(text: str) -> str:
     return text
 
 
+def tag(text: str) -> str:
+    """KEY=VALUE, with a key MLflow accepts: letters, digits, '_', '-', '.', '/'."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text):
+        raise ValueError
+    return text
+
+
 def devices(text: str) -> str | int:
     """`auto`, a count (`2`), or device indices (`0,1`), as Lightning's Trainer takes them."""
     if text == "auto":
@@ -82,6 +92,7 @@ for _type, _name in [
     (fraction, "a number between 0 and 1"),
     (experiment_name, "a name of letters, digits, '_', '-' and '.' (no path separators or '..')"),
     (devices, "'auto', a positive count or indices like 0,1"),
+    (tag, "KEY=VALUE (a key of letters, digits, '_', '-', '.', '/')"),
 ]:
     _type.__name__ = _name  # argparse names the type in its error message
 
@@ -141,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the model")
     add("--logger", action=Repeatable, choices=LOGGER_NAMES, default=["mlflow"],
         help="experiment tracker; repeat the flag for several")
+    add("--tag", action=Repeatable, type=tag, default=[], metavar="KEY=VALUE",
+        help="a tag for the tracker run and manifest.json; repeat the flag for several")
     add("--monitor", default="val/loss", help="metric that picks the best checkpoint (val/loss, val/acc, ...)")
     add("--checkpoint", default=None, help="--only-test: a checkpoint file, or best/last of the latest run")
     add("--resume", nargs="?", const="last", default=None,
@@ -161,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.only_test and args.resume:
         parser.error("--only-test and --resume exclude each other")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for manifest.json and the tracker
     return args
 
 
@@ -229,23 +243,63 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in NOT_CONFIG}
 
 
+def resume_command(argv: Sequence[str], checkpoint: Path) -> str:
+    """The command line that started this run (for a sweep's trial, its own) with `--resume CHECKPOINT`
+    in place of any --resume it had, ready to paste."""
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value and not token.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = token == "--resume"  # nargs="?": it may or may not have taken a value
+        if not skip_value and not token.startswith("--resume="):
+            kept.append(token)
+    return shlex.join([sys.executable, "-m", "project.run", *kept, "--resume", str(checkpoint.resolve())])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from project.errors import UserError
+    from project.errors import RunStopped, exit_code
 
     try:
-        return train_and_test(args)
-    except UserError as error:
+        return exit_code(lambda: train_and_test(args), args.debug)
+    except RunStopped as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(error, file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (loading data, reporting)
+        print("stopped by SIGINT outside training: nothing new to save", file=sys.stderr)
+        return 130
+    except SystemExit as error:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        # Outside training steps (sanity check, testing) Lightning's own SIGTERM handler stops the run
+        # with this SystemExit, whose code (None) would tell a scheduler that the job succeeded.
+        if not isinstance(error, SIGTERMException):
+            raise
+        print("stopped by SIGTERM outside a training step: nothing new to save", file=sys.stderr)
+        return 143
 
 
-def train_and_test(args: argparse.Namespace) -> int:
+@dataclass
+class RunResult:
+    """What a finished run leaves for a caller that runs several (project.sweep, project.seeds)."""
+
+    directory: Path
+    best_score: float | None  # the best value of --monitor, from the checkpoint that was tested
+    test_metrics: dict[str, float] = field(default_factory=dict)  # "test/acc", "test/loss", ...
+
+
+def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> RunResult:
+    """One run; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
+    from project import tracking
+
+    tracking.require_trackers(args.logger)  # before the slow imports: a missing tracker answers at once
+
     import lightning.pytorch as pl
 
-    from project import checkpoints, tracking
+    from project import checkpoints, records
     from project.data import DATASETS
 
     pl.seed_everything(args.seed, workers=True, verbose=False)
@@ -259,25 +313,50 @@ def train_and_test(args: argparse.Namespace) -> int:
 
     # 2. Model: fresh, or the weights under test / being resumed.
     checkpoint = checkpoints.resolve(args) if (args.only_test or args.resume) else None
-    solver = checkpoints.load_solver(checkpoint, datamodule) if args.only_test else build_solver(args, datamodule)
+    if args.only_test:
+        solver = checkpoints.load_solver(checkpoint, datamodule)
+    else:
+        solver = build_solver(args, datamodule)
+        if args.resume:
+            checkpoints.check_resumable(checkpoint, dict(solver.hparams))
 
     # 3. Records: a run directory, trackers, checkpoints; and the Trainer that writes them.
-    run = tracking.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
-    trainer = build_trainer(args, run)
+    run = records.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
+    trainer = build_trainer(args, run, callbacks)
 
     # 4. Train, then test the best checkpoint (never the weights of the last epoch by accident).
     if not args.only_test:
-        trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
-        tested = run.best_checkpoint() if not args.fast_dev_run else None
-        if tested is not None:
-            solver = checkpoints.load_solver(tested, datamodule)
+        trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
+        tested = _best_checkpoint(trainer, args.monitor)
     else:
         tested = checkpoint
-    trainer.test(solver, datamodule=datamodule, verbose=False)
+    # Name the checkpoint under test: with ckpt_path=None, Lightning on SLURM would load an hpc_ckpt_*.ckpt
+    # that its auto-requeue left in the run directory instead of these weights.
+    trainer.test(solver, datamodule=datamodule, verbose=False, ckpt_path=str(tested) if tested else None)
 
     # 5. Report.
     run.finish(trainer, solver, datamodule, tested)
-    return 0
+    return RunResult(
+        directory=run.directory,
+        best_score=_best_score(trainer, args.monitor),
+        test_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},
+    )
+
+
+def _best_checkpoint(trainer: Any, monitor: str) -> Path | None:
+    """The best checkpoint's path, the same on every process (Lightning broadcasts rank 0's directory),
+    so each rank tests the same weights whoever launched it (Lightning, torchrun, SLURM)."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor == monitor and callback.best_model_path:
+            return Path(callback.best_model_path)
+    return None
+
+
+def _best_score(trainer: Any, monitor: str) -> float | None:
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor == monitor and callback.best_model_score is not None:
+            return float(callback.best_model_score)
+    return None
 
 
 def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
@@ -291,6 +370,7 @@ def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
         class_names=list(datamodule.class_names),
         mean=list(datamodule.mean),
         std=list(datamodule.std),
+        pixel_max=datamodule.pixel_max,
         hidden_dim=args.hidden_dim,
         learning_rate=args.learning_rate,
         max_epochs=args.max_epochs,
@@ -299,15 +379,20 @@ def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
     )
 
 
-def build_trainer(args: argparse.Namespace, run: Any) -> Any:
-    """The Trainer for `args`, logging and checkpointing into `run` (benchmarks/ times exactly this one)."""
+def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] = ()) -> Any:
+    """The Trainer for `args`, logging and checkpointing into `run` (records.open_run's), with the safety
+    callbacks and any `callbacks` given (benchmarks/ times exactly this one)."""
     import lightning.pytorch as pl
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import TQDMProgressBar
 
+    from project import checkpoints
+    from project.callbacks import safety_callbacks
     from project.errors import UserError
 
     accelerator, device_count, precision = _hardware(args)
+    last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
+    safety = safety_callbacks(last, resume_command(args.argv, last), args.checkpoint_every_n_steps)
     # Epoch metrics are logged at every epoch end whatever the interval; Lightning's warning that an
     # epoch (digits: 12 steps) is shorter than LOG_EVERY_N_STEPS only means fewer step-loss points.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
@@ -324,7 +409,9 @@ def build_trainer(args: argparse.Namespace, run: Any) -> Any:
         benchmark=not args.deterministic,
         logger=run.loggers,
         # A progress bar redrawn every step costs a terminal write per step; every 10th is as readable.
-        callbacks=[*run.callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
+        callbacks=[*run.callbacks, *safety, *callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
+        # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
+        plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=str(run.directory),
         # Our loaders shard by rank themselves (evaluation without padding duplicates).
         use_distributed_sampler=False,

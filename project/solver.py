@@ -12,6 +12,7 @@ Lightning 2.x pitfalls this file avoids (see the README):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 
 from project.metrics import ConfusionMatrix, MeanValue, summarize
 from project.model import build_model
+
+# Epoch values are logged after torchmetrics has summed the states over all processes, so Lightning's advice
+# to add sync_dist=True (another all-reduce, of numbers already equal on every rank) does not apply.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 class Solver(pl.LightningModule):
@@ -30,6 +35,7 @@ class Solver(pl.LightningModule):
         class_names: Sequence[str],
         mean: Sequence[float],
         std: Sequence[float],
+        pixel_max: float = 255.0,
         hidden_dim: int = 128,
         learning_rate: float = 1e-3,
         max_epochs: int = 20,
@@ -38,6 +44,8 @@ class Solver(pl.LightningModule):
     ) -> None:
         super().__init__()
         # Plain types only: checkpoints load with weights_only=True, which refuses arbitrary objects.
+        # input_shape, class_names, mean/std and pixel_max (raw pixels run 0..pixel_max) are also how
+        # project.predict reads new inputs exactly as the dataset gave them.
         self.save_hyperparameters()
         self.class_names = list(class_names)
         num_classes = len(class_names)

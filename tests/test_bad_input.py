@@ -63,6 +63,8 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> list[str]:
     if case == "checkpoint with a pickle payload":
         (tmp / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": {}, "hyper_parameters": Payload(tmp / "pwned")}))
         return ["--only-test", "--checkpoint", str(tmp / "evil.ckpt")]
+    if case == "resume with other settings":
+        return ["--resume", "--exp-name", "good", "--learning-rate", "0.5"]
     if case == "resume with nothing to resume":
         return ["--resume", "--exp-name", "never-ran"]
     if case == "only-test with nothing trained":
@@ -124,6 +126,7 @@ CASES = {
     "checkpoint of another dataset": "was trained on inputs",
     "checkpoint with a pickle payload": "refused",
     "resume with nothing to resume": "no checkpoint found",
+    "resume with other settings": "was trained with --learning-rate 0.001 (now 0.5)",
     "only-test with nothing trained": "no checkpoint found",
     "dataset files missing": "missing",
     "image folder missing": "is not a folder",

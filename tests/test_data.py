@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import write_cifar10_like, write_image_folder, write_mnist_like
 
-from project.data import DATASETS, EpochBatches, ResumableEpochs, TensorBatches
+from project.data import DATASETS, EpochBatches
 from project.errors import UserError
 
 
@@ -151,22 +151,3 @@ def test_training_shards_are_equal_length_disjoint_and_reshuffled_each_epoch():
     assert set(torch.cat(shards).tolist()) == set(range(19))
     assert not torch.equal(plans[0].shard(epoch=0), plans[0].shard(epoch=1))
     assert torch.equal(plans[0].shard(epoch=2), EpochBatches(19, 4, True, 1, 0, 2).shard(epoch=2))
-
-
-def test_resumable_loader_continues_mid_epoch():
-    images, labels = torch.arange(20).view(20, 1, 1, 1).to(torch.uint8), torch.arange(20)
-
-    def loader():
-        return ResumableEpochs(TensorBatches(images, labels, EpochBatches(20, 3, True, 0, 0, 1)))
-
-    uninterrupted = loader()
-    epoch0 = [y.tolist() for _, y in uninterrupted]
-    interrupted = loader()
-    iterator = iter(interrupted)
-    for _ in range(4):  # Lightning's fetcher pulls one batch ahead: 3 trained on, 1 waiting
-        next(iterator)
-    resumed = loader()
-    resumed.load_state_dict(interrupted.state_dict())
-    assert [y.tolist() for _, y in resumed] == epoch0[3:]
-    # The next iteration is the next epoch, with a new order.
-    assert [y.tolist() for _, y in resumed] == [y.tolist() for _, y in uninterrupted]

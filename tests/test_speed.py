@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, cli_env, only_run_dir, write_cifar10_like
 from torch.utils.data import DistributedSampler
 
-from project import run, tracking
+from project import records, run
 from project.checkpoints import CHECKPOINT_DIR, LAST
 from project.data import EpochBatches, InMemoryData
 
@@ -55,10 +55,10 @@ def template_parts(
     datamodule = Synthetic(sizes, augment=augment, **vars(args))
     solver = run.build_solver(args, datamodule)
     if real_records:
-        records = tracking.open_run(args, run.config_of(args))
+        run_records = records.open_run(args, run.config_of(args))
     else:
-        records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path)
-    return args, datamodule, solver, run.build_trainer(args, records)
+        run_records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path)
+    return args, datamodule, solver, run.build_trainer(args, run_records)
 
 
 class StepLogger(pl.loggers.Logger):

@@ -1,0 +1,306 @@
+"""Classify new inputs with a trained model: `python -m project.predict --help`.
+
+Inputs are read exactly as the model's dataset gave them in training, from what the checkpoint (or the
+exported file) saved, never from constants typed again here: an image file is converted to RGB or
+grayscale and resized to the model's input shape (data.read_image, the reader image-folder training
+uses), then scaled to the dataset's pixel range (0..16 for digits, 0..255 otherwise); a `.npy` array is
+taken as raw pixels already, (N, C, H, W) or (N, H, W) for one channel. The model standardises them.
+
+The CSV has one row per input, in input order (a folder's images sorted by path, an array's rows in
+order): the input, the predicted class name, and the probability of each class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from project.errors import UserError, exit_code
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError
+    return value
+
+
+positive_int.__name__ = "a positive integer"  # argparse names the type in its error message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m project.predict",
+        description="Predict the class of images (files or folders) or of the rows of a .npy array of raw "
+        "pixels, with a checkpoint or an exported .onnx/TorchScript file; write a CSV of classes and "
+        "probabilities, one row per input, in input order.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="INPUT", help="image files, folders of images (searched recursively), .npy")
+    add("--checkpoint", default="best",
+        help="a .ckpt, .onnx or TorchScript file, or best/last of the latest run of --exp-name")  # fmt: skip
+    add("--output", default="predictions.csv", help="CSV file to write; - for standard output")
+    add("--batch-size", type=positive_int, default=256, help="inputs per forward pass")
+    add("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available")
+    add("--exp-dir", default="~/Experiments", help="where runs are, for --checkpoint best/last")
+    add("--exp-name", default="debug", help="whose latest run --checkpoint best/last means")
+    add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_code(lambda: predict(args), args.debug)
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Write the CSV; return the number of rows."""
+    import torch
+
+    run_model, spec = load_model(args.checkpoint, args.exp_dir, args.exp_name, args.device)
+    sources = find_inputs(args.inputs, spec)  # every input checked before the first forward pass
+    header = ["input", "predicted", *(f"prob_{name}" for name in spec["class_names"])]
+
+    def rows() -> Iterator[list[str]]:
+        for names, images in batches(read_inputs(sources, spec), args.batch_size):
+            probabilities = torch.softmax(run_model(images).float(), dim=1)
+            predicted = probabilities.argmax(dim=1).tolist()
+            for name, best, row in zip(names, predicted, probabilities.tolist(), strict=True):
+                yield [name, spec["class_names"][best], *(f"{p:.6f}" for p in row)]
+
+    count = write_csv(args.output, header, rows())
+    where = "standard output" if args.output == "-" else args.output
+    print(f"Wrote {count} predictions to {where}", file=sys.stderr if args.output == "-" else sys.stdout)
+    return count
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"--device: unknown device {name!r} (cpu, cuda, cuda:1, ...)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: a checkpoint, or an exported file. Each gives (float images (N, C, H, W) -> logits, spec).
+
+
+def load_model(spec: str, exp_dir: str, exp_name: str, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
+    """`device`: as --device takes it (auto, cpu, cuda, cuda:1, ...)."""
+    from project.export import input_spec, resolve_checkpoint
+
+    path = Path(spec).expanduser()
+    if spec not in ("best", "last") and path.is_file() and (path.suffix == ".onnx" or is_torchscript(path)):
+        return load_exported(path, device)
+
+    import torch
+
+    from project import checkpoints
+
+    solver = checkpoints.load_solver(resolve_checkpoint(spec, exp_dir, exp_name))
+    device = pick_device(device)
+    solver.to(device).eval()
+
+    def run_solver(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return solver(images.to(device)).cpu()
+
+    return run_solver, input_spec(solver.hparams)
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold compiled code (`<name>/code/...`); checkpoints hold only data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_exported(path: Path, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
+    """A model written by project.export, and the input spec saved inside it. `device` as --device takes it."""
+    import json
+    import warnings
+
+    import torch
+
+    from project.export import METADATA_KEY, require_export_extra
+
+    if path.suffix == ".onnx":
+        require_export_extra()
+        import onnxruntime
+
+        providers = ["CPUExecutionProvider"]
+        has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        if device == "auto":
+            device = "cuda" if has_cuda else "cpu"  # the onnxruntime build decides, not torch
+        if device.startswith("cuda"):
+            if not has_cuda:
+                raise UserError(
+                    f"--device {device}: this onnxruntime has no CUDA support; install onnxruntime-gpu "
+                    "or use --device cpu"
+                )
+            index = int(device.partition(":")[2] or 0)
+            providers = [("CUDAExecutionProvider", {"device_id": index}), *providers]
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=providers)
+        except Exception as error:  # onnxruntime raises its own exception types for every kind of bad file
+            raise UserError(f"--checkpoint: {path} is not a readable ONNX model ({type(error).__name__})") from error
+        metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        input_name = session.get_inputs()[0].name
+
+        def run_onnx(images: torch.Tensor) -> torch.Tensor:
+            (logits,) = session.run(None, {input_name: images.float().numpy()})
+            return torch.from_numpy(logits)
+
+        run: Callable[[Any], Any] = run_onnx
+    else:
+        device = pick_device(device)
+        extra_files = {f"{METADATA_KEY}.json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; see export.py
+            try:
+                module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files).eval()
+            except RuntimeError as error:
+                raise UserError(f"--checkpoint: {path} is not a readable TorchScript model") from error
+        metadata = extra_files[f"{METADATA_KEY}.json"] or None
+
+        def run_torchscript(images: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return module(images.float().to(device)).cpu()
+
+        run = run_torchscript
+    if not metadata:
+        raise UserError(f"--checkpoint: {path} was not written by project.export (no '{METADATA_KEY}' metadata)")
+    return run, json.loads(metadata)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs: found and checked first, then read lazily, batch by batch.
+
+
+def find_inputs(inputs: list[str], spec: dict[str, Any]) -> list[tuple[Path, Any]]:
+    """(path, None) for each image file, (path, array) for each .npy, in order; folders expanded."""
+    import numpy as np
+
+    found: list[tuple[Path, Any]] = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if is_image(p) and not _hidden(p.relative_to(path)))
+            if not images:
+                raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            found += [(p, None) for p in images]
+        elif not path.exists():
+            raise UserError(f"{path} does not exist")
+        elif path.suffix.lower() == ".npy":
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as error:
+                raise UserError(f"{path}: not a readable .npy array ({error})") from error
+            found.append((path, _checked_array(path, array, spec)))
+        elif is_image(path):
+            found.append((path, None))
+        else:
+            raise UserError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .npy array")
+    return found
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _checked_array(path: Path, array: Any, spec: dict[str, Any]) -> Any:
+    shape = tuple(spec["input_shape"])
+    if array.dtype.kind not in "uif":
+        raise UserError(f"{path}: holds {array.dtype} values; expected raw pixel values (integers or floats)")
+    if array.ndim == 3 and shape[0] == 1 and array.shape[1:] == shape[1:]:
+        array = array[:, None]  # (N, H, W) for a one-channel model
+    if array.ndim != 4 or array.shape[1:] != shape:
+        wanted = f"(N, {', '.join(map(str, shape))})" + (f" or (N, {shape[1]}, {shape[2]})" if shape[0] == 1 else "")
+        raise UserError(f"{path}: shape {tuple(array.shape)}, but the model takes {wanted} raw pixel values")
+    return array
+
+
+def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(name, float32 (C, H, W) raw pixels) for each input, in order."""
+    import numpy as np
+    import torch
+
+    from project.data import read_image
+
+    # Image files hold 8-bit pixels; the dataset's raw range may differ (digits: 0..16).
+    scale = spec["pixel_max"] / 255.0
+    for path, array in sources:
+        if array is None:
+            try:
+                image = read_image(path, tuple(spec["input_shape"]))
+            except OSError as error:  # PIL's UnidentifiedImageError is an OSError
+                raise UserError(f"cannot read image {path} ({type(error).__name__}); remove or replace it") from error
+            yield str(path), image.float() * scale if scale != 1 else image.float()
+        else:
+            for index in range(len(array)):
+                yield f"{path}[{index}]", torch.from_numpy(np.asarray(array[index], dtype=np.float32))
+
+
+def batches(samples: Iterator[tuple[str, Any]], batch_size: int) -> Iterator[tuple[list[str], Any]]:
+    import torch
+
+    while chunk := list(itertools.islice(samples, batch_size)):
+        names, images = zip(*chunk, strict=True)
+        yield list(names), torch.stack(images)
+
+
+def write_csv(output: str, header: list[str], rows: Iterator[list[str]]) -> int:
+    """Write all rows; a file appears only when complete (a failure mid-way leaves no partial CSV)."""
+    if output == "-":
+        return _write_rows(sys.stdout, header, rows)
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise UserError(f"--output: {path} is a folder; name the CSV file to write")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w", newline="") as file:
+            count = _write_rows(file, header, rows)
+        os.replace(partial, path)
+    except OSError as error:
+        raise UserError(f"--output: cannot write {path}: {error.strerror}") from error
+    finally:
+        partial.unlink(missing_ok=True)
+    return count
+
+
+def _write_rows(file: Any, header: list[str], rows: Iterator[list[str]]) -> int:
+    writer = csv.writer(file)
+    writer.writerow(header)
+    count = 0
+    for row in rows:
+        writer.writerow(row)
+        count += 1
+    return count
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Runs the real CLI with one fault injected at an exact point, for tests/test_resume.py and test_faults.py.
+
+    python -m tests.fault_driver FAULT [ARG ...] -- CLI ARGS
+
+Faults (epochs and batches count from 0; N counts writes of last.ckpt from 1):
+    kill-train EPOCH BATCH       SIGKILL at the start of that training step
+    kill-val EPOCH               SIGKILL in the second validation batch of that epoch
+    kill-after-save N            SIGKILL right after the N-th last.ckpt is in place
+    kill-mid-write N             SIGKILL halfway through writing the N-th last.ckpt
+    signal-train NAME EPOCH BATCH   send SIGTERM/SIGINT to itself inside that training step
+    signal-val NAME EPOCH        send it inside the second validation batch of that epoch
+    enospc N                     the N-th last.ckpt write fails halfway with "No space left on device"
+    skip-resume-check            --resume PATH goes to Lightning unchecked (as if swapped after our check)
+
+A fault is injected by patching a method in this process only; project code has no test hooks.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import sys
+
+
+def _at_training_step(epoch: int, batch: int, action) -> None:
+    from project.solver import Solver
+
+    original = Solver.training_step
+
+    def training_step(self, batch_, batch_idx):
+        if self.current_epoch == epoch and batch_idx == batch:
+            action()
+        return original(self, batch_, batch_idx)
+
+    Solver.training_step = training_step
+
+
+def _at_validation(epoch: int, action) -> None:
+    from project.solver import Solver
+
+    original = Solver.validation_step
+
+    def validation_step(self, batch_, batch_idx):
+        if not self.trainer.sanity_checking and self.current_epoch == epoch and batch_idx == 1:
+            action()
+        return original(self, batch_, batch_idx)
+
+    Solver.validation_step = validation_step
+
+
+def _on_last_write(n: int, before_rename=None, after_rename=None) -> None:
+    """Wrap SafeCheckpointIO.save_checkpoint for the n-th write of last.ckpt."""
+    import torch
+
+    from project import checkpoints
+
+    original_save = checkpoints.SafeCheckpointIO.save_checkpoint
+    count = 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        nonlocal count
+        is_last = os.path.basename(str(path)) == checkpoints.LAST
+        count += is_last
+        if is_last and count == n and before_rename is not None:
+            real_save = torch.save
+
+            def half_save(obj, file):
+                buffer = io.BytesIO()
+                real_save(obj, buffer)
+                data = buffer.getvalue()
+                file.write(data[: len(data) // 2])
+                file.flush()
+                before_rename()
+
+            torch.save = half_save
+            try:
+                return original_save(self, checkpoint, path, storage_options)
+            finally:
+                torch.save = real_save
+        original_save(self, checkpoint, path, storage_options)
+        if is_last and count == n and after_rename is not None:
+            after_rename()
+
+    checkpoints.SafeCheckpointIO.save_checkpoint = save_checkpoint
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raise_enospc() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def main() -> int:
+    split = sys.argv.index("--")
+    fault, fault_args, cli_args = sys.argv[1], sys.argv[2:split], sys.argv[split + 1 :]
+    numbers = [int(a) for a in fault_args if a.isdigit()]
+    if fault == "kill-train":
+        _at_training_step(*numbers, _kill)
+    elif fault == "kill-val":
+        _at_validation(*numbers, _kill)
+    elif fault == "kill-after-save":
+        _on_last_write(*numbers, after_rename=_kill)
+    elif fault == "kill-mid-write":
+        _on_last_write(*numbers, before_rename=_kill)
+    elif fault in ("signal-train", "signal-val"):
+        signum = signal.Signals[fault_args[0]]
+
+        def send() -> None:
+            os.kill(os.getpid(), signum)
+
+        if fault == "signal-train":
+            _at_training_step(*numbers, send)
+        else:
+            _at_validation(*numbers, send)
+    elif fault == "enospc":
+        _on_last_write(*numbers, before_rename=_raise_enospc)
+    elif fault == "skip-resume-check":
+        from pathlib import Path
+
+        from project import checkpoints
+
+        checkpoints.resolve = lambda args: Path(args.resume)
+    else:
+        raise SystemExit(f"unknown fault {fault}")
+
+    from project.run import main as run_main
+
+    return run_main(cli_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Two processes (DDP over gloo, on the CPU) give the numbers of one process, with one set of records.
+
+Lightning's `strategy="ddp"` starts the other ranks by re-running the command line, so these run the
+real CLI in a subprocess (inside pytest it would re-run pytest).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import only_run_dir, run_cli, write_mnist_like
+
+QUICK = ("--logger", "csv", "--num-workers", "0", "--model", "mlp", "--hidden-dim", "32")
+TWO_PROCESSES = ("--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")
+ONE_PROCESS = ("--accelerator", "cpu", "--devices", "1")
+
+pytestmark = pytest.mark.slow
+
+
+def read_test_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "test_metrics.json").read_text())
+
+
+def evaluate(checkpoint: Path, exp_dir: Path, name: str, processes: tuple[str, ...], *data: str) -> dict:
+    result = run_cli("--only-test", "--checkpoint", str(checkpoint), "--exp-dir", str(exp_dir), "--exp-name", name,
+                     *processes, *data, *QUICK)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_test_metrics(only_run_dir(exp_dir, name))
+
+
+@pytest.mark.parametrize("dataset", ["digits", "odd-sized"])
+def test_two_processes_evaluate_exactly_like_one(tmp_path, dataset):
+    """Every test sample counted once: no duplicates from sampler padding, none dropped."""
+    data: tuple[str, ...] = ()
+    if dataset == "odd-sized":
+        write_mnist_like(tmp_path / "data", "MNIST", n_train=40, n_test=21)  # 21: not divisible by 2
+        data = ("--dataset", "mnist", "--data-dir", str(tmp_path / "data"))
+    exp_dir = tmp_path / "experiments"
+    trained = run_cli("--max-epochs", "2", "--exp-dir", str(exp_dir), "--exp-name", "train", *data, *QUICK)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint = next((only_run_dir(exp_dir, "train") / "checkpoints").glob("best-*.ckpt"))
+
+    one = evaluate(checkpoint, exp_dir, "one", ONE_PROCESS, *data)
+    two = evaluate(checkpoint, exp_dir, "two", TWO_PROCESSES, *data)
+
+    test_size = 21 if dataset == "odd-sized" else 180
+    assert sum(map(sum, one["confusion_matrix"])) == test_size
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    for key in ("acc", "precision", "recall", "f1", "loss", "per_class"):
+        assert two[key] == one[key], key
+
+
+def test_two_process_training_converges_with_one_set_of_records(tmp_path):
+    exp_dir = tmp_path / "experiments"
+    result = run_cli("--max-epochs", "10", "--learning-rate", "0.01", "--model", "mlp", "--hidden-dim", "64",
+                     "--num-workers", "0", "--logger", "mlflow", "--exp-dir", str(exp_dir), *TWO_PROCESSES)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(exp_dir)  # one run directory, not one per process
+    metrics = read_test_metrics(run_dir)
+    assert metrics["acc"] >= 0.9
+    assert sum(map(sum, metrics["confusion_matrix"])) == 180
+    assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["hardware"]["world_size"] == 2
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{exp_dir.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("debug")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1  # one tracker run, not one per process
+    assert runs[0].data.metrics["test/acc"] == pytest.approx(metrics["acc"])
+
+
+def test_torchrun_launch_writes_one_run_directory(tmp_path):
+    """Under torchrun every rank starts at once (no Lightning launcher): still one set of records."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    exp_dir = tmp_path / "experiments"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "project.run", "--max-epochs", "2", "--exp-dir", str(exp_dir), *TWO_PROCESSES, *QUICK]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(exp_dir)
+    assert sum(map(sum, read_test_metrics(run_dir)["confusion_matrix"])) == 180
+    assert json.loads((run_dir / "manifest.json").read_text())["hardware"]["world_size"] == 2

@@ -1,0 +1,204 @@
+"""Runs survive faults and hostile files: preemption signals, a diverging loss, a full disk, a checkpoint
+that carries a program. Each ends with one clear line, a non-zero exit, and every good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, cli_env, only_run_dir, run_cli
+
+from project import checkpoints
+from project.errors import UserError
+
+DIGITS = ("--model", "mlp", "--hidden-dim", "32", "--batch-size", "64", "--logger", "none")
+
+
+class Payload:
+    """Unpickles as `open(marker, "w")`: the file appears if, and only if, the payload ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.marker), "w")
+
+
+def write_hostile_checkpoint(path: Path, marker: Path) -> None:
+    """A file that looks like one of our checkpoints, with a program riding along."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "callbacks": {"x": Payload(marker)}}, path)
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_sigterm_from_outside_saves_a_resumable_checkpoint_and_exits_143(exp_dir: Path) -> None:
+    # Long enough that the signal always lands while training; it stops after the step it arrives in.
+    command = [sys.executable, "-m", "project.run", *DIGITS, "--max-epochs", "1000", "--checkpoint-every-n-steps", "3"]
+    process = subprocess.Popen(
+        [*command, "--exp-dir", str(exp_dir)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(exp_dir.glob("debug/*/checkpoints/last.ckpt")):
+            assert process.poll() is None and time.monotonic() < deadline, "the run never wrote last.ckpt"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    last = only_run_dir(exp_dir) / "checkpoints" / "last.ckpt"
+    assert f"stopped by SIGTERM: saved {last} after step" in stderr
+    assert last_line(stderr).startswith("resume with: ") and last_line(stderr).endswith(f"--resume {last}")
+    assert checkpoints.read(last, "--resume")["global_step"] >= 3
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(exp_dir: Path) -> None:
+    # Adam moves every weight by about the learning rate: after one step of 1e30 the logits overflow.
+    result = run_cli(
+        *DIGITS, "--max-epochs", "2", "--learning-rate", "1e30", "--checkpoint-every-n-steps", "1",
+        "--exp-dir", str(exp_dir),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last_line(result.stderr).startswith("training diverged: the loss became NaN or infinite at step 2")
+    assert str(last) in last_line(result.stderr)
+    kept = checkpoints.read(last)
+    assert kept["global_step"] == 1
+    assert all(torch.isfinite(t).all() for t in kept["state_dict"].values())
+    assert not (run_dir / "test_metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["ours", "lightning"])
+def test_checkpoint_carrying_a_program_is_refused_and_the_program_never_runs(
+    path: str, tmp_path: Path, exp_dir: Path
+) -> None:
+    marker, hostile = tmp_path / "payload-ran", tmp_path / "hostile.ckpt"
+    write_hostile_checkpoint(hostile, marker)
+    args = (*DIGITS, "--max-epochs", "1", "--exp-dir", str(exp_dir), "--resume", str(hostile))
+    if path == "ours":
+        result = run_cli(*args)
+    else:  # our check skipped, as if the file were swapped after it: Lightning's own load must refuse it
+        result = run_cli("skip-resume-check", "--", *args, module="tests.fault_driver")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last_line(result.stderr).startswith(f"error: --resume: {hostile} holds Python objects")
+    assert "refused" in last_line(result.stderr)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(exp_dir: Path) -> None:
+    # The second last.ckpt (end of epoch 1) fails halfway with ENOSPC.
+    result = run_cli(
+        "enospc", "2", "--", *DIGITS, "--max-epochs", "3", "--exp-dir", str(exp_dir), module="tests.fault_driver"
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = only_run_dir(exp_dir) / "checkpoints" / "last.ckpt"
+    assert last_line(result.stderr) == (
+        f"error: cannot write checkpoint {last}: No space left on device; the previous last.ckpt is intact. "
+        "Free some space (or fix the folder's permissions), then continue with --resume."
+    )
+    assert checkpoints.read(last)["global_step"] == 23  # the end of epoch 0
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=4k none /tmp"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a user and mount namespace (unshare) for a tiny tmpfs")
+def test_disk_full_on_a_real_tiny_file_system(exp_dir: Path) -> None:
+    first = run_cli(*DIGITS, "--max-epochs", "1", "--exp-dir", str(exp_dir))
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = only_run_dir(exp_dir) / "checkpoints"
+    digest = hashlib.sha256((folder / "last.ckpt").read_bytes()).hexdigest()
+    used = sum(f.stat().st_size for f in folder.iterdir())
+    # Inside a private mount namespace: the checkpoints move onto a tmpfs with 8 KiB to spare, far less
+    # than the next checkpoint needs, and the run continues there.
+    script = f"""
+        set -e
+        cp -a {folder} {folder}.saved
+        mount -t tmpfs -o size={used + 8192} none {folder}
+        cp -a {folder}.saved/. {folder}/
+        set +e
+        {sys.executable} -m project.run {" ".join(DIGITS)} --max-epochs 2 --exp-dir {exp_dir} --resume 2>stderr.txt
+        echo $? > status.txt
+        sha256sum {folder}/last.ckpt > digest.txt
+        ls -a {folder} > listing.txt
+    """
+    subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        cwd=exp_dir,
+        env=cli_env(),
+        timeout=300,
+        check=True,
+    )
+    stderr = (exp_dir / "stderr.txt").read_text()
+    assert (exp_dir / "status.txt").read_text().strip() == "2", stderr[-2000:]
+    assert last_line(stderr).startswith(f"error: cannot write checkpoint {folder}/")
+    assert ": No space left on device" in last_line(stderr)
+    assert (exp_dir / "digest.txt").read_text().split()[0] == digest
+    assert not [name for name in (exp_dir / "listing.txt").read_text().split() if name.endswith(".tmp")]
+
+
+def test_disk_filling_while_writing_leaves_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    io_plugin, path = checkpoints.SafeCheckpointIO(), tmp_path / "last.ckpt"
+    (tmp_path / ".last.ckpt.12345.tmp").write_bytes(b"left by a process killed mid-write")
+    io_plugin.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "hyper_parameters": {}}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    before = path.read_bytes()
+
+    class FillingDisk(io.BufferedWriter):
+        """Takes 1,000 bytes, then fails as a full disk does."""
+
+        def write(self, data: bytes) -> int:
+            if self.tell() + len(data) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    # torch.save reports a failed write as a RuntimeError without errno: the real error must come through.
+    monkeypatch.setattr(checkpoints, "open", lambda name, mode: FillingDisk(io.FileIO(name, mode)), raising=False)
+    with pytest.raises(UserError, match="No space left on device; the previous last.ckpt is intact"):
+        io_plugin.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_lightning_resume_reads_weights_only_whatever_it_is_asked(tmp_path: Path) -> None:
+    marker, hostile = tmp_path / "payload-ran", tmp_path / "hostile.ckpt"
+    write_hostile_checkpoint(hostile, marker)
+    with pytest.raises(UserError, match="refused"):
+        checkpoints.SafeCheckpointIO().load_checkpoint(hostile, weights_only=False)
+    assert not marker.exists()

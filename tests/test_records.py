@@ -1,0 +1,302 @@
+"""Every run's records: run directory, config.yaml, manifest.json, checkpoints, metrics.csv, plots, test report,
+the end-of-run summary, the local MLflow store read back; --only-test and --resume continuing them; two runs
+started together; a planted token and a planted symlink. One short default run serves the read-only checks."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import ROOT, cli_env, run_cli
+
+from project.run import NOT_CONFIG, config_of, parse_args
+
+TINY = ("--model", "mlp", "--num-workers", "0")
+# Random per test session, so no test can pass by matching a fixed string somewhere.
+FAKE_TOKEN = "tok-" + secrets.token_hex(12)
+FAKE_TAG_SECRET = "sec-" + secrets.token_hex(12)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def launch(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`python -m project.run ARGS` started in the background from `cwd`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "project.run", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> SimpleNamespace:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr)
+
+
+def run_dirs(exp_dir: Path, exp_name: str = "debug") -> list[Path]:
+    return sorted(p for p in (exp_dir / exp_name).iterdir() if p.is_dir())
+
+
+def mlflow_client(exp_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{(exp_dir / 'mlflow.db').resolve().as_posix()}")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> SimpleNamespace:
+    """Two epochs of the default job (default tracker), from an empty working directory, with a fake token
+    in the environment and secrets in --tag."""
+    root = tmp_path_factory.mktemp("default-run")
+    cwd, exp_dir = root / "cwd", root / "experiments"
+    cwd.mkdir()
+    argv = ["--exp-dir", str(exp_dir), "--max-epochs", "2", *TINY,
+            "--tag", "study=s1", "--tag", f"hub_token={FAKE_TAG_SECRET}", "--tag", f"note={FAKE_TOKEN}"]  # fmt: skip
+    result = finish(launch(*argv, cwd=cwd, env=cli_env(PROJECT_FAKE_API_TOKEN=FAKE_TOKEN)))
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(exp_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return SimpleNamespace(result=result, argv=argv, cwd=cwd, exp_dir=exp_dir, run_dir=run_dir, manifest=manifest)
+
+
+@pytest.mark.slow
+def test_a_default_run_leaves_every_record(default_run):
+    run_dir = default_run.run_dir
+    for name in ("config.yaml", "manifest.json", "metrics.csv", "curves.png", "confusion_matrix.png",
+                 "test_report.txt", "test_metrics.json", "checkpoints/last.ckpt"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert len(list((run_dir / "checkpoints").glob("best-epoch*.ckpt"))) == 1
+    assert not (default_run.cwd / "mlruns").exists() and not any(default_run.cwd.iterdir())
+
+    # The one-screen summary: where, best epoch, test metrics, how to open the tracker.
+    recorded = json.loads((run_dir / "test_metrics.json").read_text())
+    summary = default_run.result.stdout
+    assert f"Run directory: {run_dir}" in summary
+    assert f"Best epoch:    {recorded['checkpoint_epoch']} (val/loss " in summary
+    assert f"Test accuracy: {recorded['acc']:.4f}" in summary
+    store = (default_run.exp_dir / "mlflow.db").resolve()
+    assert f"mlflow ui --backend-store-uri sqlite:///{store}" in summary
+    assert default_run.manifest["trackers"]["mlflow"]["run_id"] in summary
+
+
+@pytest.mark.slow
+def test_manifest_says_what_ran_where_and_how_it_ended(default_run):
+    manifest = default_run.manifest
+    assert manifest["run_id"] == default_run.run_dir.name and manifest["experiment"] == "debug"
+    assert manifest["command"].startswith("python -m project.run --exp-dir ")
+    assert "--max-epochs 2" in manifest["command"] and "study=s1" in manifest["command"]
+    assert manifest["user"] and manifest["host"]
+    assert manifest["start_time"] <= manifest["end_time"] and manifest["exit_status"] == "finished"
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert manifest["git"]["commit"] == commit.stdout.strip() and isinstance(manifest["git"]["dirty"], bool)
+    assert {"python", "torch", "lightning"} <= set(manifest["versions"])
+    assert manifest["hardware"]["accelerator"] == "cpu" and len(manifest["hardware"]["devices"]) == 1
+    assert manifest["data"]["dataset"] == "digits"
+    assert sum(manifest["data"]["split_sizes"].values()) == 1797  # scikit-learn's digits, all of it
+    assert manifest["seed"] == 0 and manifest["tags"]["study"] == "s1"
+
+
+@pytest.mark.slow
+def test_metrics_csv_plots_and_test_report(default_run):
+    import csv
+
+    from PIL import Image
+
+    run_dir = default_run.run_dir
+    with open(run_dir / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for column in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert sorted(int(r["epoch"]) for r in rows if r[column]) == [0, 1], column
+    steps = [int(r["step"]) for r in rows if r["train/loss_step"]]
+    assert steps == sorted(set(steps)) and steps
+
+    for name in ("curves.png", "confusion_matrix.png"):
+        data = (run_dir / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        with Image.open(run_dir / name) as image:
+            image.verify()
+            assert image.width >= 300 and image.height >= 300
+
+    recorded = json.loads((run_dir / "test_metrics.json").read_text())
+    class_names = [str(d) for d in range(10)]
+    assert list(recorded["per_class"]) == class_names
+    test_size = default_run.manifest["data"]["split_sizes"]["test"]
+    assert sum(c["support"] for c in recorded["per_class"].values()) == test_size
+    assert 0 <= recorded["acc"] <= 1 and recorded["checkpoint"].endswith(".ckpt")
+    report = (run_dir / "test_report.txt").read_text()
+    assert "accuracy" in report and f"{recorded['acc']:.4f}" in report
+    assert report in default_run.result.stdout  # ten classes fit on the screen
+
+
+@pytest.mark.slow
+def test_config_yaml_round_trip_gives_identical_hyperparameters(default_run):
+    written = yaml.safe_load((default_run.run_dir / "config.yaml").read_text())
+    again = config_of(parse_args(["--config", str(default_run.run_dir / "config.yaml")]))
+    original = config_of(parse_args(default_run.argv))
+    assert written == original == again
+    assert not set(NOT_CONFIG) & set(written)
+    # ... and the tracker holds the same values.
+    client = mlflow_client(default_run.exp_dir)
+    params = client.get_run(default_run.manifest["trackers"]["mlflow"]["run_id"]).data.params
+    assert {k: str(v) for k, v in written.items()} == {k: params[k] for k in written}
+
+
+@pytest.mark.slow
+def test_the_local_mlflow_store_holds_the_run(default_run):
+    import csv
+
+    client = mlflow_client(default_run.exp_dir)
+    tracked = default_run.manifest["trackers"]["mlflow"]
+    run = client.get_run(tracked["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == default_run.run_dir.name
+    assert tracked["complete"] is True
+    # Params: the whole config, user and command.
+    assert run.data.params["command"] == default_run.manifest["command"]
+    assert run.data.params["user"] == default_run.manifest["user"]
+    assert run.data.params["max_epochs"] == "2" and run.data.params["model"] == "mlp"
+    # Tags: git commit, user, --tag.
+    tags = run.data.tags
+    assert tags["git_commit"] == default_run.manifest["git"]["commit"] and tags["user"] == default_run.manifest["user"]
+    assert tags["study"] == "s1" and tags["run_dir"] == str(default_run.run_dir)
+    # Metrics per step, the same as metrics.csv.
+    with open(default_run.run_dir / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for key in ("train/loss_step", "val/acc"):
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == [int(r["step"]) for r in rows if r[key]], key
+        assert [m.value for m in history] == pytest.approx([float(r[key]) for r in rows if r[key]]), key
+    # Artifacts: the plots, config and reports, stored under --exp-dir.
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "confusion_matrix.png", "test_metrics.json", "manifest.json"} <= names
+    assert run.info.artifact_uri.startswith(default_run.exp_dir.resolve().as_uri())
+    copy = Path(client.download_artifacts(run.info.run_id, "curves.png", str(default_run.cwd.parent)))
+    assert copy.read_bytes() == (default_run.run_dir / "curves.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_planted_secrets_are_written_nowhere(default_run):
+    manifest = default_run.manifest
+    # The secrets did get into the run (as tags): they arrive redacted, by name and by value.
+    assert manifest["tags"]["hub_token"] == "[redacted]" and manifest["tags"]["note"] == "[redacted]"
+    everything = [p for p in default_run.exp_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in everything) and len(everything) > 15
+    for path in everything:
+        data = path.read_bytes()
+        assert FAKE_TOKEN.encode() not in data, path
+        assert FAKE_TAG_SECRET.encode() not in data, path
+    for stream in (default_run.result.stdout, default_run.result.stderr):
+        assert FAKE_TOKEN not in stream and FAKE_TAG_SECRET not in stream
+
+
+@pytest.mark.slow
+def test_only_test_on_the_best_checkpoint_reproduces_the_recorded_accuracy(default_run):
+    recorded = json.loads((default_run.run_dir / "test_metrics.json").read_text())
+    result = run_cli("--only-test", "--exp-dir", str(default_run.exp_dir), "--num-workers", "0", "--logger", "csv")
+    assert result.returncode == 0, result.stderr
+    (test_run,) = [d for d in run_dirs(default_run.exp_dir) if d != default_run.run_dir]
+    retested = json.loads((test_run / "test_metrics.json").read_text())
+    assert retested["checkpoint"] == recorded["checkpoint"]
+    assert retested["acc"] == recorded["acc"] and retested["loss"] == recorded["loss"]
+    assert retested["per_class"] == recorded["per_class"]
+    assert json.loads((test_run / "manifest.json").read_text())["mode"] == "test"
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run_directory_and_the_tracker_run(default_run):
+    """Last in this file: it extends the shared run."""
+    import csv
+
+    client = mlflow_client(default_run.exp_dir)
+    run_id = default_run.manifest["trackers"]["mlflow"]["run_id"]
+    before = sorted(m.step for m in client.get_metric_history(run_id, "train/loss_step"))
+    dirs_before = run_dirs(default_run.exp_dir)
+
+    result = run_cli("--resume", "--max-epochs", "3", "--exp-dir", str(default_run.exp_dir), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert f"Run directory: {default_run.run_dir}" in result.stdout
+    assert run_dirs(default_run.exp_dir) == dirs_before  # no new directory
+
+    manifest = json.loads((default_run.run_dir / "manifest.json").read_text())
+    assert manifest["start_time"] == default_run.manifest["start_time"] and manifest["exit_status"] == "finished"
+    (resumed,) = manifest["resumed"]
+    assert resumed["changed"] == {"max_epochs": [2, 3]} and resumed["exit_status"] == "finished"
+    assert resumed["from"].endswith("last.ckpt")
+    assert manifest["trackers"]["mlflow"]["run_id"] == run_id  # the same tracker run ...
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed.max_epochs"] == "3"
+    after = sorted(m.step for m in client.get_metric_history(run_id, "train/loss_step"))
+    assert after[: len(before)] == before and len(after) > len(before)  # ... with the step count going on
+    assert after == sorted(set(after))
+    with open(default_run.run_dir / "metrics.csv", newline="") as file:
+        epochs = sorted({int(r["epoch"]) for r in csv.DictReader(file) if r["val/acc"]})
+    assert epochs == [0, 1, 2]  # the first session's rows kept, the new epoch appended
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_never_share_anything(tmp_path):
+    exp_dir = tmp_path / "experiments"
+    common = ("--exp-dir", str(exp_dir), "--max-epochs", "1", *TINY)
+    runs = {who: launch(*common, "--tag", f"who={who}", cwd=ROOT, env=cli_env()) for who in ("a", "b")}
+    results = {who: finish(process) for who, process in runs.items()}
+    for result in results.values():
+        assert result.returncode == 0, result.stderr
+
+    dirs = run_dirs(exp_dir)
+    assert len(dirs) == 2
+    manifests = {json.loads((d / "manifest.json").read_text())["tags"]["who"]: d for d in dirs}
+    assert set(manifests) == {"a", "b"}
+    client = mlflow_client(exp_dir)
+    tracker_runs = set()
+    for who, run_dir in manifests.items():
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["run_id"] == run_dir.name and f"who={who}" in manifest["command"]
+        assert f"Run directory: {run_dir}" in results[who].stdout
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "test_metrics.json").is_file()
+        run = client.get_run(manifest["trackers"]["mlflow"]["run_id"])
+        assert run.data.tags["who"] == who and run.data.tags["run_dir"] == str(run_dir)
+        assert run.info.status == "FINISHED" and "val/acc" in run.data.metrics
+        tracker_runs.add(run.info.run_id)
+    assert len(tracker_runs) == 2
+
+
+def test_a_planted_symlink_is_not_followed_out_of_exp_dir(tmp_path):
+    from project.errors import UserError
+    from project.records import create_run_dir
+
+    outside, exp_dir = tmp_path / "outside", tmp_path / "experiments"
+    outside.mkdir()
+    exp_dir.mkdir()
+    (exp_dir / "debug").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match="symbolic link"):
+        create_run_dir(exp_dir / "debug")
+    assert not any(outside.iterdir())
+
+    first, second = create_run_dir(exp_dir / "real"), create_run_dir(exp_dir / "real")
+    assert first != second and first.parent == second.parent == exp_dir / "real"
+
+
+def test_other_ranks_create_and_write_nothing(tmp_path, monkeypatch):
+    """In a multi-process run only global rank 0 makes the directory, writes files and opens tracker runs;
+    the others learn the directory from rank 0 (Lightning's launcher passes its environment on)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from project import records
+
+    exp_dir = tmp_path / "experiments"
+    from_rank_0 = exp_dir / "debug" / "20260101-000000-abcdef"
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning reads from LOCAL_RANK=1 at import
+    monkeypatch.setenv(records.RUN_DIR_ENV, str(from_rank_0))
+    args = parse_args(["--exp-dir", str(exp_dir), "--logger", "mlflow", "--logger", "tensorboard"])
+    run = records.open_run(args, config_of(args))
+    assert run.directory == from_rank_0
+    assert [type(logger).__name__ for logger in run.loggers] == ["AppendingCSVLogger"]  # no tracker runs
+    run.close("finished")
+    assert not exp_dir.exists()

@@ -1,0 +1,236 @@
+"""Exact resume: a run killed at any point and continued with --resume ends bit for bit where an
+uninterrupted run with the same seed ends (weights, optimizer, scheduler, best checkpoint, test metrics).
+
+Faults are injected into real CLI runs by tests/fault_driver.py (SIGKILL or a signal at an exact point).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, cli_env, only_run_dir, run_cli, write_cifar10_like
+
+from project import checkpoints
+from project.callbacks import RandomState
+from project.data import EpochBatches, ResumableEpochs, TensorBatches
+from project.run import resume_command
+
+# 1,437 training digits in batches of 64: 23 steps an epoch. last.ckpt is written after steps 5, 10,
+# 15, 20, 23 (end of epoch 0), 25, 30, ...; validation runs after steps 23, 46 and 69.
+DIGITS = (
+    "--model", "mlp", "--hidden-dim", "32", "--batch-size", "64", "--max-epochs", "3",
+    "--logger", "none", "--deterministic", "--checkpoint-every-n-steps", "5",
+)  # fmt: skip
+
+# Tiny CIFAR-10 files (random flips and shifts: the random streams matter) read through the standard
+# DataLoader with worker processes: 180 training images in batches of 16, 12 steps an epoch. last.ckpt
+# is written after steps 4, 8, 12 (end of epoch 0, after validation: not before it), 16, ...
+CIFAR = (
+    "--dataset", "cifar10", "--model", "mlp", "--hidden-dim", "16", "--batch-size", "16", "--max-epochs", "3",
+    "--logger", "none", "--deterministic", "--checkpoint-every-n-steps", "4", "--data-on-device", "no",
+    "--num-workers", "2",
+)  # fmt: skip
+
+
+def tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested checkpoint structure, by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else []
+    found: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        found.update(tensors(value, f"{prefix}/{key}"))
+    return found
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """The final checkpoints are equal tensor for tensor, the same best checkpoint was tested, with the
+    same test metrics."""
+    ours, theirs = (checkpoints.read(run / "checkpoints" / "last.ckpt") for run in (reference, resumed))
+    assert (ours["global_step"], ours["epoch"]) == (theirs["global_step"], theirs["epoch"])
+    for part in ("state_dict", "optimizer_states"):
+        expected, actual = tensors(ours[part]), tensors(theirs[part])
+        assert expected.keys() == actual.keys() and expected, part
+        different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+        assert not different, f"{part} differs in {different}"
+    assert ours["lr_schedulers"] == theirs["lr_schedulers"]
+    metrics = [json.loads((run / "test_metrics.json").read_text()) for run in (reference, resumed)]
+    assert Path(metrics[0].pop("checkpoint")).name == Path(metrics[1].pop("checkpoint")).name
+    assert metrics[0] == metrics[1]
+    assert not list((resumed / "checkpoints").glob(".*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def last_step(run_dir: Path) -> int:
+    return checkpoints.read(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+
+
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    exp_dir = tmp_path_factory.mktemp("reference")
+    result = run_cli(*DIGITS, "--exp-dir", str(exp_dir))
+    assert result.returncode == 0, result.stderr
+    return only_run_dir(exp_dir)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("cifar")
+    write_cifar10_like(data_dir, per_batch=40, n_test=20)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def cifar_reference(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Path:
+    exp_dir = tmp_path_factory.mktemp("reference")
+    result = run_cli(*CIFAR, "--data-dir", str(cifar_dir), "--exp-dir", str(exp_dir))
+    assert result.returncode == 0, result.stderr
+    return only_run_dir(exp_dir)
+
+
+# point: (fault, the step of the last.ckpt the resumed run starts from)
+KILLS = {
+    "mid-epoch": (("kill-train", "1", "12"), 35),
+    "right-after-epoch-end-checkpoint": (("kill-after-save", "5"), 23),
+    "during-validation": (("kill-val", "1"), 45),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILLS)
+def test_run_killed_then_resumed_ends_bit_identical(point: str, digits_reference: Path, exp_dir: Path) -> None:
+    fault, resumes_from_step = KILLS[point]
+    killed = run_cli(*fault, "--", *DIGITS, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    assert last_step(run_dir) == resumes_from_step
+
+    resumed = run_cli(*DIGITS, "--exp-dir", str(exp_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert only_run_dir(exp_dir) == run_dir  # continued in place, not a new run
+    assert_same_run(digits_reference, run_dir)
+
+
+@pytest.mark.slow
+def test_run_killed_while_writing_last_ckpt_keeps_the_previous_one(exp_dir: Path) -> None:
+    killed = run_cli("kill-mid-write", "6", "--", *DIGITS, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    folder = only_run_dir(exp_dir) / "checkpoints"
+    assert len(list(folder.glob(".last.ckpt.*.tmp"))) == 1  # killed halfway through the 6th write...
+    assert last_step(folder.parent) == 23  # ...so last.ckpt is still the 5th, whole (resumed as above)
+
+
+# point: (fault, exit status, the step last.ckpt was saved at)
+SIGNALS = {
+    "SIGTERM-mid-epoch": (("signal-train", "SIGTERM", "1", "5"), 143, 29),
+    # After the last step of an epoch the run validates first, then saves the epoch-end last.ckpt.
+    "SIGINT-in-the-last-step-of-an-epoch": (("signal-train", "SIGINT", "1", "22"), 130, 46),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", SIGNALS)
+def test_signal_saves_prints_the_resume_command_that_ends_bit_identical(
+    point: str, digits_reference: Path, exp_dir: Path
+) -> None:
+    fault, status, saved_step = SIGNALS[point]
+    stopped = run_cli(*fault, "--", *DIGITS, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert stopped.returncode == status, stopped.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    assert last_step(run_dir) == saved_step  # the step the signal came in was finished and saved
+    assert f"stopped by {fault[1]}: saved {run_dir / 'checkpoints' / 'last.ckpt'}" in stopped.stderr
+    command = [line for line in stopped.stderr.splitlines() if line.startswith("resume with: ")]
+    assert len(command) == 1, stopped.stderr[-2000:]
+
+    resumed = subprocess.run(
+        shlex.split(command[0].removeprefix("resume with: ")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=cli_env(),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert only_run_dir(exp_dir) == run_dir
+    assert_same_run(digits_reference, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "resumes_from_step"),
+    [(("kill-val", "0"), 8), (("kill-after-save", "3"), 12)],
+    ids=["during-validation-after-a-checkpointed-last-step", "epoch-boundary"],
+)
+def test_dataloader_run_with_augmentation_killed_then_resumed_ends_bit_identical(
+    fault: tuple[str, ...], resumes_from_step: int, cifar_dir: Path, cifar_reference: Path, exp_dir: Path
+) -> None:
+    args = (*CIFAR, "--data-dir", str(cifar_dir), "--exp-dir", str(exp_dir))
+    killed = run_cli(*fault, "--", *args, module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    assert last_step(run_dir) == resumes_from_step
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(cifar_reference, run_dir)
+
+
+def test_random_state_restores_every_stream_through_a_weights_only_checkpoint() -> None:
+    def draw() -> tuple:
+        return random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()
+
+    buffer = io.BytesIO()
+    torch.save({"callbacks": {"RandomState": RandomState().state_dict()}}, buffer)
+    expected = draw()
+    draw()  # move every stream on
+    buffer.seek(0)
+    RandomState().load_state_dict(torch.load(buffer, weights_only=True)["callbacks"]["RandomState"])
+    assert draw() == expected
+
+
+def test_resumable_epochs_continue_with_the_next_batch_of_the_same_epoch() -> None:
+    images, labels = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1), torch.arange(50)
+    plan = EpochBatches(50, batch_size=8, shuffle=True, seed=3, rank=0, world_size=1)
+    epoch = 1
+
+    def loader() -> ResumableEpochs:
+        return ResumableEpochs(TensorBatches(images, labels, plan), lambda: epoch)
+
+    uninterrupted = [y.tolist() for _, y in loader()]
+    assert sorted(sum(uninterrupted, [])) == list(range(50))
+
+    interrupted = loader()
+    iterator = iter(interrupted)
+    trained = [next(iterator)[1].tolist() for _ in range(3)]
+    state = interrupted.state_dict()
+    assert state == {"epoch": 1, "consumed": 3}
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert trained + [y.tolist() for _, y in resumed] == uninterrupted
+    epoch = 2  # the saved position belongs to epoch 1: the next epoch starts from its beginning
+    assert len(list(resumed)) == len(uninterrupted)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-epochs", "3"],
+        ["--resume", "--max-epochs", "3"],
+        ["--max-epochs", "3", "--resume", "old/last.ckpt"],
+        ["--resume=old/last.ckpt", "--max-epochs", "3"],
+    ],
+)
+def test_resume_command_replaces_any_resume_option(argv: list[str], tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run dir" / "last.ckpt"
+    command = shlex.split(resume_command(argv, checkpoint))
+    assert command[1:3] == ["-m", "project.run"]
+    assert command[3:] == ["--max-epochs", "3", "--resume", str(checkpoint)]

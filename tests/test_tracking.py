@@ -1,0 +1,243 @@
+"""Trackers used for real, offline: a real `mlflow server` on a loopback port (read back with MlflowClient, then
+killed mid-run), TensorBoard event files, W&B offline files when installed; neptune and missing extras as
+one-line errors; what secret redaction hides."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli_env, run_cli
+
+from project.redact import REDACTED, redact, redact_argv, scrub
+
+TINY = ("--model", "mlp", "--num-workers", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with its own SQLite database and artifact folder, in its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.url.rsplit(":")[-1],
+                   "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                   "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
+        self.log = open(root / "server.log", "w")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            command, cwd=root, env=cli_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_until_up(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "mlflow server exited"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not start")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server and the workers it started
+            self.process.wait()
+
+    def stop(self) -> None:
+        self.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path / "server")
+    try:
+        server.wait_until_up()
+        yield server
+    finally:
+        server.stop()
+
+
+def rows_of(metrics_csv: Path) -> list[dict[str, str]]:
+    with open(metrics_csv, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def the_run_dir(exp_dir: Path) -> Path:
+    (run_dir,) = [p for p in (exp_dir / "debug").iterdir() if p.is_dir()]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server.url)
+    exp_dir = tmp_path / "logged"
+    # TensorBoard rides along: its event files must hold the same scalars.
+    logged = run_cli("--exp-dir", str(exp_dir), "--max-epochs", "2", "--logger", "mlflow", "--logger", "tensorboard",
+                     "--tag", "study=server", *TINY, env=env)  # fmt: skip
+    assert logged.returncode == 0, logged.stderr
+    run_dir = the_run_dir(exp_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["trackers"]["mlflow"]["tracking_uri"] == mlflow_server.url
+    assert f"{mlflow_server.url}/#/experiments/" in logged.stdout
+    assert not (exp_dir / "mlflow.db").exists()  # a server's run is not also kept in a local store
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(manifest["trackers"]["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert run.data.params["max_epochs"] == "2" and run.data.params["command"] == manifest["command"]
+    assert run.data.tags["study"] == "server" and run.data.tags["git_commit"] == manifest["git"]["commit"]
+    rows = rows_of(run_dir / "metrics.csv")
+    history = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [
+        (int(r["step"]), float(r["val/loss"])) for r in rows if r["val/loss"]
+    ]
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_step")) >= 2
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "confusion_matrix.png", "test_metrics.json"} <= names
+    copy = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert copy.read_bytes() == (run_dir / "config.yaml").read_bytes()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss_step", "val/acc", "test/acc"} <= set(scalars)
+    logged_val = [(int(r["step"]), float(r["val/acc"])) for r in rows if r["val/acc"]]
+    assert [e.step for e in events.Scalars("val/acc")] == [step for step, _ in logged_val]
+    assert [e.value for e in events.Scalars("val/acc")] == pytest.approx([value for _, value in logged_val])
+
+    # The same server, killed mid-run: a warning, and every local record whole.
+    exp_dir = tmp_path / "killed"
+    epochs = 4
+    process = subprocess.Popen(
+        [sys.executable, "-m", "project.run", "--exp-dir", str(exp_dir), "--max-epochs", str(epochs),
+         "--batch-size", "64", *TINY],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while not first_epoch_logged(exp_dir):
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        mlflow_server.kill()  # after the first epoch, before the second ends
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "warning: MLflow stopped answering" in stderr and "Traceback" not in stderr
+    run_dir = the_run_dir(exp_dir)
+    rows = rows_of(run_dir / "metrics.csv")
+    assert sorted(int(r["epoch"]) for r in rows if r["val/acc"]) == list(range(epochs))
+    for name in ("config.yaml", "curves.png", "confusion_matrix.png", "test_report.txt", "test_metrics.json",
+                 "checkpoints/last.ckpt"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["exit_status"] == "finished" and manifest["trackers"]["mlflow"]["complete"] is False
+    assert "Test accuracy:" in stdout and "warning: MLflow" in stdout
+
+
+def first_epoch_logged(exp_dir: Path) -> bool:
+    found = list(exp_dir.glob("debug/*/metrics.csv"))
+    return bool(found) and any(row.get("val/acc") for row in rows_of(found[0]))
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_be_reached_is_one_line_before_training(exp_dir):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_cli("--exp-dir", str(exp_dir), *TINY, env=cli_env(MLFLOW_TRACKING_URI=url))
+    assert result.returncode == 2
+    assert f"error: MLflow at {url} cannot be used" in result.stderr and "Traceback" not in result.stderr
+    assert not any((exp_dir / "debug").iterdir())  # no run directory left behind
+
+
+def test_neptune_says_the_service_ended_and_where_runs_can_go(exp_dir):
+    result = run_cli("--logger", "neptune", "--exp-dir", str(exp_dir))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --logger neptune:") and "March 2026" in line
+    assert "neptune-exporter" in line and "MLflow" in line
+    assert not exp_dir.exists()
+
+
+def test_a_missing_optional_tracker_names_its_extra(tmp_path, exp_dir):
+    shim = tmp_path / "shim" / "wandb"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(shim.parent), env["PYTHONPATH"]])
+    result = run_cli("--logger", "wandb", "--exp-dir", str(exp_dir), env=env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "wandb is not installed" in line and "pip install" in line and "[wandb]" in line
+    assert not exp_dir.exists()  # before any training
+
+
+@pytest.mark.slow
+def test_wandb_offline_keeps_its_files_in_the_run_directory(exp_dir):
+    pytest.importorskip("wandb")
+    secret = "tok-" + os.urandom(8).hex()
+    env = cli_env(WANDB_MODE="offline", WANDB_SILENT="true", PROJECT_FAKE_API_TOKEN=secret)
+    result = run_cli("--logger", "wandb", "--exp-dir", str(exp_dir), "--max-epochs", "1", *TINY,
+                     "--tag", f"hub_token={secret}", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run_dir = the_run_dir(exp_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{manifest['trackers']['wandb']['id']}")
+    (history,) = offline.glob("*.wandb")
+    assert b"val/acc" in history.read_bytes()
+    assert (offline / "files" / "curves.png").is_file()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_help_imports_no_tracker():
+    code = (
+        "import sys\n"
+        "from project.run import build_parser\n"
+        "build_parser().format_help()\n"
+        "print(sorted(m for m in ('mlflow', 'wandb', 'tensorboard', 'torch', 'lightning') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_tag_must_be_key_equals_value():
+    result = run_cli("--tag", "nonsense")
+    assert result.returncode == 2 and "--tag" in result.stderr and "KEY=VALUE" in result.stderr
+
+
+def test_redaction_by_name_by_value_and_in_urls(monkeypatch):
+    monkeypatch.setenv("SOME_SERVICE_TOKEN", "abc123secret")
+    monkeypatch.setenv("HARMLESS", "abc123harmless")
+    assert redact_argv(["--api-key", "k1k1k1", "--hf-token=t2t2t2", "--tag", "db_password=p3p3p3", "--seed", "1"]) == [
+        "--api-key", REDACTED, f"--hf-token={REDACTED}", "--tag", f"db_password={REDACTED}", "--seed", "1"
+    ]  # fmt: skip
+    assert redact_argv(["--tag", "note=abc123secret", "--data-dir", "abc123harmless"]) == [
+        "--tag", f"note={REDACTED}", "--data-dir", "abc123harmless"
+    ]  # fmt: skip
+    assert scrub("https://me:hunter22@mlflow.example.org/x") == f"https://me:{REDACTED}@mlflow.example.org/x"
+    config = {"learning_rate": 0.1, "nested": {"aws_secret_access_key": "zzz", "ok": ["abc123secret", 3]}}
+    assert redact(config) == {"learning_rate": 0.1, "nested": {"aws_secret_access_key": REDACTED, "ok": [REDACTED, 3]}}
+    assert redact({"wandb_api_key": None}) == {"wandb_api_key": None}  # nothing to hide
