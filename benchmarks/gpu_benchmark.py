@@ -178,8 +178,7 @@ def template_path(
             logger.log_metrics = clock.timing("trackers", logger.log_metrics)
         trainer.callbacks.append(clock)
         trainer.fit(solver, datamodule=datamodule)
-        for logger in trainer.loggers:  # let a tracker with background writes finish inside the tempdir
-            logger.finalize("success")
+        run_records.close("finished")  # trackers finish their background writes inside the temporary folder
     if tracking_uri is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:

@@ -201,6 +201,9 @@ def test_training_and_validation_steps_never_wait_for_the_gpu(tmp_path: Path) ->
         trainer.fit(solver, datamodule=datamodule)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        for callback in trainer.callbacks:
+            if isinstance(callback, records.Run):
+                callback.close("finished")
     assert trainer.global_step == 120 and trainer.global_step > 2 * trainer.log_every_n_steps
     assert datamodule.splits["train"][0].is_cuda, "the in-memory data should sit on the GPU"
 
