@@ -65,16 +65,16 @@ class EpochBatches:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_samples, generator=generator)
-            per_rank = math.ceil(self.num_samples / self.world_size)
-            padding = per_rank * self.world_size - self.num_samples
-            if padding:
-                order = torch.cat([order, order[:padding]])
+            total = math.ceil(self.num_samples / self.world_size) * self.world_size
+            if total > self.num_samples:  # repeat from the start, as DistributedSampler pads
+                order = order.repeat(math.ceil(total / self.num_samples))[:total]
         else:
             order = torch.arange(self.num_samples)
         return order[self.rank :: self.world_size]
 
-    def batches(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
-        shard = self.shard(epoch)
+    def batches(self, epoch: int, skip: int = 0, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+        # One copy of the whole shard to `device` per epoch; each batch is then a view of it.
+        shard = self.shard(epoch).to(device or "cpu", non_blocking=True)
         for start in range(skip * self.batch_size, len(shard), self.batch_size):
             yield shard[start : start + self.batch_size]
 
@@ -94,8 +94,7 @@ class TensorBatches:
         self.images, self.labels, self.plan = images, labels, plan
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Split]:
-        for index in self.plan.batches(epoch, skip):
-            index = index.to(self.images.device, non_blocking=True)
+        for index in self.plan.batches(epoch, skip, device=self.images.device):
             yield self.images.index_select(0, index), self.labels.index_select(0, index)
 
     def __iter__(self) -> Iterator[Split]:
@@ -134,7 +133,9 @@ class LoaderBatches:
             dataset,
             batch_sampler=self.planned_sampler,
             num_workers=num_workers,
+            # Page-locked batches copy to the GPU asynchronously, overlapping the previous step.
             pin_memory=pin_memory,
+            # Workers are started once, not at every epoch and every validation pass.
             persistent_workers=num_workers > 0,
             generator=self.generator,
         )
@@ -252,6 +253,9 @@ class ImageData(pl.LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return EpochBatches(num_samples, self.batch_size, shuffle, self.seed, rank, world_size)
 
+    def _training_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
     def train_dataloader(self) -> ResumableEpochs:
         trainer = self.trainer
         current_epoch = (lambda: trainer.current_epoch) if trainer is not None else None
@@ -292,9 +296,9 @@ class InMemoryData(ImageData):
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
 
     def _placement(self, nbytes: int) -> torch.device:
-        """Where the tensors live: on the GPU when they fit (`auto`) or when asked (`yes`)."""
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        """Where the tensors live: on the GPU when they fit in a safe share of its free memory (`auto`)
+        or when asked (`yes`); otherwise on the host, from where a DataLoader feeds the GPU."""
+        device = self._training_device()
         if device.type != "cuda" or self.data_on_device == "no":
             return torch.device("cpu")
         free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -305,9 +309,12 @@ class InMemoryData(ImageData):
     def _batches(self, split: str, shuffle: bool) -> TensorBatches | LoaderBatches:
         images, labels = self.splits[split]
         plan = self._plan(len(labels), shuffle)
-        if self.data_on_device == "no":
+        to_gpu = self._training_device().type == "cuda"
+        if self.data_on_device == "no" or (to_gpu and images.device.type == "cpu"):
             dataset = torch.utils.data.TensorDataset(images, labels)
-            return LoaderBatches(dataset, plan, self.num_workers, torch.cuda.is_available())
+            return LoaderBatches(dataset, plan, self.num_workers, pin_memory=to_gpu)
+        # Training on the device that holds the tensors (or on the CPU, or a device without
+        # pinned memory): batches are gathered by index, no workers and no collation.
         return TensorBatches(images, labels, plan)
 
 
@@ -582,7 +589,7 @@ class ImageFolderData(ImageData):
     def _batches(self, split: str, shuffle: bool) -> LoaderBatches:
         subset = self.subsets[split]
         plan = self._plan(len(subset), shuffle)
-        return LoaderBatches(subset, plan, self.num_workers, torch.cuda.is_available())
+        return LoaderBatches(subset, plan, self.num_workers, pin_memory=self._training_device().type == "cuda")
 
 
 def read_image(path: str | Path, input_shape: tuple[int, int, int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder")
 MODEL_NAMES = ("mlp", "cnn")
 LOGGER_NAMES = ("mlflow", "tensorboard", "csv", "wandb", "none", "neptune")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
+
+# How often the training loss is logged and the progress bar redrawn, in steps: each is host work (and,
+# for the logged loss, a wait for the GPU) that a step otherwise does not need.
+LOG_EVERY_N_STEPS = 50
+PROGRESS_BAR_REFRESH_STEPS = 10
 
 # Options that say what to do with a run, not how to train it: never part of config.yaml.
 NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "tag", "argv")
@@ -294,12 +300,10 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     import lightning.pytorch as pl
 
     from project import checkpoints, records
-    from project.callbacks import safety_callbacks
     from project.data import DATASETS
-    from project.solver import Solver
 
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    accelerator, device_count, precision = _hardware(args)
+    _hardware(args)  # hardware mistakes fail here, before anything is written
 
     # 1. Data: the dataset tells the model its input shape, classes and pixel statistics. Missing files
     # fail here, before a run directory exists (Lightning calls prepare_data again, then a no-op).
@@ -312,45 +316,13 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     if args.only_test:
         solver = checkpoints.load_solver(checkpoint, datamodule)
     else:
-        solver = Solver(
-            model=args.model,
-            input_shape=list(datamodule.input_shape),
-            class_names=list(datamodule.class_names),
-            mean=list(datamodule.mean),
-            std=list(datamodule.std),
-            pixel_max=datamodule.pixel_max,
-            hidden_dim=args.hidden_dim,
-            learning_rate=args.learning_rate,
-            max_epochs=args.max_epochs,
-            channels_last=args.model == "cnn" and accelerator != "cpu",
-            compile=args.compile,
-        )
+        solver = build_solver(args, datamodule)
         if args.resume:
             checkpoints.check_resumable(checkpoint, dict(solver.hparams))
 
-    # 3. Records: a run directory, trackers, checkpoints.
+    # 3. Records: a run directory, trackers, checkpoints; and the Trainer that writes them.
     run = records.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
-    last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
-    safety = safety_callbacks(last, resume_command(args.argv, last), args.checkpoint_every_n_steps)
-    trainer = _build_trainer(
-        accelerator=accelerator,
-        devices=device_count,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        precision=precision,
-        max_epochs=args.max_epochs,
-        fast_dev_run=args.fast_dev_run,
-        deterministic=args.deterministic or None,
-        logger=run.loggers,
-        callbacks=[*run.callbacks, *safety, *callbacks],
-        # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
-        plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
-        default_root_dir=str(run.directory),
-        # Our loaders shard by rank themselves (evaluation without padding duplicates).
-        use_distributed_sampler=False,
-        log_every_n_steps=10,
-        enable_model_summary=False,
-    )
+    trainer = build_trainer(args, run, callbacks)
 
     # 4. Train, then test the best checkpoint (never the weights of the last epoch by accident).
     if not args.only_test:
@@ -387,6 +359,74 @@ def _best_score(trainer: Any, monitor: str) -> float | None:
     return None
 
 
+def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
+    """A fresh Solver for `datamodule`'s inputs and classes (benchmarks/ builds it the same way)."""
+    from project.solver import Solver
+
+    accelerator, _, _ = _hardware(args)
+    return Solver(
+        model=args.model,
+        input_shape=list(datamodule.input_shape),
+        class_names=list(datamodule.class_names),
+        mean=list(datamodule.mean),
+        std=list(datamodule.std),
+        pixel_max=datamodule.pixel_max,
+        hidden_dim=args.hidden_dim,
+        learning_rate=args.learning_rate,
+        max_epochs=args.max_epochs,
+        channels_last=args.model == "cnn" and accelerator != "cpu",
+        compile=args.compile,
+    )
+
+
+def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] = ()) -> Any:
+    """The Trainer for `args`, logging and checkpointing into `run` (records.open_run's), with the safety
+    callbacks and any `callbacks` given (benchmarks/ times exactly this one)."""
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from project import checkpoints
+    from project.callbacks import safety_callbacks
+    from project.errors import UserError
+
+    accelerator, device_count, precision = _hardware(args)
+    last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
+    safety = safety_callbacks(last, resume_command(args.argv, last), args.checkpoint_every_n_steps)
+    # Epoch metrics are logged at every epoch end whatever the interval; Lightning's warning that an
+    # epoch (digits: 12 steps) is shorter than LOG_EVERY_N_STEPS only means fewer step-loss points.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+    settings = dict(
+        accelerator=accelerator,
+        devices=device_count,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=precision,
+        max_epochs=args.max_epochs,
+        fast_dev_run=args.fast_dev_run,
+        deterministic=args.deterministic or None,
+        # cuDNN picks the fastest convolution for our fixed batch shapes (ignored on the CPU).
+        benchmark=not args.deterministic,
+        logger=run.loggers,
+        # A progress bar redrawn every step costs a terminal write per step; every 10th is as readable.
+        callbacks=[*run.callbacks, *safety, *callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
+        # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
+        plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
+        default_root_dir=str(run.directory),
+        # Our loaders shard by rank themselves (evaluation without padding duplicates).
+        use_distributed_sampler=False,
+        # Each logged step reads the loss on the host (a GPU sync) and writes to every tracker.
+        log_every_n_steps=LOG_EVERY_N_STEPS,
+        enable_model_summary=False,
+    )
+    try:
+        return pl.Trainer(**settings)
+    except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as error:
+        # Hardware mistakes (no GPU, too many devices, unknown strategy) as one line.
+        first_sentence = str(error).split(". ")[0].splitlines()[0]
+        raise UserError(f"--accelerator/--devices/--strategy/--precision: {first_sentence}") from error
+
+
 def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:
     """(accelerator, devices, precision) for the Trainer, from --gpus/--accelerator/--devices/--precision,
     checked against what this machine has before anything is written."""
@@ -420,20 +460,6 @@ def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:
     else:
         precision = "32-true"
     return accelerator, count, precision
-
-
-def _build_trainer(**settings: Any) -> Any:
-    """Lightning's Trainer, with hardware mistakes (no GPU, too many devices, unknown strategy) as one line."""
-    import lightning.pytorch as pl
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from project.errors import UserError
-
-    try:
-        return pl.Trainer(**settings)
-    except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as error:
-        first_sentence = str(error).split(". ")[0].splitlines()[0]
-        raise UserError(f"--accelerator/--devices/--strategy/--precision: {first_sentence}") from error
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Lightning 2.x pitfalls this file avoids (see the README):
 - steps return only the loss (returning outputs kept every batch's tensors alive until epoch end);
 - metrics accumulate a confusion matrix on the device; nothing calls `.item()` or `.cpu()` per step,
-  which would make the CPU wait for the GPU every batch;
+  which would make the CPU wait for the GPU every batch (the step loss is read on the host only on
+  the steps the loggers write, every `log_every_n_steps`);
 - validation and test share `eval_step` and `on_eval_epoch_end`: the difference is a prefix;
 - metrics are reduced across processes (torchmetrics) before they are logged, so 8 GPUs report the
   accuracy of the whole test set, not of one eighth of it.
@@ -73,9 +74,20 @@ class Solver(pl.LightningModule):
         loss = F.cross_entropy(logits, labels)
         self.train_confusion.update(logits.detach(), labels)
         self.train_loss.update(loss.detach() * len(labels), len(labels))
-        # Lightning reads per-step values on the host only every `log_every_n_steps`.
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, batch_size=len(labels))
+        if self._loggers_write_this_step():
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, batch_size=len(labels))
         return loss
+
+    def _loggers_write_this_step(self) -> bool:
+        """Whether Lightning hands this step's logged values to the loggers (every `log_every_n_steps`).
+
+        `self.log` costs about half a millisecond of host time per call (Lightning's bookkeeping of
+        logged results), as much as a whole training step of a small model on a GPU, so the per-step
+        loss is logged only on the steps whose value is written; tests/test_speed.py checks the rule.
+        """
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        return bool(trainer.fast_dev_run) or (every > 0 and (trainer.global_step + 1) % every == 0)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_confusion, self.train_loss)

@@ -110,7 +110,7 @@ def log_files(loggers: list[Any], directory: Path, paths: list[Path]) -> None:
     """Copies of the run's records (plots, config, reports) as the tracker run's artifacts."""
     paths = [p for p in paths if p.is_file()]
     for logger in loggers:
-        if isinstance(logger, _guarded_mlflow_class()):
+        if _is_mlflow(logger):
             logger.log_files(paths)
         elif type(logger).__name__ == "WandbLogger":
             for path in paths:
@@ -122,7 +122,7 @@ def describe(loggers: list[Any]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for logger in loggers:
         kind = type(logger).__name__
-        if isinstance(logger, _guarded_mlflow_class()):
+        if _is_mlflow(logger):
             found["mlflow"] = logger.description()
         elif kind == "WandbLogger":
             experiment = logger.experiment
@@ -137,7 +137,7 @@ def how_to_open(loggers: list[Any]) -> list[str]:
     lines = []
     for logger in loggers:
         kind = type(logger).__name__
-        if isinstance(logger, _guarded_mlflow_class()):
+        if _is_mlflow(logger):
             lines.append(logger.how_to_open())
         elif kind == "TensorBoardLogger":
             lines.append(f"tensorboard --logdir {logger.log_dir}")
@@ -151,7 +151,7 @@ def close(loggers: list[Any], status: str) -> list[str]:
     """End the tracker runs with `status` (FINISHED, FAILED, KILLED); returns what went wrong, if anything."""
     problems = []
     for logger in loggers:
-        if isinstance(logger, _guarded_mlflow_class()):
+        if _is_mlflow(logger):
             problem = logger.close(status)
             if problem:
                 problems.append(problem)
@@ -337,6 +337,12 @@ def _guarded_mlflow_class() -> type:
 
 
 _GuardedMLFlowLogger: type | None = None
+
+
+def _is_mlflow(logger: Any) -> bool:
+    # Not isinstance(logger, _guarded_mlflow_class()): that would import MLflow (over a second) in
+    # runs that never chose it. Until the class exists, no logger can be one.
+    return _GuardedMLFlowLogger is not None and isinstance(logger, _GuardedMLFlowLogger)
 
 
 def _define_guarded_mlflow_logger() -> type:
