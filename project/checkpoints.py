@@ -105,10 +105,9 @@ def check_compatible(path: Path, checkpoint: dict[str, Any], datamodule: Any) ->
         )
 
 
-# What a resumed run must share with the run it continues: the model's shape, the data, and the optimiser
-# and schedule (the cosine schedule is fixed by --max-epochs when the run starts; a new --learning-rate would be
-# ignored by the restored optimiser).
-RESUME_MUST_MATCH = ("model", "hidden_dim", "input_shape", "class_names", "learning_rate", "max_epochs")
+# What a resumed run must share with the run it continues: the model's shape, the data, and the learning rate
+# (the restored optimiser would silently keep the old one). A larger --max-epochs is how a run is extended.
+RESUME_MUST_MATCH = ("model", "hidden_dim", "input_shape", "class_names", "learning_rate")
 
 
 def check_resumable(path: Path, hparams: dict[str, Any]) -> None:

@@ -23,18 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from project.errors import UserError, exit_code
+from project.run import positive_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError
-    return value
-
-
-positive_int.__name__ = "a positive integer"  # argparse names the type in its error message
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,13 +86,12 @@ def devices(text: str) -> str | int:
 
 
 for _type, _name in [
-    (positive_int, "a positive integer"),
-    (non_negative_int, "an integer >= 0"),
-    (positive_float, "a positive number"),
-    (fraction, "a number between 0 and 1"),
-    (experiment_name, "a name of letters, digits, '_', '-' and '.' (no path separators or '..')"),
-    (devices, "'auto', a positive count or indices like 0,1"),
-    (tag, "KEY=VALUE (a key of letters, digits, '_', '-', '.', '/')"),
+    (positive_int, "positive integer"),
+    (non_negative_int, "non-negative integer"),
+    (positive_float, "positive number"),
+    (fraction, "fraction (between 0 and 1)"),
+    (experiment_name, "experiment name (letters, digits, '_', '-', '.'; no '/' or '..')"),
+    (devices, "device count ('auto', a positive count, or indices like 0,1)"),
 ]:
     _type.__name__ = _name  # argparse names the type in its error message
 
@@ -446,8 +445,10 @@ def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:
         from lightning.pytorch.strategies import StrategyRegistry
 
         if args.strategy not in StrategyRegistry:
-            names = ", ".join(sorted(StrategyRegistry))
-            raise UserError(f"--strategy {args.strategy}: unknown; Lightning offers {names}")
+            raise UserError(
+                f"--strategy {args.strategy}: not one of Lightning's strategies (ddp, ddp_spawn, fsdp, deepspeed, "
+                f"...: {len(StrategyRegistry)} in lightning.pytorch.strategies.StrategyRegistry)"
+            )
     if args.precision:
         precision = args.precision
     elif args.half_precision:

@@ -12,6 +12,7 @@ Lightning 2.x pitfalls this file avoids (see the README):
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -131,6 +132,11 @@ class Solver(pl.LightningModule):
 
     def configure_optimizers(self):  # noqa: ANN201 (Lightning's own return type is a union)
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
-        # Cosine decay to zero over the run, one step per epoch, as in the original template.
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.hparams.max_epochs)
+        # Cosine decay to zero over the run, one step per epoch, as in the original template. Written in closed
+        # form (not CosineAnnealingLR, which updates from the previous rate) so that a run resumed with a larger
+        # --max-epochs follows the longer schedule instead of staying at the finished schedule's rate of 0.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _cosine(self, epoch: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, self.hparams.max_epochs) / self.hparams.max_epochs))

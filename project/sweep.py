@@ -185,7 +185,7 @@ def _dimension(where: str, name: str, spec: Any, actions: dict[str, argparse.Act
         try:
             converted = action.type(str(value)) if action.type else str(value)
         except (TypeError, ValueError):
-            raise UserError(f"{where}: {name}: {value!r} is not {action.type.__name__}") from None
+            raise UserError(f"{where}: {name}: {value!r} is not a valid {action.type.__name__}") from None
         if action.choices is not None and converted not in action.choices:
             raise UserError(f"{where}: {name}: {value!r} is not one of {', '.join(map(str, action.choices))}")
         return value

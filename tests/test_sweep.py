@@ -140,7 +140,7 @@ def test_search_space_is_checked_against_project_run(tmp_path: Path) -> None:
         "learning_rte: [0.1]\n": "not a project.run option",
         "deterministic: [true, false]\n": "cannot be searched",
         "exp_dir: [a, b]\n": "cannot be searched",
-        "hidden_dim: {low: 0, high: 8}\n": "is not a positive integer",
+        "hidden_dim: {low: 0, high: 8}\n": "is not a valid positive integer",
         "learning_rate: {low: 0.1, high: 0.01}\n": "low < high",
         "learning_rate: {low: 0, high: 0.1, log: true}\n": "low > 0",
         "model: [mlp, transformer]\n": "is not one of mlp, cnn",
