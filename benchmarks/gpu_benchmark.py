@@ -21,7 +21,6 @@ Without a CUDA device (and without `--device cpu`) it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -36,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project package, from anywhere
-from project import records, run  # noqa: E402
-from project.data import InMemoryData, random_flip_and_translate  # noqa: E402
+from project import run  # noqa: E402
+from project.infra import records, tracking  # noqa: E402
+from project.infra.batches import InMemoryData, random_flip_and_translate  # noqa: E402
 from project.model import build_model  # noqa: E402
 
 
@@ -94,8 +94,8 @@ def hand_loop(setting: Setting, data: dict, device: torch.device, epochs: int, s
     channels_last = setting.model == "cnn" and device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     channels = setting.input_shape[0]
-    model = build_model(setting.model, setting.input_shape, NUM_CLASSES, setting.hidden_dim, (127.5,) * channels,
-                        (73.6,) * channels)  # fmt: skip
+    model = build_model(setting.model, setting.input_shape, NUM_CLASSES, (127.5,) * channels, (73.6,) * channels,
+                        hidden_dim=setting.hidden_dim)  # fmt: skip
     model = model.to(device, memory_format=memory_format)
     if compile:
         model.compile()
@@ -153,9 +153,6 @@ def template_path(
         def load(self) -> dict:
             return data
 
-    # Lightning's MLFlowLogger sets MLFLOW_TRACKING_URI for the whole process, and tracking.py honours
-    # that variable: without this, the next setting would log into this one's deleted database.
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as exp_dir:
         # The arguments a user would type; everything else is the template's default.
         argv = ["--model", setting.model, "--hidden-dim", str(setting.hidden_dim), "--precision", setting.precision,
@@ -169,7 +166,7 @@ def template_path(
         pl.seed_everything(args.seed, workers=True, verbose=False)
         datamodule = Synthetic(**vars(args))
         solver = run.build_solver(args, datamodule)
-        run_records = records.open_run(args, run.config_of(args))
+        run_records = records.open_run(args, run.config_of(args), tracking.start(args), resume_from=None)
         trainer = run.build_trainer(args, run_records)
         # Diagnostics only: add up the time spent in checkpoint writes and tracker calls.
         clock = EpochClock(device)
@@ -179,10 +176,6 @@ def template_path(
         trainer.callbacks.append(clock)
         trainer.fit(solver, datamodule=datamodule)
         run_records.close("finished")  # trackers finish their background writes inside the temporary folder
-    if tracking_uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     return clock.epochs()
 
 

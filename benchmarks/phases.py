@@ -21,7 +21,8 @@ START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project package, from anywhere
 import lightning.pytorch as pl  # noqa: E402
 
-from project import checkpoints, records, run  # noqa: E402
+from project import run  # noqa: E402
+from project.infra import callbacks, records  # noqa: E402
 
 SPENT: dict[str, float] = {}
 
@@ -43,7 +44,7 @@ def stopwatch(owner: Any, name: str, label: str) -> None:
 def main() -> int:
     stopwatch(records, "open_run", "open run (trackers)")
     stopwatch(pl.Trainer, "fit", "fit")
-    stopwatch(checkpoints.SafeCheckpointIO, "save_checkpoint", "of which checkpoint writes")
+    stopwatch(callbacks.SafeCheckpointIO, "save_checkpoint", "of which checkpoint writes")
     stopwatch(pl.Trainer, "test", "test")
     stopwatch(records.Run, "finish", "records at the end")
     imported = time.perf_counter()

@@ -1,62 +1,59 @@
-"""Backbones. To add one: write a function `(input_shape, num_classes, hidden_dim) -> nn.Module` and
-register it in MODELS (and its name in run.py's MODEL_NAMES, which `--help` lists without importing torch).
+"""Backbones: raw pixels (N, C, H, W) in, one logit per class out.
+
+To add one: write a function `(input_shape, num_classes, **options) -> nn.Module`, add it to MODELS, and its name
+to run.py's MODEL_NAMES (which `--help` lists without importing torch). Each keyword option the function takes
+(`hidden_dim`, or a `dropout` of its own) receives the command-line option of the same name: declare a new one
+in run.py's build_parser under "Backbone options". The README shows a complete example.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 
-def mlp(input_shape: Sequence[int], num_classes: int, hidden_dim: int) -> nn.Module:
+def mlp(input_shape: Sequence[int], num_classes: int, hidden_dim: int = 128) -> nn.Module:
     """The original template's backbone, without the ReLU it put on the logits (it clipped them at 0)."""
-    in_features = int(torch.tensor(input_shape).prod())
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(in_features, hidden_dim),
+        nn.Linear(math.prod(input_shape), hidden_dim),
         nn.ReLU(),
         nn.Linear(hidden_dim, num_classes),
     )
 
 
-def cnn(input_shape: Sequence[int], num_classes: int, hidden_dim: int) -> nn.Module:
+def cnn(input_shape: Sequence[int], num_classes: int, hidden_dim: int = 128) -> nn.Module:
     """Three stages of two conv-BN-ReLU blocks, widths hidden_dim/4, hidden_dim/2, hidden_dim.
 
-    Each stage halves the resolution while it is at least 2 pixels, so 8x8 digits, 28x28 MNIST and
-    32x32 CIFAR all fit; global average pooling makes the head independent of the input size.
+    Each stage halves the resolution while it is at least 2 pixels, so 8x8 digits, 28x28 MNIST and 32x32 CIFAR all
+    fit; global average pooling makes the head independent of the input size. BatchNorm's running statistics are
+    recomputed before every evaluation (infra/callbacks.PreciseBatchNorm), so even a one-epoch model scores right.
     """
     channels, height, width = input_shape
-    widths = [max(hidden_dim // 4, 4), max(hidden_dim // 2, 4), hidden_dim]
     layers: list[nn.Module] = []
-    in_channels = channels
-    for out_channels in widths:
+    for out_channels in (max(hidden_dim // 4, 4), max(hidden_dim // 2, 4), hidden_dim):
         for _ in range(2):
-            layers += [
-                # No conv bias: the BatchNorm right after it has its own.
-                nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(out_channels),
-                nn.ReLU(inplace=True),
-            ]
-            in_channels = out_channels
+            # No conv bias: the BatchNorm right after it has its own.
+            layers += [nn.Conv2d(channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)]
+            layers.append(nn.ReLU(inplace=True))
+            channels = out_channels
         if min(height, width) >= 2:
             layers.append(nn.MaxPool2d(2))
             height, width = height // 2, width // 2
-    layers += [
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(in_channels, num_classes),
-    ]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
 
 MODELS = {"mlp": mlp, "cnn": cnn}
 
 
 class Standardize(nn.Module):
-    """(x - mean) / std per channel, on raw pixel values. Part of the model, so a checkpoint or an
-    exported file carries its own preprocessing and nobody re-types the constants."""
+    """(x - mean) / std per channel, on raw pixel values. Part of the model, so a checkpoint or an exported file
+    carries its own preprocessing and nobody re-types the constants."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -71,12 +68,15 @@ def build_model(
     name: str,
     input_shape: Sequence[int],
     num_classes: int,
-    hidden_dim: int,
     mean: Sequence[float],
     std: Sequence[float],
+    **options: Any,
 ) -> nn.Module:
-    """The backbone `name` behind the dataset's standardisation: raw pixels (N, C, H, W) in, logits out."""
-    return nn.Sequential(
-        Standardize(mean, std),
-        MODELS[name](tuple(input_shape), num_classes, hidden_dim),
-    )
+    """The backbone `name` behind the dataset's standardisation."""
+    return nn.Sequential(Standardize(mean, std), MODELS[name](tuple(input_shape), num_classes, **options))
+
+
+def backbone_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The run's option values that backbone `name` takes as keyword arguments (saved with its checkpoints)."""
+    parameters = list(inspect.signature(MODELS[name]).parameters)[2:]  # after input_shape, num_classes
+    return {key: config[key] for key in parameters if key in config}

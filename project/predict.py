@@ -1,13 +1,14 @@
 """Classify new inputs with a trained model: `python -m project.predict --help`.
 
-Inputs are read exactly as the model's dataset gave them in training, from what the checkpoint (or the
-exported file) saved, never from constants typed again here: an image file is converted to RGB or
-grayscale and resized to the model's input shape (data.read_image, the reader image-folder training
-uses), then scaled to the dataset's pixel range (0..16 for digits, 0..255 otherwise); a `.npy` array is
-taken as raw pixels already, (N, C, H, W) or (N, H, W) for one channel. The model standardises them.
+The model is a checkpoint, a file written by project.export (ONNX, TorchScript), or the MLflow model a run logged
+(`runs:/<run id>/model`, `models:/<name>/<version>`, or its folder). Inputs are read exactly as the model's dataset
+gave them in training, from what the model saved, never from constants typed again here: an image file is converted
+to RGB or grayscale and resized to the model's input shape (infra/images.read_image, the reader image-folder training
+uses), then scaled to the dataset's pixel range (0..16 for digits, 0..255 otherwise); a `.npy` array is taken as raw
+pixels already, (N, C, H, W) or (N, H, W) for one channel. The model standardises them.
 
-The CSV has one row per input, in input order (a folder's images sorted by path, an array's rows in
-order): the input, the predicted class name, and the probability of each class.
+The CSV has one row per input, in input order (a folder's images sorted by path, an array's rows in order): the
+input, the predicted class name, and the probability of each class.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import os
 import sys
 import zipfile
@@ -22,36 +24,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from project.errors import UserError, exit_code
-from project.run import positive_int
+from project.infra import runs
+from project.infra.cli import Parser, add_model_options, positive_int
+from project.infra.errors import UserError, run_command
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+METADATA_KEY = "project"  # what a model needs to be fed, in ONNX metadata, a TorchScript extra file, MLflow metadata
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m project.predict",
-        description="Predict the class of images (files or folders) or of the rows of a .npy array of raw "
-        "pixels, with a checkpoint or an exported .onnx/TorchScript file; write a CSV of classes and "
-        "probabilities, one row per input, in input order.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = parser.add_argument
-    add("inputs", nargs="+", metavar="INPUT", help="image files, folders of images (searched recursively), .npy")
-    add("--checkpoint", default="best",
-        help="a .ckpt, .onnx or TorchScript file, or best/last of the latest run of --exp-name")  # fmt: skip
-    add("--output", default="predictions.csv", help="CSV file to write; - for standard output")
-    add("--batch-size", type=positive_int, default=256, help="inputs per forward pass")
-    add("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available")
-    add("--exp-dir", default="~/Experiments", help="where runs are, for --checkpoint best/last")
-    add("--exp-name", default="debug", help="whose latest run --checkpoint best/last means")
-    add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m project.predict", description="Predict the class of images (files or folders) or "
+                    "of the rows of a .npy array of raw pixels; write a CSV of classes and probabilities, one row per "
+                    "input, in input order.")  # fmt: skip
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, .npy arrays")
+    add_model_options(parser, "a .ckpt, .onnx or TorchScript file, an MLflow model (runs:/ID/model, its folder)")
+    parser.add("--output", default="predictions.csv", help="CSV file to write; - for standard output")
+    parser.add("--batch-size", type=positive_int, default=256, help="inputs per forward pass")
+    parser.add("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto: cuda when available")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: predict(args), args.debug)
+    return run_command(lambda: predict(args), args.debug)
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -64,15 +60,39 @@ def predict(args: argparse.Namespace) -> int:
 
     def rows() -> Iterator[list[str]]:
         for names, images in batches(read_inputs(sources, spec), args.batch_size):
-            probabilities = torch.softmax(run_model(images).float(), dim=1)
+            probabilities = torch.softmax(torch.as_tensor(run_model(images)).float(), dim=1)
             predicted = probabilities.argmax(dim=1).tolist()
             for name, best, row in zip(names, predicted, probabilities.tolist(), strict=True):
                 yield [name, spec["class_names"][best], *(f"{p:.6f}" for p in row)]
 
     count = write_csv(args.output, header, rows())
-    where = "standard output" if args.output == "-" else args.output
-    print(f"Wrote {count} predictions to {where}", file=sys.stderr if args.output == "-" else sys.stdout)
+    print(f"Wrote {count} predictions to {'standard output' if args.output == '-' else args.output}",
+          file=sys.stderr if args.output == "-" else sys.stdout)  # fmt: skip
     return count
+
+
+# --- Models: each gives (float images (N, C, H, W) -> logits) and the spec saved with it --------------------------
+
+
+def load_model(source: str, exp_dir: str, exp_name: str, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
+    if source.startswith(MLFLOW_SCHEMES) or (Path(source).expanduser() / "MLmodel").is_file():
+        return load_mlflow(source)
+    path = runs.find_checkpoint(source, exp_dir, exp_name, "--checkpoint")
+    if path.suffix == ".onnx" or is_torchscript(path):
+        return load_exported(path, device)
+    import torch
+
+    from project.infra.checkpoints import read_model
+
+    network, spec = read_model(path)
+    device = pick_device(device)
+    network.to(device)
+
+    def run_network(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return network(images.to(device)).cpu()
+
+    return run_network, spec
 
 
 def pick_device(name: str) -> str:
@@ -89,33 +109,6 @@ def pick_device(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------------------------------
-# Models: a checkpoint, or an exported file. Each gives (float images (N, C, H, W) -> logits, spec).
-
-
-def load_model(spec: str, exp_dir: str, exp_name: str, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
-    """`device`: as --device takes it (auto, cpu, cuda, cuda:1, ...)."""
-    from project.export import input_spec, resolve_checkpoint
-
-    path = Path(spec).expanduser()
-    if spec not in ("best", "last") and path.is_file() and (path.suffix == ".onnx" or is_torchscript(path)):
-        return load_exported(path, device)
-
-    import torch
-
-    from project import checkpoints
-
-    solver = checkpoints.load_solver(resolve_checkpoint(spec, exp_dir, exp_name))
-    device = pick_device(device)
-    solver.to(device).eval()
-
-    def run_solver(images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return solver(images.to(device)).cpu()
-
-    return run_solver, input_spec(solver.hparams)
-
-
 def is_torchscript(path: Path) -> bool:
     """TorchScript archives hold compiled code (`<name>/code/...`); checkpoints hold only data."""
     try:
@@ -126,30 +119,24 @@ def is_torchscript(path: Path) -> bool:
 
 
 def load_exported(path: Path, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
-    """A model written by project.export, and the input spec saved inside it. `device` as --device takes it."""
-    import json
+    """A model written by project.export, with the input spec saved inside it. `device` as --device takes it."""
     import warnings
 
     import torch
 
-    from project.export import METADATA_KEY, require_export_extra
-
     if path.suffix == ".onnx":
+        from project.export import require_export_extra
+
         require_export_extra()
         import onnxruntime
 
-        providers = ["CPUExecutionProvider"]
         has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-        if device == "auto":
-            device = "cuda" if has_cuda else "cpu"  # the onnxruntime build decides, not torch
+        device = ("cuda" if has_cuda else "cpu") if device == "auto" else device  # onnxruntime's build decides
+        providers: list[Any] = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if not has_cuda:
-                raise UserError(
-                    f"--device {device}: this onnxruntime has no CUDA support; install onnxruntime-gpu "
-                    "or use --device cpu"
-                )
-            index = int(device.partition(":")[2] or 0)
-            providers = [("CUDAExecutionProvider", {"device_id": index}), *providers]
+                raise UserError(f"--device {device}: this onnxruntime has no CUDA; install onnxruntime-gpu or use cpu")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}))
         try:
             session = onnxruntime.InferenceSession(str(path), providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types for every kind of bad file
@@ -157,11 +144,9 @@ def load_exported(path: Path, device: str) -> tuple[Callable[[Any], Any], dict[s
         metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         input_name = session.get_inputs()[0].name
 
-        def run_onnx(images: torch.Tensor) -> torch.Tensor:
-            (logits,) = session.run(None, {input_name: images.float().numpy()})
-            return torch.from_numpy(logits)
+        def run(images: torch.Tensor) -> Any:
+            return session.run(None, {input_name: images.float().numpy()})[0]
 
-        run: Callable[[Any], Any] = run_onnx
     else:
         device = pick_device(device)
         extra_files = {f"{METADATA_KEY}.json": ""}
@@ -173,18 +158,32 @@ def load_exported(path: Path, device: str) -> tuple[Callable[[Any], Any], dict[s
                 raise UserError(f"--checkpoint: {path} is not a readable TorchScript model") from error
         metadata = extra_files[f"{METADATA_KEY}.json"] or None
 
-        def run_torchscript(images: torch.Tensor) -> torch.Tensor:
+        def run(images: torch.Tensor) -> Any:
             with torch.inference_mode():
                 return module(images.float().to(device)).cpu()
 
-        run = run_torchscript
     if not metadata:
         raise UserError(f"--checkpoint: {path} was not written by project.export (no '{METADATA_KEY}' metadata)")
     return run, json.loads(metadata)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Inputs: found and checked first, then read lazily, batch by batch.
+def load_mlflow(uri: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
+    """The MLflow model a run logged (MLFLOW_TRACKING_URI says where runs:/ and models:/ are looked up)."""
+    import mlflow
+
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as error:  # MLflow's errors for unknown runs, missing artifacts, unreachable servers
+        raise UserError(
+            f"--checkpoint: cannot load the MLflow model {uri} ({str(error).splitlines()[0][:200]})"
+        ) from error
+    spec = (model.metadata.metadata or {}).get(METADATA_KEY)
+    if not spec:
+        raise UserError(f"--checkpoint: {uri} was not logged by project.run (no '{METADATA_KEY}' metadata)")
+    return (lambda images: model.predict(images.float().numpy())), spec
+
+
+# --- Inputs: found and checked first, then read lazily, batch by batch -----------------------------------------------
 
 
 def find_inputs(inputs: list[str], spec: dict[str, Any]) -> list[tuple[Path, Any]]:
@@ -195,7 +194,7 @@ def find_inputs(inputs: list[str], spec: dict[str, Any]) -> list[tuple[Path, Any
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if is_image(p) and not _hidden(p.relative_to(path)))
+            images = sorted(p for p in path.rglob("*") if is_image(p) and not hidden(p.relative_to(path)))
             if not images:
                 raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found += [(p, None) for p in images]
@@ -206,7 +205,7 @@ def find_inputs(inputs: list[str], spec: dict[str, Any]) -> list[tuple[Path, Any
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as error:
                 raise UserError(f"{path}: not a readable .npy array ({error})") from error
-            found.append((path, _checked_array(path, array, spec)))
+            found.append((path, checked_array(path, array, spec)))
         elif is_image(path):
             found.append((path, None))
         else:
@@ -218,11 +217,13 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _hidden(relative: Path) -> bool:
+def hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def _checked_array(path: Path, array: Any, spec: dict[str, Any]) -> Any:
+def checked_array(path: Path, array: Any, spec: dict[str, Any]) -> Any:
+    import numpy as np
+
     shape = tuple(spec["input_shape"])
     if array.dtype.kind not in "uif":
         raise UserError(f"{path}: holds {array.dtype} values; expected raw pixel values (integers or floats)")
@@ -231,6 +232,10 @@ def _checked_array(path: Path, array: Any, spec: dict[str, Any]) -> Any:
     if array.ndim != 4 or array.shape[1:] != shape:
         wanted = f"(N, {', '.join(map(str, shape))})" + (f" or (N, {shape[1]}, {shape[2]})" if shape[0] == 1 else "")
         raise UserError(f"{path}: shape {tuple(array.shape)}, but the model takes {wanted} raw pixel values")
+    if array.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
+        if len(bad):  # a NaN would come out as "class 0" with probabilities of nan
+            raise UserError(f"{path}: row {bad[0]} (and {len(bad) - 1} more) holds NaN or infinite values")
     return array
 
 
@@ -239,17 +244,16 @@ def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterat
     import numpy as np
     import torch
 
-    from project.data import read_image
+    from project.infra.images import read_image
 
-    # Image files hold 8-bit pixels; the dataset's raw range may differ (digits: 0..16).
-    scale = spec["pixel_max"] / 255.0
+    scale = spec["pixel_max"] / 255.0  # image files hold 8-bit pixels; the dataset's range may differ (digits: 0..16)
     for path, array in sources:
         if array is None:
             try:
                 image = read_image(path, tuple(spec["input_shape"]))
             except OSError as error:  # PIL's UnidentifiedImageError is an OSError
                 raise UserError(f"cannot read image {path} ({type(error).__name__}); remove or replace it") from error
-            yield str(path), image.float() * scale if scale != 1 else image.float()
+            yield str(path), image.float() * scale
         else:
             for index in range(len(array)):
                 yield f"{path}[{index}]", torch.from_numpy(np.asarray(array[index], dtype=np.float32))
@@ -266,24 +270,25 @@ def batches(samples: Iterator[tuple[str, Any]], batch_size: int) -> Iterator[tup
 def write_csv(output: str, header: list[str], rows: Iterator[list[str]]) -> int:
     """Write all rows; a file appears only when complete (a failure mid-way leaves no partial CSV)."""
     if output == "-":
-        return _write_rows(sys.stdout, header, rows)
+        return write_rows(sys.stdout, header, rows)
     path = Path(output).expanduser()
     if path.is_dir():
         raise UserError(f"--output: {path} is a folder; name the CSV file to write")
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("w", newline="") as file:
-            count = _write_rows(file, header, rows)
+            count = write_rows(file, header, rows)
         os.replace(partial, path)
     except OSError as error:
         raise UserError(f"--output: cannot write {path}: {error.strerror}") from error
     finally:
-        partial.unlink(missing_ok=True)
+        if partial.parent.is_dir():
+            partial.unlink(missing_ok=True)
     return count
 
 
-def _write_rows(file: Any, header: list[str], rows: Iterator[list[str]]) -> int:
+def write_rows(file: Any, header: list[str], rows: Iterator[list[str]]) -> int:
     writer = csv.writer(file)
     writer.writerow(header)
     count = 0

@@ -1,284 +1,162 @@
-"""Train and test a model: `python -m project.run --help`.
+"""Train and test a classifier: `python -m project.run --help`.
 
-main() reads top to bottom: parse the command line, build the data, the model (Solver) and the
-Trainer, fit, test, report. Everything heavy (torch, Lightning) is imported after parsing, so `--help`
-and mistakes in the arguments answer at once.
+main() reads top to bottom: the command line, then data -> model -> trainer -> fit -> test -> report. Everything heavy
+(torch, Lightning) is imported after parsing, so `--help` and typos answer at once. What keeps a run safe and
+recorded (run directory, trackers, checkpoints, signals) lives in project/infra/.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Names only, so that --help and typos answer without importing torch. tests/test_cli.py checks that
-# they match the registries (data.DATASETS, model.MODELS): add a name here when you add one there.
+from project.infra import runs
+from project.infra.cli import (
+    Parser,
+    Repeatable,
+    devices,
+    fraction,
+    name,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+    tag,
+    tracker,
+)
+from project.infra.errors import UserError, run_command
+
+# Names only, so that --help needs no torch; tests/test_models.py checks them against data.DATASETS and model.MODELS.
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder")
 MODEL_NAMES = ("mlp", "cnn")
-LOGGER_NAMES = ("mlflow", "tensorboard", "csv", "wandb", "none", "neptune")
+LOGGERS = ("mlflow", "tensorboard", "csv", "wandb", "none")
+MONITORS = tuple(
+    f"{split}/{metric}" for split in ("val", "train") for metric in ("loss", "acc", "f1", "precision", "recall")
+)
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
-
-# How often the training loss is logged and the progress bar redrawn, in steps: each is host work, and a
-# logged loss is read on the host (a wait for the GPU), so not every step. Every 10th step still gives a
-# digits run (12 steps an epoch) a loss curve; on a GPU it costs one wait per 10 steps.
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# How often the step loss is logged: a logged value is read on the host, a wait for the GPU. Every 10th step still
+# gives a digits run (12 steps an epoch) a loss curve.
 LOG_EVERY_N_STEPS = 10
-PROGRESS_BAR_REFRESH_STEPS = 10
-
-# Options that say what to do with a run, not how to train it: never part of config.yaml.
-NOT_CONFIG = ("config", "only_test", "checkpoint", "resume", "debug", "tag", "argv")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError
-    return value
+# --resume continues a run with its own config.yaml: flags may change where and how it runs, for how long and what it
+# records. Anything else would change its data, its split, its model or its optimisation, and is refused.
+MAY_CHANGE_ON_RESUME = {"max_epochs", "accelerator", "devices", "gpus", "num_nodes", "strategy", "precision",
+                        "half_precision", "compile", "deterministic", "num_workers", "data_on_device", "logger",
+                        "checkpoint_every_n_steps", "fast_dev_run"}  # fmt: skip
+# --only-test scores a checkpoint on its run's own test split: what picks those images cannot change.
+FIXED_ON_TEST = {"dataset", "data_dir", "image_size", "seed", "val_fraction"}
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise ValueError
-    return value
-
-
-def experiment_name(text: str) -> str:
-    """A name that stays one folder inside --exp-dir: no separators, no '..', nothing hidden."""
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", text) or ".." in text:
-        raise ValueError
-    return text
-
-
-def tag(text: str) -> str:
-    """KEY=VALUE, with a key MLflow accepts: letters, digits, '_', '-', '.', '/'."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text):
-        raise ValueError
-    return text
-
-
-def devices(text: str) -> str | int:
-    """`auto`, a count (`2`), or device indices (`0,1`), as Lightning's Trainer takes them."""
-    if text == "auto":
-        return text
-    if re.fullmatch(r"\d+(,\d+)+,?", text):
-        return text
-    return positive_int(text)
-
-
-for _type, _name in [
-    (positive_int, "positive integer"),
-    (non_negative_int, "non-negative integer"),
-    (positive_float, "positive number"),
-    (fraction, "fraction (between 0 and 1)"),
-    (experiment_name, "experiment name (letters, digits, '_', '-', '.'; no '/' or '..')"),
-    (devices, "device count ('auto', a positive count, or indices like 0,1)"),
-]:
-    _type.__name__ = _name  # argparse names the type in its error message
-
-
-class Repeatable(argparse.Action):
-    """`--logger a --logger b` gives [a, b]; the first use replaces the default (or the config's)."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        current = getattr(namespace, self.dest)
-        chosen = [] if current is self.default else list(current)
-        setattr(namespace, self.dest, [*chosen, values])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m project.run",
-        description="Train a classifier, test its best checkpoint, and keep a record of the run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = parser.add_argument
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m project.run", description="Train a classifier, test its best checkpoint, and "
+                    "keep a record of the run. Values come from the defaults, then --config (or, with --resume and "
+                    "--only-test, the run's own config.yaml), then these flags.")  # fmt: skip
+    add = parser.add
     # fmt: off
-    # The original template's options; README "Defaults" says why learning rate and --gpus changed.
+    # The original template's options; the README's "Defaults" says why the learning rate and --gpus changed.
     add("--batch-size", type=positive_int, default=128, help="samples per step on each device")
-    add("--num-workers", type=non_negative_int, default=4, help="DataLoader workers (in-memory data needs none)")
-    add("--learning-rate", type=positive_float, default=1e-3, help="Adam's initial learning rate (cosine decay)")
-    add("--hidden-dim", type=positive_int, default=128, help="width of the model")
-    add("--only-test", action="store_true", help="evaluate --checkpoint on the test set, no training")
+    add("--num-workers", type=non_negative_int, default=min(4, CPUS), help="DataLoader workers (image folders)")
+    add("--learning-rate", type=positive_float, default=1e-3, help="Adam's initial learning rate, cosine decay to 0")
+    add("--only-test", action="store_true", command_only=True, help="test --checkpoint on its run's test split")
     add("--half-precision", action="store_true", help="bf16 mixed precision where supported, else fp16")
-    add("--gpus", type=positive_int, default=None, help="shorthand for --accelerator gpu --devices N")
-    add("--max-epochs", type=positive_int, default=20, help="training epochs")
-    add("--exp-name", type=experiment_name, default="debug", help="runs of one experiment share this folder")
-    add("--exp-dir", default="~/Experiments", help="where runs, checkpoints and the local tracker live")
+    add("--gpus", type=positive_int, help="shorthand for --accelerator gpu --devices N")
+    add("--max-epochs", type=positive_int, default=20, help="epochs to train (with --resume: extend the run to this)")
+    add("--exp-name", type=name, default="debug", help="runs of one experiment share this folder")
+    add("--exp-dir", default="~/Experiments", help="where runs, checkpoints and the local MLflow store live")
     add("--fast-dev-run", action="store_true", help="one batch of train, val and test: a smoke test")
+    # Backbone options: a backbone in model.py receives each one it names as a keyword argument.
+    add("--hidden-dim", type=positive_int, default=128, help="width of the model")
     # What a user expects beside them.
-    add("--config", type=Path, default=None, help="YAML file of option values; command-line flags win")
+    add("--config", type=Path, command_only=True, help="YAML of option values (a run's config.yaml reruns it)")
     add("--dataset", choices=DATASET_NAMES, default="digits", help="what to train on")
-    add("--model", choices=MODEL_NAMES, default="cnn", help="the backbone")
-    add("--seed", type=non_negative_int, default=0, help="seeds data splits, order and initialisation")
+    add("--model", choices=MODEL_NAMES, default="cnn", help="the backbone (project/model.py)")
+    add("--seed", type=seed, default=0, help="seeds the data split, the batch order and the initial weights")
     add("--deterministic", action="store_true", help="deterministic algorithms only (bit-exact reruns)")
     add("--data-dir", default="data", help="where datasets are (downloaded to), or your image folder")
     add("--image-size", type=positive_int, default=64, help="image-folder: resize images to this square")
     add("--val-fraction", type=fraction, default=0.1, help="share of the training set held out for validation")
     add("--data-on-device", choices=("auto", "yes", "no"), default="auto",
-        help="hold in-memory datasets on the GPU (auto: when they fit); no: a standard DataLoader")
+        help="hold in-memory datasets on the GPU (auto: when they fit; no: a standard DataLoader)")
     add("--accelerator", default="auto", help="cpu, gpu, mps or auto")
     add("--devices", type=devices, default=1, help="devices per node: a count, indices like 0,1, or auto")
     add("--num-nodes", type=positive_int, default=1, help="machines in a multi-node run")
     add("--strategy", default="auto", help="auto, ddp, fsdp, deepspeed, ... (Lightning's strategies)")
-    add("--precision", choices=PRECISIONS, default=None,
-        help="numeric precision (default: 32-true, or what --half-precision picks)")
+    add("--precision", choices=PRECISIONS, help="numeric precision (unset: 32-true, or what --half-precision picks)")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--logger", action=Repeatable, choices=LOGGER_NAMES, default=["mlflow"],
+    add("--logger", action=Repeatable, type=tracker, choices=LOGGERS, default=["mlflow"],
         help="experiment tracker; repeat the flag for several")
-    add("--tag", action=Repeatable, type=tag, default=[], metavar="KEY=VALUE",
+    add("--tag", action=Repeatable, type=tag, default=[], metavar="KEY=VALUE", command_only=True,
         help="a tag for the tracker run and manifest.json; repeat the flag for several")
-    add("--monitor", default="val/loss", help="metric that picks the best checkpoint (val/loss, val/acc, ...)")
-    add("--checkpoint", default=None, help="--only-test: a checkpoint file, or best/last of the latest run")
-    add("--resume", nargs="?", const="last", default=None,
-        help="continue a run to --max-epochs: its last.ckpt, or a checkpoint path")
-    add("--checkpoint-every-n-steps", type=positive_int, default=None,
-        help="also save last.ckpt every N training steps")
-    add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add("--monitor", choices=MONITORS, default="val/loss", metavar="METRIC",
+        help=f"metric that picks the best checkpoint: {', '.join(MONITORS[:5])}, or train/...")
+    add("--checkpoint", default="best", command_only=True,
+        help="--only-test: a checkpoint file, or best/last of the latest run of --exp-name")
+    add("--resume", nargs="?", const="last", command_only=True,
+        help="continue a run to --max-epochs: the latest run's last.ckpt, or a checkpoint path")
+    add("--checkpoint-every-n-steps", type=positive_int, help="also save last.ckpt every N training steps")
+    add("--debug", action="store_true", command_only=True, help="show tracebacks instead of one-line errors")
     # fmt: on
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Defaults < --config file < command-line flags. Bad values exit 2 with one line, argparse-style."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Defaults < --config FILE (or the config.yaml of the run --resume/--only-test continues) < flags. Every value is
+    checked by one parser; a mistake exits 2 with one line. --resume/--checkpoint come back as checkpoint paths."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    config_path = _config_path_in(argv)
-    if config_path is not None:
-        parser.set_defaults(**_read_config(parser, config_path))
     args = parser.parse_args(argv)
-    if args.only_test and args.resume:
-        parser.error("--only-test and --resume exclude each other")
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for manifest.json and the tracker
+    continued = None  # the run whose own configuration --resume or --only-test takes
+    if args.resume or args.only_test:
+        if args.resume and args.only_test:
+            parser.error("--only-test and --resume exclude each other")
+        flag = "--resume" if args.resume else "--checkpoint"
+        try:
+            checkpoint = runs.find_checkpoint(args.resume or args.checkpoint, args.exp_dir, args.exp_name, flag)
+        except UserError as error:
+            parser.error(str(error))
+        continued = runs.run_of(checkpoint)
+        if continued and args.config:
+            parser.error(f"--config: {'--resume' if args.resume else '--only-test'} uses the run's own config.yaml")
+    source = args.config or (continued / runs.CONFIG if continued else None)
+    if source:
+        saved = parser.read_config(source)
+        parser.set_defaults(**saved)
+        args = parser.parse_args(argv)
+        if continued:
+            refuse_changes(parser, args, saved, continued)
+    if args.resume or args.only_test:
+        args.resume, args.checkpoint = (str(checkpoint), None) if args.resume else (None, str(checkpoint))
+    args.argv = argv  # for manifest.json and the trackers
     return args
 
 
-def _config_path_in(argv: list[str] | None) -> Path | None:
-    finder = argparse.ArgumentParser(add_help=False)
-    finder.add_argument("--config", type=Path, default=None)
-    known, _ = finder.parse_known_args(argv)
-    return known.config
-
-
-def _read_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    """Values from a YAML file, checked and converted exactly as the same flags would be."""
-    import yaml
-
-    try:
-        values = yaml.safe_load(path.read_text())
-    except OSError as error:
-        parser.error(f"--config: cannot read {path}: {error.strerror}")
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        parser.error(f"--config: {path} is not valid YAML{line}")
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        parser.error(f"--config: {path} must hold a mapping of option: value")
-    actions = {action.dest: action for action in parser._actions}
-    converted = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        action = actions.get(dest)
-        if action is None or dest in ("help", "config"):
-            parser.error(f"--config: {path}: unknown option '{key}'")
-        converted[dest] = _convert(parser, action, value, path)
-    return converted
-
-
-def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, path: Path) -> Any:
-    flag = action.option_strings[0]
-    if isinstance(action, argparse._StoreTrueAction):
-        if not isinstance(value, bool):
-            parser.error(f"--config: {path}: {flag} must be true or false")
-        return value
-    if isinstance(action, Repeatable):
-        items = value if isinstance(value, list) else [value]
-        return [_convert_one(parser, action, item, flag, path) for item in items]
-    if value is None:
-        return None
-    return _convert_one(parser, action, value, flag, path)
-
-
-def _convert_one(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, flag: str, path: Path) -> Any:
-    try:
-        converted = action.type(str(value)) if action.type else str(value)
-    except (TypeError, ValueError):
-        parser.error(f"--config: {path}: {flag}: invalid {getattr(action.type, '__name__', 'value')}: {value!r}")
-    if action.choices is not None and converted not in action.choices:
-        parser.error(
-            f"--config: {path}: {flag}: invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})"
-        )
-    return converted
+def refuse_changes(parser: Parser, args: argparse.Namespace, saved: dict[str, Any], run: Path) -> None:
+    if args.resume:
+        fixed = [key for key in saved if key not in MAY_CHANGE_ON_RESUME]
+        why = "a resumed run keeps its data, split, model and optimisation"
+    else:
+        fixed = [key for key in saved if key in FIXED_ON_TEST]
+        why = "a run's checkpoint is tested on its own test split"
+    changed = [f"{parser.flags[key]} {getattr(args, key)} (the run's: {saved[key]})"
+               for key in fixed if getattr(args, key) != saved[key]]  # fmt: skip
+    if changed:
+        parser.error(f"{', '.join(changed)}: {why} ({run / runs.CONFIG}); start a new run to change that")
 
 
 def config_of(args: argparse.Namespace) -> dict[str, Any]:
     """The fully resolved training configuration, as config.yaml stores it."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in NOT_CONFIG}
+    skip = build_parser().command_only | {"argv"}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
 
 
-def resume_command(argv: Sequence[str], checkpoint: Path) -> str:
-    """The command line that started this run (for a sweep's trial, its own) with `--resume CHECKPOINT`
-    in place of any --resume it had, ready to paste."""
-    kept, skip_value = [], False
-    for token in argv:
-        if skip_value and not token.startswith("-"):
-            skip_value = False
-            continue
-        skip_value = token == "--resume"  # nargs="?": it may or may not have taken a value
-        if not skip_value and not token.startswith("--resume="):
-            kept.append(token)
-    return shlex.join([sys.executable, "-m", "project.run", *kept, "--resume", str(checkpoint.resolve())])
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from project.errors import RunStopped, exit_code
-
-    try:
-        return exit_code(lambda: train_and_test(args), args.debug)
-    except RunStopped as error:
-        if args.debug:
-            raise
-        print(error, file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside Lightning's loops (loading data, reporting)
-        print("stopped by SIGINT outside training: nothing new to save", file=sys.stderr)
-        return 130
-    except SystemExit as error:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        # Outside training steps (sanity check, testing) Lightning's own SIGTERM handler stops the run
-        # with this SystemExit, whose code (None) would tell a scheduler that the job succeeded.
-        if not isinstance(error, SIGTERMException):
-            raise
-        print("stopped by SIGTERM outside a training step: nothing new to save", file=sys.stderr)
-        return 143
+    return run_command(lambda: train_and_test(args), args.debug)
 
 
 @dataclass
@@ -291,173 +169,109 @@ class RunResult:
 
 
 def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> RunResult:
-    """One run; `callbacks` are added to the Trainer's (a sweep reports validation metrics through one)."""
-    from project import tracking
+    """One run; `callbacks` join the Trainer's (a sweep reports validation metrics through one)."""
+    from project.infra import tracking
 
-    tracking.require_trackers(args.logger)  # before the slow imports: a missing tracker answers at once
+    trackers = tracking.start(args)  # MLflow starts in its own process now, while Lightning loads here
 
     import lightning.pytorch as pl
 
-    from project import checkpoints, records
     from project.data import DATASETS
+    from project.infra import checkpoints, console, hardware, records
 
+    console.quiet()  # our own lines and the progress bar, not the libraries' banners
+    hardware.resolve(args)  # a GPU that is not there, an unknown strategy: one line, before anything is written
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    _hardware(args)  # hardware mistakes fail here, before anything is written
 
-    # 1. Data: the dataset tells the model its input shape, classes and pixel statistics. Missing files
-    # fail here, before a run directory exists (Lightning calls prepare_data again, then a no-op).
+    # 1. Data: the dataset tells the model its input shape, classes and pixel statistics. Everything is read and
+    # checked now, so a missing or broken file fails before anything is written.
     datamodule = DATASETS[args.dataset](**vars(args))
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        datamodule.prepare_data()
+    datamodule.prepare_data()
+    datamodule.setup("test" if args.only_test else "fit")
 
-    # 2. Model: fresh, or the weights under test / being resumed.
-    checkpoint = checkpoints.resolve(args) if (args.only_test or args.resume) else None
+    # 2. Model: fresh, or the weights being resumed or tested (checked against the data and --max-epochs first).
+    checkpoint = Path(args.resume or args.checkpoint) if (args.resume or args.only_test) else None
     if args.only_test:
         solver = checkpoints.load_solver(checkpoint, datamodule)
     else:
         solver = build_solver(args, datamodule)
         if args.resume:
-            checkpoints.check_resumable(checkpoint, dict(solver.hparams))
+            checkpoints.check_resumable(checkpoint, dict(solver.hparams), args.max_epochs)
 
-    # 3. Records: a run directory, trackers, checkpoints; and the Trainer that writes them.
-    run = records.open_run(args, config_of(args), resume_from=checkpoint if args.resume else None)
-    trainer = build_trainer(args, run, callbacks)
+    # 3. Records: a run directory, trackers and checkpoints, and the Trainer that writes them.
+    run = records.open_run(args, config_of(args), trackers, resume_from=checkpoint if args.resume else None)
+    with run:  # however this block ends, the run's records say how (finished, interrupted, failed)
+        trainer = build_trainer(args, run, callbacks)
 
-    # 4. Train, then test the best checkpoint (never the weights of the last epoch by accident).
-    if not args.only_test:
-        trainer.fit(solver, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
-        tested = _best_checkpoint(trainer, args.monitor)
-    else:
-        tested = checkpoint
-    # Name the checkpoint under test: with ckpt_path=None, Lightning on SLURM would load an hpc_ckpt_*.ckpt
-    # that its auto-requeue left in the run directory instead of these weights.
-    trainer.test(solver, datamodule=datamodule, verbose=False, ckpt_path=str(tested) if tested else None)
+        # 4. Train, then test the best checkpoint (never the last epoch's weights by accident). With --only-test the
+        # solver holds its checkpoint's weights already.
+        if not args.only_test:
+            trainer.fit(solver, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+            checkpoint = run.best_checkpoint(trainer)
+        run.log_model(checkpoint)  # MLflow stores it as a model while the test runs
+        tested = None if args.only_test else checkpoint
+        trainer.test(solver, datamodule=datamodule, ckpt_path=tested, verbose=False, weights_only=True)
 
-    # 5. Report.
-    run.finish(trainer, solver, datamodule, tested)
-    return RunResult(
-        directory=run.directory,
-        best_score=_best_score(trainer, args.monitor),
-        test_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},
-    )
-
-
-def _best_checkpoint(trainer: Any, monitor: str) -> Path | None:
-    """The best checkpoint's path, the same on every process (Lightning broadcasts rank 0's directory),
-    so each rank tests the same weights whoever launched it (Lightning, torchrun, SLURM)."""
-    for callback in trainer.checkpoint_callbacks:
-        if callback.monitor == monitor and callback.best_model_path:
-            return Path(callback.best_model_path)
-    return None
-
-
-def _best_score(trainer: Any, monitor: str) -> float | None:
-    for callback in trainer.checkpoint_callbacks:
-        if callback.monitor == monitor and callback.best_model_score is not None:
-            return float(callback.best_model_score)
-    return None
+        # 5. Report.
+        run.finish(trainer, solver, datamodule, checkpoint)
+    return RunResult(run.directory, run.best_score(trainer), run.test_metrics(trainer))
 
 
 def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
-    """A fresh Solver for `datamodule`'s inputs and classes (benchmarks/ builds it the same way)."""
+    """A fresh Solver for the dataset's inputs and classes (benchmarks/ build it the same way)."""
+    from project.infra import hardware
+    from project.model import backbone_options
     from project.solver import Solver
 
-    accelerator, _, _ = _hardware(args)
     return Solver(
         model=args.model,
+        model_options=backbone_options(args.model, vars(args)),
         input_shape=list(datamodule.input_shape),
         class_names=list(datamodule.class_names),
         mean=list(datamodule.mean),
         std=list(datamodule.std),
         pixel_max=datamodule.pixel_max,
-        hidden_dim=args.hidden_dim,
         learning_rate=args.learning_rate,
         max_epochs=args.max_epochs,
-        channels_last=args.model == "cnn" and accelerator != "cpu",
+        channels_last=args.model == "cnn" and hardware.resolve(args).accelerator != "cpu",
         compile=args.compile,
     )
 
 
 def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] = ()) -> Any:
-    """The Trainer for `args`, logging and checkpointing into `run` (records.open_run's), with the safety
-    callbacks and any `callbacks` given (benchmarks/ times exactly this one)."""
+    """The Trainer for `args`, logging and checkpointing into `run` (records.open_run's), with the callbacks that keep
+    a run safe and any `callbacks` given (benchmarks/ time exactly this one)."""
     import lightning.pytorch as pl
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from project import checkpoints
-    from project.callbacks import safety_callbacks
-    from project.errors import UserError
+    from project.infra import callbacks as safety
+    from project.infra import hardware
 
-    accelerator, device_count, precision = _hardware(args)
-    last = run.directory / checkpoints.CHECKPOINT_DIR / checkpoints.LAST
-    safety = safety_callbacks(last, resume_command(args.argv, last), args.checkpoint_every_n_steps)
+    machine = hardware.resolve(args)  # checked against this machine before anything was written
     settings = dict(
-        accelerator=accelerator,
-        devices=device_count,
+        accelerator=machine.accelerator,
+        devices=machine.devices,
         num_nodes=args.num_nodes,
         strategy=args.strategy,
-        precision=precision,
+        precision=machine.precision,
         max_epochs=args.max_epochs,
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic or None,
-        # cuDNN picks the fastest convolution for our fixed batch shapes (ignored on the CPU).
-        benchmark=not args.deterministic,
+        benchmark=not args.deterministic,  # cuDNN picks the fastest convolution for our fixed shapes
         logger=run.loggers,
-        # A progress bar redrawn every step costs a terminal write per step; every 10th is as readable.
-        callbacks=[*run.callbacks, *safety, *callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)],
-        # Checkpoints written atomically, read weights_only (also when Lightning resumes from one).
-        plugins=[checkpoints.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
-        default_root_dir=str(run.directory),
-        # Our loaders shard by rank themselves (evaluation without padding duplicates).
-        use_distributed_sampler=False,
-        # Each logged step reads the loss on the host (a GPU sync) and writes to every tracker.
+        enable_checkpointing=not args.only_test,
+        callbacks=[*run.callbacks, *safety.for_run(run.last_checkpoint, args), *callbacks],
+        # Checkpoints written atomically and read weights-only, also when Lightning resumes from one.
+        plugins=[safety.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
+        default_root_dir=run.directory,
+        use_distributed_sampler=False,  # our loaders shard by rank themselves (evaluation without padding)
         log_every_n_steps=LOG_EVERY_N_STEPS,
         enable_model_summary=False,
     )
     try:
         return pl.Trainer(**settings)
-    except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as error:
-        # Hardware mistakes (no GPU, too many devices, unknown strategy) as one line.
+    except (ValueError, TypeError, ModuleNotFoundError) as error:  # MisconfigurationException is a ValueError
         first_sentence = str(error).split(". ")[0].splitlines()[0]
         raise UserError(f"--accelerator/--devices/--strategy/--precision: {first_sentence}") from error
-
-
-def _hardware(args: argparse.Namespace) -> tuple[str, Any, str]:
-    """(accelerator, devices, precision) for the Trainer, from --gpus/--accelerator/--devices/--precision,
-    checked against what this machine has before anything is written."""
-    import torch
-
-    from project.errors import UserError
-
-    accelerator, count = args.accelerator, args.devices
-    if args.gpus is not None:
-        accelerator, count = "gpu", args.gpus
-    if accelerator in ("gpu", "cuda"):
-        available = torch.cuda.device_count()
-        if available == 0:
-            raise UserError("a GPU was requested (--gpus/--accelerator gpu) but none is visible; use --accelerator cpu")
-        if isinstance(count, int) and count > available:
-            raise UserError(f"--devices {count}: only {available} GPU(s) visible on this machine")
-    if accelerator == "cpu" and isinstance(count, int) and count > (os.cpu_count() or 1):
-        raise UserError(f"--devices {count}: this machine has {os.cpu_count()} CPU cores; use at most that many")
-    if args.strategy != "auto":
-        from lightning.pytorch.strategies import StrategyRegistry
-
-        if args.strategy not in StrategyRegistry:
-            raise UserError(
-                f"--strategy {args.strategy}: not one of Lightning's strategies (ddp, ddp_spawn, fsdp, deepspeed, "
-                f"...: {len(StrategyRegistry)} in lightning.pytorch.strategies.StrategyRegistry)"
-            )
-    if args.precision:
-        precision = args.precision
-    elif args.half_precision:
-        on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        bf16 = not on_gpu or torch.cuda.is_bf16_supported()
-        precision = "bf16-mixed" if bf16 else "16-mixed"
-    else:
-        precision = "32-true"
-    return accelerator, count, precision
 
 
 if __name__ == "__main__":

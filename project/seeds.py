@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from project import run
-from project.errors import UserError, exit_code
+from project.infra import runs
+from project.infra.cli import non_negative_int
+from project.infra.errors import UserError, run_command
 
 
 def seed_list(text: str) -> list[int]:
-    seeds = [run.non_negative_int(part) for part in text.split(",") if part.strip()]
+    seeds = [non_negative_int(part) for part in text.split(",") if part.strip()]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError
     return seeds
@@ -48,32 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, run_argv = build_parser().parse_known_args(argv)
     base = run.parse_args(run_argv)  # checked once, before the first run (exits 2 with one line if wrong)
-    return exit_code(lambda: repeat(args.seeds, run_argv, base), base.debug)
+    return run_command(lambda: repeat(args.seeds, run_argv, base), base.debug)
 
 
 def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> dict[str, Any]:
-    from project.checkpoints import experiment_dir
-
     if base.only_test or base.resume:
         raise UserError("--only-test and --resume are not for --seeds: each seed trains afresh")
     if any(arg == "--seed" or arg.startswith("--seed=") for arg in run_argv):
         raise UserError("--seed and --seeds exclude each other: list every seed in --seeds")
-    runs = []
+    results = []
     for seed in seeds:
-        print(f"\n--- seed {seed} ({len(runs) + 1} of {len(seeds)})", flush=True)
+        print(f"\n--- seed {seed} ({len(results) + 1} of {len(seeds)})", flush=True)
         result = run.train_and_test(run.parse_args([*run_argv, "--seed", str(seed)]))
-        runs.append({"seed": seed, "run_dir": str(result.directory), **result.test_metrics})
+        results.append({"seed": seed, "run_dir": str(result.directory), **result.test_metrics})
 
-    names = sorted({name for r in runs for name in r if name.startswith("test/")})
+    names = sorted({name for r in results for name in r if name.startswith("test/")})
     summary = {
-        name: {"mean": statistics.mean(r[name] for r in runs), "std": statistics.stdev(r[name] for r in runs)}
+        name: {"mean": statistics.mean(r[name] for r in results), "std": statistics.stdev(r[name] for r in results)}
         for name in names
-        if all(name in r for r in runs)
+        if all(name in r for r in results)
     }
-    record = {"seeds": seeds, "config": run.config_of(base), "runs": runs, "summary": summary}
-    path = experiment_dir(base) / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    record = {"seeds": seeds, "config": run.config_of(base), "runs": results, "summary": summary}
+    path = runs.experiment_dir(base.exp_dir, base.exp_name) / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(format_summary(runs, summary, path))
+    print(format_summary(results, summary, path))
     return record
 
 

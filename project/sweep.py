@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from project import run
-from project.errors import UserError, exit_code
+from project.infra.cli import name, non_negative_int, positive_int
+from project.infra.errors import UserError
+from project.infra.errors import run_command as exit_code
 
 # Used when --search-space is not given; a search-space file has the same form.
 DEFAULT_SEARCH_SPACE: dict[str, Any] = {
@@ -50,7 +52,7 @@ every trial, e.g. --dataset digits --max-epochs 10 --monitor val/acc --exp-dir r
 HEARTBEAT_INTERVAL_S = 60  # a running trial records it is alive this often
 HEARTBEAT_GRACE_S = 300  # a trial silent this long (server storage) is failed and queued again
 MAX_RETRIES = 2  # a trial that keeps dying (e.g. it kills the machine) is not queued forever
-OPTIONS_NOT_SEARCHED = {"exp_name", "exp_dir", "config", "logger", *run.NOT_CONFIG}
+OPTIONS_NOT_SEARCHED = {"exp_name", "exp_dir", "config", "logger", *run.build_parser().command_only}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     # fmt: off
-    add("--study", type=run.experiment_name, required=True, metavar="NAME",
+    add("--study", type=name, required=True, metavar="NAME",
         help="the study's name; its trials are the runs of --exp-name NAME")
-    add("--n-trials", type=run.positive_int, required=True, metavar="N",
+    add("--n-trials", type=positive_int, required=True, metavar="N",
         help="finished (completed or pruned) trials the study should have")
     add("--search-space", type=Path, default=None, metavar="FILE",
         help="YAML file of ranges and choices (below; default: the default search space)")
@@ -76,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pruner", choices=("median", "none"), default="median",
         help="median (default): stop a trial whose metric is worse than the median of earlier trials at "
         "the same epoch")
-    add("--prune-after-trials", type=run.non_negative_int, default=5, metavar="N",
+    add("--prune-after-trials", type=non_negative_int, default=5, metavar="N",
         help="finished trials needed before pruning starts (default: 5)")
-    add("--prune-after-epochs", type=run.non_negative_int, default=1, metavar="N",
+    add("--prune-after-epochs", type=non_negative_int, default=1, metavar="N",
         help="epochs every trial runs before it can be pruned (default: 1)")
     # fmt: on
     return parser

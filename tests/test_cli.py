@@ -1,12 +1,14 @@
-"""The command line: every original flag, YAML config with command-line precedence, one-line errors."""
+"""The command line: every original flag, one declaration read from flags and YAML alike (flags win), --resume and
+--only-test taking the run's own configuration, and mistakes that are short and name the fix."""
 
 import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import ROOT, cli_env, run_cli
 
-from project.run import NOT_CONFIG, config_of, parse_args
+from project.run import FIXED_ON_TEST, MAY_CHANGE_ON_RESUME, build_parser, config_of, parse_args
 
 ORIGINAL_FLAGS = [
     "--batch-size", "64", "--num-workers", "0", "--learning-rate", "0.001", "--hidden-dim", "32", "--only-test",
@@ -16,18 +18,22 @@ ORIGINAL_FLAGS = [
 
 
 def test_every_original_flag_parses():
-    args = parse_args(ORIGINAL_FLAGS)
+    args = build_parser().parse_args(ORIGINAL_FLAGS)
     assert (args.batch_size, args.num_workers, args.learning_rate, args.hidden_dim) == (64, 0, 0.001, 32)
     assert args.only_test and args.half_precision and args.fast_dev_run
     assert (args.gpus, args.max_epochs, args.exp_name, args.exp_dir) == (2, 3, "trial", "/tmp/x")
 
 
-def test_original_defaults_kept():
+def test_defaults():
+    import os
+
     args = parse_args([])
-    assert (args.batch_size, args.num_workers, args.hidden_dim, args.max_epochs) == (128, 4, 128, 20)
-    assert (args.exp_name, args.exp_dir) == ("debug", "~/Experiments")
+    assert (args.batch_size, args.hidden_dim, args.max_epochs, args.learning_rate) == (128, 128, 20, 1e-3)
+    assert args.num_workers == min(4, len(os.sched_getaffinity(0)))  # fits the machine
+    assert (args.exp_name, args.exp_dir, args.dataset, args.model, args.logger) == (
+        "debug", "~/Experiments", "digits", "cnn", ["mlflow"]
+    )  # fmt: skip
     assert not (args.only_test or args.half_precision or args.fast_dev_run)
-    assert args.dataset == "digits" and args.logger == ["mlflow"]
 
 
 def test_config_file_values_and_command_line_precedence(tmp_path):
@@ -38,63 +44,119 @@ def test_config_file_values_and_command_line_precedence(tmp_path):
     args = parse_args(["--config", str(config)])
     assert (args.learning_rate, args.batch_size, args.model, args.fast_dev_run) == (0.05, 32, "mlp", True)
     assert args.logger == ["csv", "tensorboard"]
-    args = parse_args(["--config", str(config), "--batch-size", "16", "--logger", "none"])
-    assert (args.learning_rate, args.batch_size, args.logger) == (0.05, 16, ["none"])
+    args = parse_args(["--config", str(config), "--batch-size", "16", "--logger", "none", "--no-fast-dev-run"])
+    assert (args.learning_rate, args.batch_size, args.logger, args.fast_dev_run) == (0.05, 16, ["none"], False)
 
 
 def test_resolved_config_round_trips(tmp_path):
-    import yaml
-
     args = parse_args(["--learning-rate", "0.02", "--logger", "csv", "--logger", "tensorboard", "--seed", "7"])
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(config_of(args)))
-    again = parse_args(["--config", str(config)])
-    assert config_of(again) == config_of(args)
-    assert not set(NOT_CONFIG) & set(config_of(args))
+    assert config_of(parse_args(["--config", str(config)])) == config_of(args)
+    assert not build_parser().command_only & set(config_of(args))
+
+
+def fake_run(tmp_path, **config):
+    """A run directory as project.run leaves it, enough for the command line: config.yaml and checkpoints."""
+    run = tmp_path / "experiments" / "debug" / "20260101-000000-abcdef"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "best-epoch003.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"weights")
+    saved = config_of(parse_args(["--exp-dir", str(tmp_path / "experiments"), "--model", "mlp", "--max-epochs", "40",
+                                  "--learning-rate", "0.01", "--batch-size", "64", "--logger", "csv"]))  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, **config}))
+    return run
+
+
+def test_resume_takes_the_runs_own_configuration(tmp_path):
+    run = fake_run(tmp_path)
+    args = parse_args(["--resume", "--exp-dir", str(tmp_path / "experiments"), "--max-epochs", "60"])
+    assert args.resume == str(run / "checkpoints" / "last.ckpt")
+    assert (args.model, args.learning_rate, args.batch_size, args.logger, args.max_epochs) == (
+        "mlp", 0.01, 64, ["csv"], 60
+    )  # fmt: skip
+    args = parse_args(["--resume", str(run / "checkpoints" / "last.ckpt"), "--devices", "1", "--logger", "mlflow"])
+    assert (args.model, args.logger) == ("mlp", ["mlflow"])  # a path finds its run's config.yaml too
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--model", "cnn"], "--model cnn (the run's: mlp)"), (["--batch-size", "32"], "--batch-size 32"),
+     (["--seed", "1"], "--seed 1"), (["--learning-rate", "0.5"], "--learning-rate 0.5"),
+     (["--val-fraction", "0.2"], "--val-fraction"), (["--monitor", "val/acc"], "--monitor")],
+)  # fmt: skip
+def test_resume_refuses_what_would_change_the_runs_data_model_or_optimisation(tmp_path, capsys, flags, named):
+    fake_run(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--resume", "--exp-dir", str(tmp_path / "experiments"), *flags])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 2 and named in error[1], error
+    assert "a resumed run keeps its data, split, model and optimisation" in error[1]
+
+
+def test_only_test_takes_the_runs_data_and_split(tmp_path, capsys):
+    run = fake_run(tmp_path, seed=3, dataset="digits")
+    args = parse_args(["--only-test", "--exp-dir", str(tmp_path / "experiments"), "--batch-size", "8"])
+    assert (args.seed, args.batch_size, args.checkpoint) == (3, 8, str(run / "checkpoints" / "best-epoch003.ckpt"))
+    with pytest.raises(SystemExit):
+        parse_args(["--only-test", "--exp-dir", str(tmp_path / "experiments"), "--seed", "0"])
+    assert "--seed 0 (the run's: 3): a run's checkpoint is tested on its own test split" in capsys.readouterr().err
+
+
+def test_what_may_change_is_a_subset_of_the_options():
+    options = set(config_of(parse_args([])))
+    assert options >= MAY_CHANGE_ON_RESUME and options >= FIXED_ON_TEST
+    assert {"model", "learning_rate", "batch_size", "seed", "dataset", "hidden_dim"}.isdisjoint(MAY_CHANGE_ON_RESUME)
 
 
 BAD_ARGS = [
     (["--learning-rate", "abc"], "--learning-rate"),
     (["--learning-rate", "0"], "--learning-rate"),
     (["--learning-rate", "-1"], "--learning-rate"),
+    (["--learning-rate", "inf"], "--learning-rate"),
     (["--batch-size", "0"], "--batch-size"),
     (["--batch-size", "1.5"], "--batch-size"),
     (["--max-epochs", "-3"], "--max-epochs"),
+    (["--seed", "4294967296"], "--seed"),
+    (["--seed", "-1"], "--seed"),
     (["--dataset", "imagenet"], "--dataset"),
     (["--model", "resnet999"], "--model"),
     (["--exp-name", "a/b"], "--exp-name"),
     (["--exp-name", ".."], "--exp-name"),
     (["--devices", "zero"], "--devices"),
     (["--logger", "comet"], "--logger"),
-    (["--no-such-flag"], "unrecognized"),
+    (["--monitor", "val/typo"], "--monitor"),
+    (["--no-such-flag"], "unknown option --no-such-flag"),
+    (["--learning-rat", "0.01"], "did you mean --learning-rate?"),  # no abbreviations: a typo is not a prefix
     (["--only-test", "--resume"], "--resume"),
 ]
 
 
 @pytest.mark.parametrize("argv, named", BAD_ARGS)
-def test_bad_values_exit_2_with_one_line(argv, named):
+def test_bad_values_are_at_most_three_lines(argv, named):
     result = subprocess.run(
         [sys.executable, "-m", "project.run", *argv], capture_output=True, text=True, cwd=ROOT, env=cli_env()
     )
     assert result.returncode == 2
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("python -m project.run: error")]
-    assert len(error_lines) == 1 and named in error_lines[0]
-    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 3 and lines[-1].startswith("python -m project.run: error: ") and named in lines[-1], lines
 
 
 @pytest.mark.parametrize(
     "content, named",
-    [("learning_rate: [1, 2\n", "not valid YAML"), ("lerning_rate: 0.1\n", "unknown option"),
-     ("batch_size: -4\n", "--batch-size"), ("- a list\n", "mapping"), ("fast_dev_run: 3\n", "true or false")],
+    [(b"learning_rate: [1, 2\n", "not valid YAML at line 2"), (b"lerning_rate: 0.1\n", "did you mean learning_rate"),
+     (b"batch_size: -4\n", "--batch-size"), (b"- a list\n", "mapping"), (b"fast_dev_run: 3\n", "true or false"),
+     (b"resume: last\n", "unknown option 'resume'"), (b"\xff\xfe not text\n", "not UTF-8")],
 )  # fmt: skip
-def test_bad_config_files_exit_2_with_one_line(tmp_path, content, named):
+def test_bad_config_files_are_one_line(tmp_path, content, named):
     config = tmp_path / "bad.yaml"
-    config.write_text(content)
+    config.write_bytes(content)
     result = run_cli("--config", str(config))
-    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert f"--config {config}" in result.stderr.splitlines()[-1] or "--config:" in result.stderr
 
 
-def test_help_lists_every_option_with_defaults_without_importing_torch():
+def test_help_shows_each_default_once_and_only_choices_that_work():
     code = (
         "import sys, contextlib, io\n"
         "from project import run\n"
@@ -105,7 +167,10 @@ def test_help_lists_every_option_with_defaults_without_importing_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
     assert result.returncode == 0, result.stderr
-    for flag in ORIGINAL_FLAGS[::2] + ["--dataset", "--model", "--seed", "--config", "--precision", "--devices"]:
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines
+    for flag in [*ORIGINAL_FLAGS[::2], "--dataset", "--model", "--seed", "--config", "--precision", "--devices"]:
         if flag.startswith("--"):
-            assert flag in result.stdout
-    assert "(default: 128)" in result.stdout
+            assert flag in help_text
+    assert "(default: 128)" in help_text and "(default: mlflow)" in help_text
+    assert "(default: None)" not in help_text and help_text.count("(default:") == help_text.count("default:")
+    assert "neptune" not in help_text

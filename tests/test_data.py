@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import write_cifar10_like, write_image_folder, write_mnist_like
 
-from project.data import DATASETS, EpochBatches
-from project.errors import UserError
+from project.data import DATASETS
+from project.infra.batches import EpochBatches
+from project.infra.errors import UserError
 
 
 def setup_module_data(name: str, data_dir: Path | str = "data", **kwargs):
@@ -70,7 +71,7 @@ def test_torchvision_datasets_read_their_real_file_formats(tmp_path, name, folde
     else:
         write_cifar10_like(tmp_path, per_batch=20, n_test=20)
     datamodule = setup_module_data(name, tmp_path, val_fraction=0.2)
-    assert datamodule.input_shape == shape and datamodule.num_classes == 10
+    assert datamodule.input_shape == shape and len(datamodule.class_names) == 10
     train_size = 60 if folder else 100
     assert datamodule.split_sizes == {"train": train_size * 4 // 5, "val": train_size // 5, "test": 20}
     pairs = split_labels_and_pixels(datamodule)

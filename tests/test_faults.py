@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import ROOT, cli_env, only_run_dir, run_cli
 
-from project import checkpoints
-from project.errors import UserError
+from project.infra import callbacks, checkpoints
+from project.infra.errors import UserError
 
 DIGITS = ("--model", "mlp", "--hidden-dim", "32", "--batch-size", "64", "--logger", "none")
 
@@ -174,7 +174,7 @@ def test_disk_full_on_a_real_tiny_file_system(exp_dir: Path) -> None:
 def test_disk_filling_while_writing_leaves_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    io_plugin, path = checkpoints.SafeCheckpointIO(), tmp_path / "last.ckpt"
+    io_plugin, path = callbacks.SafeCheckpointIO(), tmp_path / "last.ckpt"
     (tmp_path / ".last.ckpt.12345.tmp").write_bytes(b"left by a process killed mid-write")
     io_plugin.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "hyper_parameters": {}}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
@@ -189,7 +189,7 @@ def test_disk_filling_while_writing_leaves_the_previous_checkpoint(
             return super().write(data)
 
     # torch.save reports a failed write as a RuntimeError without errno: the real error must come through.
-    monkeypatch.setattr(checkpoints, "open", lambda name, mode: FillingDisk(io.FileIO(name, mode)), raising=False)
+    monkeypatch.setattr(callbacks, "open", lambda name, mode: FillingDisk(io.FileIO(name, mode)), raising=False)
     with pytest.raises(UserError, match="No space left on device; the previous last.ckpt is intact"):
         io_plugin.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, path)
     assert path.read_bytes() == before
@@ -200,5 +200,5 @@ def test_lightning_resume_reads_weights_only_whatever_it_is_asked(tmp_path: Path
     marker, hostile = tmp_path / "payload-ran", tmp_path / "hostile.ckpt"
     write_hostile_checkpoint(hostile, marker)
     with pytest.raises(UserError, match="refused"):
-        checkpoints.SafeCheckpointIO().load_checkpoint(hostile, weights_only=False)
+        callbacks.SafeCheckpointIO().load_checkpoint(hostile, weights_only=False)
     assert not marker.exists()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from project.metrics import ConfusionMatrix, MeanValue, format_report, per_class_scores, summarize
+from project.metrics import ConfusionMatrix, format_report, per_class_scores, summarize
 
 
 def random_batches(num_classes: int, seed: int, never: tuple[int, ...] = ()):
@@ -76,11 +76,27 @@ def test_state_does_not_grow_with_batches():
     assert [tuple(s.shape) for s in metric.metric_state.values()] == [(100,)]
 
 
-def test_mean_value_weights_by_count():
-    mean = MeanValue()
-    mean.update(torch.tensor(3.0), 1)  # one sample with loss 3
-    mean.update(torch.tensor(4.0), 4)  # four samples with loss 1
-    assert float(mean.compute()) == pytest.approx(7 / 5)
+def test_the_solvers_loss_over_uneven_batches_equals_scikit_learns_log_loss():
+    """The Solver's epoch loss: the mean of per-sample cross-entropies, batch by batch, after a move to a device."""
+    import torch.nn.functional as F
+    from sklearn.metrics import log_loss
+
+    from project.solver import Solver
+
+    solver = Solver("mlp", (1, 2, 2), [str(c) for c in range(5)], [0.0], [1.0]).to("cpu")
+    rng = np.random.default_rng(0)
+    all_logits, all_labels = [], []
+    for size in rng.integers(1, 40, size=20):
+        logits, labels = (
+            torch.from_numpy(rng.normal(size=(size, 5))).float(),
+            torch.from_numpy(rng.integers(0, 5, size)),
+        )
+        solver.eval_loss.update(F.cross_entropy(logits, labels, reduction="none"))
+        all_logits.append(logits)
+        all_labels.append(labels)
+    probabilities = torch.softmax(torch.cat(all_logits).double(), dim=1).numpy()
+    expected = log_loss(torch.cat(all_labels).numpy(), probabilities, labels=list(range(5)))
+    assert float(solver.eval_loss.compute()) == pytest.approx(expected, rel=1e-6)  # float32 cross-entropy
 
 
 def test_report_names_classes_and_scores():

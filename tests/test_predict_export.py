@@ -39,8 +39,8 @@ def probabilities(rows: list[dict[str, str]], class_names: list[str]) -> np.ndar
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A digits CNN, its test split as a raw-pixel .npy, and the solver's own outputs on it."""
-    from project import checkpoints
     from project.data import Digits
+    from project.infra import checkpoints
 
     exp_dir = tmp_path_factory.mktemp("digits") / "experiments"
     checkpoint = train(exp_dir, "--dataset", "digits")
@@ -94,7 +94,7 @@ def test_predict_scales_image_files_to_the_datasets_pixel_range(digits_run: dict
     files = []
     for i, pixels in enumerate(images):
         files.append(tmp_path / f"digit{i}.png")
-        Image.fromarray(np.round(pixels * 255 / 16).astype(np.uint8), mode="L").save(files[-1])
+        Image.fromarray(np.round(pixels.astype(np.float64) * 255 / 16).astype(np.uint8), mode="L").save(files[-1])
     output = tmp_path / "predictions.csv"
     from project import predict
 
@@ -111,8 +111,9 @@ def test_predict_scales_image_files_to_the_datasets_pixel_range(digits_run: dict
 def test_predict_reads_an_image_folder_as_training_did(tmp_path: Path) -> None:
     """Image-folder models: predictions on the image files equal the solver's on the DataModule's batches
     (RGB conversion and resizing to --image-size included; the source images are 12x12, read at 16x16)."""
-    from project import checkpoints, predict
+    from project import predict
     from project.data import ImageFolderData
+    from project.infra import checkpoints
 
     folder = tmp_path / "images"
     write_image_folder(folder, classes=("cat", "dog", "emu"), per_class=10, size=12)

@@ -273,8 +273,8 @@ def test_two_runs_started_together_never_share_anything(tmp_path):
 
 
 def test_a_planted_symlink_is_not_followed_out_of_exp_dir(tmp_path):
-    from project.errors import UserError
-    from project.records import create_run_dir
+    from project.infra.errors import UserError
+    from project.infra.records import create_run_dir
 
     outside, exp_dir = tmp_path / "outside", tmp_path / "experiments"
     outside.mkdir()

@@ -17,9 +17,10 @@ import torch
 from conftest import ROOT, cli_env, only_run_dir, write_cifar10_like
 from torch.utils.data import DistributedSampler
 
-from project import records, run
-from project.checkpoints import CHECKPOINT_DIR, LAST
-from project.data import EpochBatches, InMemoryData
+from project import run
+from project.infra import records, tracking
+from project.infra.batches import EpochBatches, InMemoryData
+from project.infra.runs import CHECKPOINT_DIR, LAST
 
 
 class Synthetic(InMemoryData):
@@ -55,9 +56,10 @@ def template_parts(
     datamodule = Synthetic(sizes, augment=augment, **vars(args))
     solver = run.build_solver(args, datamodule)
     if real_records:
-        run_records = records.open_run(args, run.config_of(args))
+        run_records = records.open_run(args, run.config_of(args), tracking.start(args), resume_from=None)
     else:
-        run_records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path)
+        run_records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path,
+                                      last_checkpoint=tmp_path / "last.ckpt")  # fmt: skip
     return args, datamodule, solver, run.build_trainer(args, run_records)
 
 

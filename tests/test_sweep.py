@@ -15,7 +15,7 @@ import yaml
 from conftest import ROOT, cli_env
 
 from project import run, sweep
-from project.errors import UserError
+from project.infra.errors import UserError
 
 TINY = ["--model", "mlp", "--hidden-dim", "16", "--max-epochs", "2", "--logger", "csv", "--num-workers", "0"]
 

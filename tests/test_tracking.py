@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env, run_cli
 
-from project.redact import REDACTED, redact, redact_argv, scrub
+from project.infra.redact import REDACTED, redact, redact_argv, scrub
 
 # Batch 16: 90 steps an epoch, so the per-step loss (written every 50 steps) shows up in 2 epochs.
 TINY = ("--model", "mlp", "--num-workers", "0", "--batch-size", "16")

@@ -7,6 +7,8 @@ scikit-learn is the reference these are tested against (tests/test_metrics.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torchmetrics import Metric
@@ -16,7 +18,7 @@ class ConfusionMatrix(Metric):
     """Counts of (true class, predicted class) pairs; row = true class, column = predicted class.
 
     `update` is a fixed-size `scatter_add_`: no `bincount`, no `.item()`, so it never waits for the GPU
-    (torchmetrics' own classification metrics do, once per call).
+    (torchmetrics' MulticlassConfusionMatrix validates its inputs and bincounts: a host sync per call).
     """
 
     full_state_update = False
@@ -44,18 +46,23 @@ class ConfusionMatrix(Metric):
 
 
 class MeanValue(Metric):
-    """Exact mean of per-sample values (a loss) across batches of any size and across processes."""
+    """Exact mean of per-sample values (a loss) over batches of any size and over processes: a float64 sum and a count.
+
+    Not torchmetrics' MeanMetric: with nan_strategy="disable" (its NaN check is a host sync per update) it drops the
+    weights (Lightning-AI/torchmetrics#3434), and a device move resets its dtype to float32, so it sums in float32
+    and two processes no longer give one process's loss to the last bit (tests/test_ddp.py).
+    """
 
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, value_sum: torch.Tensor, count: int) -> None:
-        self.total += value_sum.detach().double()
-        self.count += count
+    def update(self, values: torch.Tensor) -> None:
+        self.total += values.detach().double().sum()
+        self.count += values.numel()
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp(min=1)

@@ -3,7 +3,9 @@
 Anything whose name says KEY, TOKEN, SECRET, PASSWORD or CREDENTIAL is a secret, whether it is an
 environment variable, a config entry, a `--tag`, or a flag on the command line; so is the password in
 a URL (`https://user:password@host`). Every record of a run (config.yaml, manifest.json, the tracker's
-params and tags) passes through here first. Lightweight on purpose: no torch, no tracker imports.
+params and tags) and every line a command prints about its input passes through here first, in whatever form the
+secret came: `--api-key X`, `--api-key=X`, `--tag db_token=X`, `--tag=db_token=X`, `DB_TOKEN=X`, or X itself when an
+environment variable with a secret's name holds it. Lightweight on purpose: no torch, no tracker imports.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def redact(value: Any, name: str = "") -> Any:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """A command line that is safe to write down: `--api-key X`, `--api-key=X` and `NAME_TOKEN=X` lose X."""
+    """A command line that is safe to write down: `--api-key X`, `--api-key=X`, `--tag NAME_TOKEN=X`,
+    `--tag=NAME_TOKEN=X` and `NAME_TOKEN=X` lose X."""
     safe: list[str] = []
     hide_next = False
     for arg in argv:
@@ -60,16 +63,23 @@ def redact_argv(argv: list[str]) -> list[str]:
             safe.append(REDACTED)
             hide_next = False
             continue
-        flag, equals, _ = arg.partition("=")
+        flag, equals, value = arg.partition("=")
         if arg.startswith("-") and is_secret(flag):
-            if equals:
-                safe.append(f"{flag}={REDACTED}")
-            else:
-                safe.append(arg)
-                hide_next = True
-            continue
-        safe.append(_redact_assignment(scrub(arg)))
+            safe.append(f"{flag}={REDACTED}" if equals else arg)
+            hide_next = not equals
+        elif arg.startswith("-") and equals:
+            safe.append(f"{flag}={_redact_assignment(scrub(value))}")
+        else:
+            safe.append(_redact_assignment(scrub(arg)))
     return safe
+
+
+SECRET_ASSIGNMENT = re.compile(r"([\w.\-/]*(?:KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL)[\w.\-/]*)=([^\s'\",]+)", re.I)
+
+
+def redact_text(text: str) -> str:
+    """A line of text (an error message that quotes the command line) with every secret in it hidden."""
+    return SECRET_ASSIGNMENT.sub(rf"\1={REDACTED}", scrub(text))
 
 
 def _redact_assignment(text: str) -> str:

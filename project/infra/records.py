@@ -1,0 +1,450 @@
+"""One run's records, whatever the tracker: its directory (runs.py says what lives there), the lock that keeps a
+second process out, config.yaml and manifest.json, the test reports and plots, and the one-screen summary at the end.
+
+Nothing is written into an existing run until its training (or testing) really starts: a command that fails before
+that (a bad option, a checkpoint that does not fit, a run another process holds) leaves the run as it was. Files are
+replaced atomically. Only global rank 0 creates the directory, writes in it and opens tracker runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import getpass
+import json
+import os
+import platform
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from project.infra import plots, runs
+from project.infra.errors import Interrupted, RunStopped, UserError
+from project.infra.redact import redact, redact_argv
+from project.infra.tracking import Trackers
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked
+    fcntl = None
+
+# Rank 0 names the run directory here; Lightning's DDP launcher starts the other processes with its environment.
+RUN_DIR_ENV = "PROJECT_RUN_DIR"
+# The test report goes on screen too while it fits there (with the summary); beyond this, only into its file.
+MAX_CLASSES_ON_SCREEN = 20
+
+
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0, before the Trainer knows: Lightning reads the launcher's RANK,
+    LOCAL_RANK or SLURM_PROCID; NODE_RANK covers the first process of every other node."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def open_run(args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None) -> Run:
+    """The run directory (new, or the one `resume_from` belongs to), locked, with its loggers and checkpoint callbacks;
+    config.yaml and manifest.json are written when the Trainer starts (Run.setup)."""
+    zero = is_global_zero()
+    continued = runs.run_of(resume_from) if resume_from is not None else None
+    if continued is not None:
+        directory = continued
+    elif zero:
+        directory = create_run_dir(runs.experiment_dir(args.exp_dir, args.exp_name))
+        os.environ[RUN_DIR_ENV] = str(directory)
+    else:  # torchrun's other ranks never write; Lightning's launcher tells its ranks rank 0's directory
+        directory = Path(os.environ.get(RUN_DIR_ENV) or runs.experiment_dir(args.exp_dir, args.exp_name) / "rank-0")
+    run = Run(directory, args, config, trackers if zero else Trackers([]), zero, new=continued is None)
+    try:
+        if zero:
+            run.lock.acquire(run.command)
+            run.previous = read_json(directory / runs.MANIFEST, strict=True) if continued else {}
+        # Every rank has the loggers Lightning's callbacks ask for; only rank 0's write (and have tracker runs).
+        run.trackers.open(directory, args, run.previous.get("trackers", {}), run.tracker_tags() if zero else {})
+    except BaseException:
+        run.abandon()
+        raise
+    if not args.only_test:
+        last = run.last_checkpoint
+        run.callbacks += [
+            ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}", monitor=args.monitor,
+                            mode="min" if args.monitor.endswith("loss") else "max", auto_insert_metric_name=False),
+            ModelCheckpoint(dirpath=last.parent, filename=last.stem, enable_version_counter=False),
+        ]  # fmt: skip
+    return run
+
+
+class Run(pl.Callback):
+    """One run's records. As a Lightning callback it writes config.yaml and manifest.json when the Trainer starts and
+    notes the hardware and data sizes; as a context manager it records how the run ended, however it ends."""
+
+    def __init__(self, directory: Path, args: argparse.Namespace, config: dict[str, Any], trackers: Trackers,
+                 zero: bool, new: bool) -> None:  # fmt: skip
+        self.directory, self.args, self.config, self.trackers, self.zero, self.new = (
+            directory,
+            args,
+            config,
+            trackers,
+            zero,
+            new,
+        )
+        self.callbacks: list[Any] = [self]
+        self.last_checkpoint = directory / runs.CHECKPOINT_DIR / runs.LAST
+        self.command = "python -m project.run " + shlex.join(redact_argv(list(args.argv)))
+        self.lock = RunLock(directory)
+        self.previous: dict[str, Any] = {}
+        self.manifest: dict[str, Any] = {}
+        self.started = self.closed = False
+
+    @property
+    def loggers(self) -> list[Any]:
+        return self.trackers.loggers
+
+    def tracker_tags(self) -> dict[str, str]:
+        git = git_state()
+        return {
+            "user": user(),
+            "host": socket.gethostname(),
+            **({"git_commit": git["commit"], "git_dirty": str(git["dirty"])} if git["commit"] else {}),
+            "run_dir": str(self.directory),
+            "mode": "test" if self.args.only_test else "train",
+            **redact(dict(tag.split("=", 1) for tag in self.args.tag)),
+        }
+
+    # --- the run starts -------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not (self.zero and trainer.is_global_zero):
+            return
+        if not self.started:
+            self.start()
+        self.manifest["hardware"] = hardware(trainer)
+        with contextlib.suppress(AttributeError, NotImplementedError, TypeError):  # a datamodule without sizes
+            self.manifest.setdefault("data", {})["split_sizes"] = dict(trainer.datamodule.split_sizes)
+        self.write_manifest()
+
+    def start(self) -> None:
+        self.started = True
+        safe_config = redact(self.config)
+        session = {"command": self.command, "start_time": now(), "user": user(), "host": socket.gethostname(),
+                   "pid": os.getpid(), "git": git_state()}  # fmt: skip
+        if self.previous:
+            old = read_yaml(self.directory / runs.CONFIG)
+            changed = {k: [old.get(k), v] for k, v in safe_config.items() if old.get(k) != v}
+            resumed = {**session, "from": str(self.args.resume), "changed": changed, "tags": self.tags()}
+            self.manifest = {**self.previous, "end_time": None, "exit_status": "running"}
+            self.manifest["resumed"] = [*self.previous.get("resumed", []), resumed]
+        else:
+            self.manifest = {"run_id": self.directory.name, "experiment": self.args.exp_name,
+                             "mode": "test" if self.args.only_test else "train", **session, "end_time": None,
+                             "exit_status": "running", "versions": versions(), "seed": self.args.seed,
+                             "data": {"dataset": self.args.dataset}, "tags": self.tags()}  # fmt: skip
+        self.manifest["trackers"] = self.trackers.describe()
+        write_atomic(self.directory / runs.CONFIG, yaml.safe_dump(safe_config, sort_keys=True))
+        self.write_manifest()
+        self.trackers.start({**safe_config, "user": session["user"], "command": self.command})
+
+    def tags(self) -> dict[str, str]:
+        return redact(dict(tag.split("=", 1) for tag in self.args.tag))
+
+    # --- during and after training --------------------------------------------------------------------------------
+
+    def best_checkpoint(self, trainer: pl.Trainer) -> Path | None:
+        """The best checkpoint's path, the same on every process (Lightning broadcasts rank 0's directory), so each
+        rank tests the same weights whoever launched it (Lightning, torchrun, SLURM)."""
+        found = [c for c in trainer.checkpoint_callbacks if c.monitor == self.args.monitor and c.best_model_path]
+        return Path(found[0].best_model_path) if found else None
+
+    def best_score(self, trainer: pl.Trainer) -> float | None:
+        found = [c for c in trainer.checkpoint_callbacks if c.monitor == self.args.monitor]
+        score = found[0].best_model_score if found else None
+        return None if score is None else float(score)
+
+    def test_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+
+    def log_model(self, checkpoint: Path | None) -> None:
+        if self.zero and checkpoint is not None:
+            self.trackers.log_model(checkpoint)
+
+    def finish(self, trainer: pl.Trainer, solver: Any, datamodule: Any, tested: Path | None) -> None:
+        """Test report, test_metrics.json, plots, the trackers' copies, then the summary on screen."""
+        if not (self.zero and trainer.is_global_zero):
+            return
+        scores = (
+            self.write_test_records(solver, datamodule, tested, trainer) if solver.test_confusion is not None else None
+        )
+        best = self.best_score(trainer)
+        best_epoch = read_checkpoint_epoch(tested) if tested is not None and not self.args.only_test else None
+        curves = self.directory / runs.CURVES
+        write_file(
+            curves, lambda path: plots.save_curves(self.directory / runs.METRICS, path, best_epoch, self.args.monitor)
+        )
+        records = [runs.CONFIG, runs.CURVES, runs.CONFUSION, runs.REPORT, runs.TEST_METRICS, runs.METRICS]
+        self.trackers.finish(self.directory, [self.directory / name for name in records], scores)
+        problems = self.close("finished")
+        if scores is not None and len(scores["per_class"]) <= MAX_CLASSES_ON_SCREEN:
+            print((self.directory / runs.REPORT).read_text(), end="")
+        print(self.summary(scores, tested, best, problems))
+
+    def write_test_records(self, solver: Any, datamodule: Any, tested: Path | None, trainer: pl.Trainer) -> dict:
+        from project.metrics import format_report, per_class_scores, summarize
+
+        confusion, names = solver.test_confusion, [str(n) for n in datamodule.class_names]
+        scores, per_class = summarize(confusion), per_class_scores(confusion)
+        loss = trainer.callback_metrics.get("test/loss")
+        epoch = read_checkpoint_epoch(tested) if tested is not None else None
+        record = {
+            **scores,
+            "loss": float(loss) if loss is not None else None,
+            "per_class": {name: {key: float(per_class[key][i]) for key in ("precision", "recall", "f1")}
+                          | {"support": int(per_class["support"][i])} for i, name in enumerate(names)},
+            "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
+            "checkpoint": str(tested) if tested else None,
+            "checkpoint_epoch": epoch,
+        }  # fmt: skip
+        write_atomic(self.directory / runs.REPORT, format_report(confusion, names) + "\n")
+        write_atomic(self.directory / runs.TEST_METRICS, json.dumps(record, indent=2) + "\n")
+        write_file(
+            self.directory / runs.CONFUSION, lambda path: plots.save_confusion_matrix(confusion.numpy(), names, path)
+        )
+        self.manifest["test"] = {**scores, "checkpoint": record["checkpoint"], "checkpoint_epoch": epoch}
+        return record
+
+    # --- the end, however it comes --------------------------------------------------------------------------------
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        if error is None or self.closed:
+            return
+        if not self.started:
+            self.abandon()  # nothing was written: leave the run (or no trace of a new one) as it was
+        elif isinstance(error, (Interrupted, KeyboardInterrupt)) or (
+            isinstance(error, RunStopped) and error.exit_code > 128
+        ):
+            self.close("interrupted")
+        else:
+            self.close(f"failed: {type(error).__name__}")
+
+    def close(self, status: str) -> list[str]:
+        """Record the end time and exit status, end the tracker runs and release the lock; once."""
+        if self.closed:
+            return []
+        self.closed = True
+        problems: list[str] = []
+        try:
+            if self.zero:
+                self.manifest.update(end_time=now(), exit_status=status)
+                if self.manifest.get("resumed"):
+                    self.manifest["resumed"][-1].update(end_time=self.manifest["end_time"], exit_status=status)
+                self.write_manifest()
+                problems = self.trackers.close(self.directory / runs.MANIFEST, status)
+                self.manifest["trackers"] = self.trackers.describe()
+                self.write_manifest()
+        finally:
+            self.lock.release()
+        return problems
+
+    def abandon(self) -> None:
+        """The run never started: end its tracker runs unmarked, release it, and remove a new run's directory."""
+        self.closed = True
+        self.trackers.abandon()
+        self.lock.release()
+        if self.new and self.zero:
+            with contextlib.suppress(OSError):
+                (self.directory / runs.LOCK).unlink(missing_ok=True)
+                self.directory.rmdir()
+
+    def write_manifest(self) -> None:
+        write_atomic(self.directory / runs.MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")
+
+    def summary(self, scores: dict | None, tested: Path | None, best: float | None, problems: list[str]) -> str:
+        lines = ["", f"Run directory: {self.directory}"]
+        if tested is not None and scores is not None:
+            where = tested.relative_to(self.directory) if tested.is_relative_to(self.directory) else tested
+            value = f" ({self.args.monitor} {best:.4f})" if best is not None and not self.args.only_test else ""
+            lines.append(f"Best epoch:    {scores['checkpoint_epoch']}{value}, tested from {where}")
+        if scores is not None:
+            lines.append(f"Test accuracy: {scores['acc']:.4f}")
+            lines.append(f"Test macro:    precision {scores['precision']:.4f}  recall {scores['recall']:.4f}  "
+                         f"f1 {scores['f1']:.4f}   (per class: {runs.REPORT}, {runs.CONFUSION})")  # fmt: skip
+        for i, line in enumerate(self.trackers.how_to_open() or [f"{self.directory / runs.METRICS} (no tracker)"]):
+            lines.append(f"{'Tracker:' if i == 0 else '':<15}{line}")
+        lines.extend(f"warning: {problem}" for problem in problems)
+        return "\n".join(lines)
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a process runs it (flock: the OS drops it however the process dies).
+    The holder writes who it is into the lock file, so a second process can say who holds the run."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path, self.file = directory / runs.LOCK, None
+
+    def acquire(self, command: str) -> None:
+        if fcntl is None:
+            return
+        try:
+            file = open(self.path, "a+")  # noqa: SIM115 (held until release); "a+": a loser must not erase the note
+        except OSError as error:
+            raise UserError(f"cannot lock {self.path.parent}: {error.strerror}") from error
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise UserError(f"{self.path.parent} is in use by {holder}; wait for it to end, or stop it") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()} ({command})\n")
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def create_run_dir(experiment: Path) -> Path:
+    """A new, empty `experiment/<start time>-<random suffix>`. --exp-dir may be a link the user made; a link planted
+    as the experiment folder inside it is refused rather than followed out of --exp-dir."""
+    try:
+        experiment.parent.mkdir(parents=True, exist_ok=True)
+        experiment.mkdir(exist_ok=True)
+        folder = os.open(experiment, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as error:
+        if experiment.is_symlink():
+            raise UserError(f"--exp-dir: {experiment} is a symbolic link; runs are not written through it") from error
+        raise UserError(f"--exp-dir: cannot create a run directory in {experiment}: {error.strerror}") from error
+    try:
+        for _ in range(10):
+            run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(
+                    run_id, dir_fd=folder
+                )  # relative to the folder opened above: a swapped-in link is not followed
+                return experiment / run_id
+        raise UserError(f"--exp-dir: cannot find a free run name in {experiment}")
+    except OSError as error:
+        raise UserError(f"--exp-dir: cannot create a run directory in {experiment}: {error.strerror}") from error
+    finally:
+        os.close(folder)
+
+
+def write_file(path: Path, write: Any) -> None:
+    """`write(temporary_path)`, then rename: a crash or a full disk leaves the old file or none, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        if partial.exists():
+            os.replace(partial, path)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    write_file(path, lambda partial: partial.write_text(text))
+
+
+def read_checkpoint_epoch(path: Path) -> int | None:
+    from project.infra.checkpoints import read
+
+    return read(path).get("epoch")
+
+
+def hardware(trainer: pl.Trainer) -> dict[str, Any]:
+    import torch
+
+    accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    ids = list(getattr(trainer, "device_ids", []) or [])
+    names = [torch.cuda.get_device_name(i) for i in ids] if accelerator == "cuda" else [cpu_name()] * max(len(ids), 1)
+    return {"accelerator": accelerator, "devices": names, "num_nodes": trainer.num_nodes,
+            "world_size": trainer.world_size, "precision": str(trainer.precision),
+            "strategy": type(trainer.strategy).__name__}  # fmt: skip
+
+
+def git_state() -> dict[str, Any]:
+    """The commit of this project's code and whether it had uncommitted changes (None outside git)."""
+    root = str(Path(__file__).resolve().parents[2])
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import torch
+    import torchmetrics
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+             "torchmetrics": torchmetrics.__version__, "platform": platform.platform()}  # fmt: skip
+    for tracker in ("wandb", "tensorboard"):  # the ones this run imported (MLflow runs in its own process)
+        if tracker in sys.modules:
+            found[tracker] = getattr(sys.modules[tracker], "__version__", "unknown")
+    return found
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):  # Linux names the model; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # a container user with no name
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_json(path: Path, strict: bool = False) -> dict[str, Any]:
+    """A JSON object from `path`, {} when there is none; `strict`: a file that is there but not one is an error."""
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict):
+        if strict:
+            raise UserError(f"{path} is not a manifest (a JSON object); restore it, or start a new run")
+        return {}
+    return found
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        found = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return found if isinstance(found, dict) else {}

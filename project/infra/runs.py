@@ -1,0 +1,76 @@
+"""Where runs live on disk, and finding one: the latest run of an experiment, its best or last checkpoint, the run a
+checkpoint belongs to. Paths only (no torch), so the command line can find a run's config.yaml before it loads.
+
+    <exp-dir>/<exp-name>/<run-id>/      run-id: start time + random suffix, so two runs never collide
+        config.yaml           the resolved configuration: `--config` it to run the same again
+        manifest.json         command, user, host, times, exit status, git, versions, hardware, data, trackers
+        checkpoints/          best-epochNNN.ckpt (by --monitor) and last.ckpt
+        metrics.csv           every logged value with its step and epoch
+        curves.png            loss (log scale), accuracy and learning rate against epoch; the best epoch marked
+        confusion_matrix.png  the test set, labelled with class names
+        test_report.txt       the confusion matrix and per-class precision, recall and F1 as text
+        test_metrics.json     the test scores, overall and per class
+        tensorboard/, wandb/  when --logger chooses them
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from project.infra.errors import UserError
+
+CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
+METRICS = "metrics.csv"
+CURVES = "curves.png"
+CONFUSION = "confusion_matrix.png"
+REPORT = "test_report.txt"
+TEST_METRICS = "test_metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+BEST_GLOB = "best-*.ckpt"
+LOCK = ".lock"  # held while a process runs the run (records.RunLock)
+
+
+def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:
+    return Path(exp_dir).expanduser() / exp_name
+
+
+def latest_run(experiment: Path) -> Path | None:
+    """The newest run directory (by name: they start with a timestamp) that holds a checkpoint."""
+    if not experiment.is_dir():
+        return None
+    runs = sorted((p for p in experiment.iterdir() if p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
+    return next((run for run in reversed(runs) if any((run / CHECKPOINT_DIR).glob("*.ckpt"))), None)
+
+
+def best_checkpoint(run: Path) -> Path | None:
+    found = sorted((run / CHECKPOINT_DIR).glob(BEST_GLOB))
+    return found[-1] if found else None
+
+
+def find_checkpoint(spec: str, exp_dir: str | Path, exp_name: str, flag: str) -> Path:
+    """The checkpoint `spec` names: a path, or `best`/`last` of the latest run of `exp_name` (not yet read)."""
+    if spec not in ("best", "last"):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(f"{flag}: {path} does not exist")
+        if not path.is_file():
+            raise UserError(f"{flag}: {path} is not a file")
+        return path
+    experiment = experiment_dir(exp_dir, exp_name)
+    run = latest_run(experiment)
+    if run is None:
+        raise UserError(
+            f"no checkpoint found for --exp-name {exp_name} in {experiment}: train first, or pass {flag} PATH"
+        )
+    path = best_checkpoint(run) if spec == "best" else run / CHECKPOINT_DIR / LAST
+    if path is None or not path.is_file():
+        raise UserError(f"{flag} {spec}: {run / CHECKPOINT_DIR} has no {spec} checkpoint")
+    return path
+
+
+def run_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint was written in, or None for a checkpoint file kept anywhere else."""
+    run = checkpoint.parent.parent
+    return run if checkpoint.parent.name == CHECKPOINT_DIR and (run / CONFIG).is_file() else None
