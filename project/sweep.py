@@ -2,20 +2,18 @@
 
 Every trial is a normal `project.run` run (its own run directory, checkpoints and tracker run, grouped
 under `--exp-name <study>` and tagged `study=<name>`), run in this process so that Optuna's Lightning
-callback can report the validation metric after each epoch and stop a hopeless trial (pruning). What the
-trials try is `search_space()` below, in Optuna's own define-by-run form: the one place to edit.
+callback can stop a hopeless trial after any epoch (pruning). What the trials try is `search_space()`
+below, in Optuna's own define-by-run form: the one place to edit.
 
 The study lives in a database (SQLite under --exp-dir unless --storage names a server), so the same
-command run again continues it: finished trials are never repeated, and the study stops at exactly
---n-trials finished (completed or pruned) trials. A trial cut short is marked failed and queued again
-with the same parameters (at most MAX_RETRIES times, so that a trial that kills its machine does not
-loop forever):
-- SIGTERM or Ctrl-C: the trial's run saves its checkpoint as project.run does, then the sweep queues the
-  trial again and exits 128 + the signal number, saying how to continue;
-- with SQLite, one sweep process runs a study at a time (a lock file beside the database), so whatever it
-  finds still running at start was left by a dead process (kill -9, a crash) and is taken over at once;
-- with a server database, workers on several machines share the study; Optuna's heartbeat fails a
-  trial whose worker has been silent for HEARTBEAT_GRACE_S seconds.
+command run again continues it, to exactly --n-trials finished (completed or pruned) trials, never
+repeating one. A trial cut short is marked failed and queued again with the same parameters (at most
+MAX_RETRIES times):
+- SIGTERM or Ctrl-C: its run saves its checkpoint as project.run does; the sweep exits 128 + signal;
+- a kill or a crash: with SQLite one sweep process runs a study at a time (a lock beside the database),
+  so the next sweep takes over whatever it finds still running;
+- a lost machine: with a server database shared by several workers, Optuna's heartbeat fails a trial
+  silent for HEARTBEAT_GRACE_S seconds.
 
 At the end: the table of trials (printed, and trials.csv), the best trial's configuration as a YAML
 file that `python -m project.run --config` runs as is, and Optuna's plots, in <exp-dir>/<study>/sweep/.
@@ -62,8 +60,7 @@ Every option not listed above is a project.run option (see python -m project.run
 every trial, e.g. --dataset digits --max-epochs 10 --monitor val/acc --exp-dir runs. Trials maximise
 --monitor, or minimise it when it is a loss.
 
-SIGTERM or Ctrl-C stops the trial in progress after saving its checkpoint, queues it again, and exits
-(143 or 130): run the same command again to continue."""
+SIGTERM or Ctrl-C queues the trial in progress again and exits (143, 130); the same command continues."""
 
 HEARTBEAT_INTERVAL_S = 60  # a running trial records it is alive this often
 HEARTBEAT_GRACE_S = 300  # a trial silent this long (server storage) is failed and queued again
@@ -263,12 +260,11 @@ def open_study(
     except Exception as error:  # SQLAlchemy's errors for bad URLs, refused connections, ...
         raise UserError(f"--storage {url}: cannot open ({type(error).__name__}: {error})") from error
     direction = "minimize" if "loss" in base.monitor else "maximize"
-    if args.pruner == "median":
-        pruner: optuna.pruners.BasePruner = optuna.pruners.MedianPruner(
-            n_startup_trials=args.prune_after_trials, n_warmup_steps=args.prune_after_epochs
-        )
-    else:
-        pruner = optuna.pruners.NopPruner()
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
+        if args.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
     study = optuna.create_study(
         study_name=args.study, storage=storage, direction=direction, pruner=pruner, load_if_exists=True
     )
@@ -294,13 +290,9 @@ def requeue(study: optuna.Study, retry: RetryHeartbeatStaleTrialCallback, number
         trial = study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         if trial.state != TrialState.FAIL:
             continue
-        retry(study, trial)
-        again = len(retry.retry_history(trial)) < MAX_RETRIES
-        print(
-            f"trial {number} did not finish: "
-            + ("queued again with the same parameters" if again else f"not queued again ({MAX_RETRIES} retries)"),
-            flush=True,
-        )
+        retry(study, trial)  # a copy with the same parameters, unless this one was already retried MAX_RETRIES times
+        again = "queued again" if len(retry.retry_history(trial)) < MAX_RETRIES else f"{MAX_RETRIES} retries: given up"
+        print(f"trial {number} did not finish; {again}", flush=True)
 
 
 def objective(trial: optuna.Trial, args: argparse.Namespace, run_argv: list[str], in_progress: list[int]) -> float:

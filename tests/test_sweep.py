@@ -215,6 +215,8 @@ sys.exit(sweep.main(argv))
 @pytest.mark.parametrize("where", ["test", "start"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_outside_training_queues_the_trial_again_and_exits(where: str, signum: int, tmp_path: Path) -> None:
+    """Outside training, no checkpoint to save: the signal still ends the sweep with one line and 128 + signal,
+    and the trial it cut short (the one being tested, or the one starting) waits to run again."""
     exp_dir = tmp_path / "experiments"
     interrupted = 0 if where == "test" else 1
     argv = ["--study", "outside", "--n-trials", str(interrupted + 1), *TINY, "--max-epochs", "1",
