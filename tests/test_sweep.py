@@ -159,7 +159,7 @@ def test_signal_during_training_saves_queues_the_trial_again_and_exits(signum: i
     exits 128 + signal with one line; the same command then finishes the study, retrying it once."""
     exp_dir = tmp_path / "experiments"
     # Small batches, a checkpoint every step: the first checkpoint comes at once, training goes on for seconds.
-    argv = ["--study", "stopped", "--n-trials", "1", *TINY, "--max-epochs", "1", "--batch-size", "16",
+    argv = ["--study", "stopped", "--n-trials", "1", *TINY, "--max-epochs", "1", "--batch-size", "32",
             "--checkpoint-every-n-steps", "1", "--exp-dir", str(exp_dir)]  # fmt: skip
     log = tmp_path / "sweep.log"
     process = start_sweep([sys.executable, "-m", "project.sweep", *argv], log)
