@@ -49,13 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, run_argv = build_parser().parse_known_args(argv)
+    if any(arg.split("=")[0] in ("--only-test", "--resume") for arg in run_argv):
+        print("error: --only-test and --resume are not for --seeds: each seed trains afresh", file=sys.stderr)
+        return 2
     base = run.parse_args(run_argv)  # checked once, before the first run (exits 2 with one line if wrong)
     return run_command(lambda: repeat(args.seeds, run_argv, base), base.debug)
 
 
 def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> dict[str, Any]:
-    if base.only_test or base.resume:
-        raise UserError("--only-test and --resume are not for --seeds: each seed trains afresh")
     if any(arg == "--seed" or arg.startswith("--seed=") for arg in run_argv):
         raise UserError("--seed and --seeds exclude each other: list every seed in --seeds")
     results = []

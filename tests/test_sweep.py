@@ -1,5 +1,6 @@
-"""project.sweep: a sweep killed mid-trial continues to exactly N finished trials without repeating one,
-hopeless trials are pruned from their validation metric, and the best configuration reruns as is."""
+"""project.sweep: a sweep killed or stopped by a signal mid-trial continues to exactly N finished trials
+without repeating one, hopeless trials are pruned from their validation metric, and the best configuration
+reruns as is."""
 
 from __future__ import annotations
 
@@ -15,15 +16,55 @@ import yaml
 from conftest import ROOT, cli_env
 
 from project import run, sweep
-from project.infra.errors import UserError
 
 TINY = ["--model", "mlp", "--hidden-dim", "16", "--max-epochs", "2", "--logger", "csv", "--num-workers", "0"]
+INTERRUPTED = "interrupted: run the same command again to continue study {}"
 
 
 def load_study(exp_dir: Path, name: str):
     import optuna
 
     return optuna.load_study(study_name=name, storage=f"sqlite:///{exp_dir / 'optuna.db'}")
+
+
+def retried_number(trial) -> int | None:
+    import warnings
+
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # marked experimental
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def start_sweep(command: list[str], log: Path) -> subprocess.Popen:
+    """The sweep as a user starts it from a terminal (where Ctrl-C raises KeyboardInterrupt, even if this
+    test runs as a background job, which inherits SIGINT ignored); its output in log.out and log.err."""
+    return subprocess.Popen(
+        command,
+        stdout=log.with_suffix(".out").open("w"),
+        stderr=log.with_suffix(".err").open("w"),
+        cwd=ROOT,
+        env=cli_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def ended_with_one_line(log: Path, study: str) -> str:
+    """What the sweep printed, once its stderr ended with the line that says how to continue, and no traceback."""
+    output = log.with_suffix(".out").read_text() + log.with_suffix(".err").read_text()
+    assert log.with_suffix(".err").read_text().strip().splitlines()[-1] == INTERRUPTED.format(study), output[-3000:]
+    assert "Traceback" not in output
+    return output
+
+
+def assert_requeued(study, interrupted: int) -> None:
+    """`interrupted` failed, and one copy with its parameters waits to run; nothing else is unfinished."""
+    trials = study.trials
+    assert trials[interrupted].state.name == "FAIL"
+    (waiting,) = (t for t in trials if t.state.name == "WAITING")
+    assert retried_number(waiting) == interrupted and waiting.params == trials[interrupted].params
+    assert not [t for t in trials if t.state.name == "RUNNING"]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +98,6 @@ def resumed_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.slow
 def test_killed_sweep_continues_to_exactly_n_trials(resumed_sweep: dict) -> None:
-    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
-
     assert resumed_sweep["before"] == {0: "COMPLETE", 1: "RUNNING"}  # killed inside trial 1
     trials = resumed_sweep["study"].trials
     states = [t.state.name for t in trials]
@@ -66,8 +105,8 @@ def test_killed_sweep_continues_to_exactly_n_trials(resumed_sweep: dict) -> None
     assert states.count("FAIL") == 1 and "RUNNING" not in states and "WAITING" not in states
     # The killed trial ran again once, with its parameters; no finished trial ran twice.
     (killed,) = (t for t in trials if t.state.name == "FAIL")
-    retries = [t for t in trials if Retry.retried_trial_number(t) is not None]
-    assert [Retry.retried_trial_number(t) for t in retries] == [killed.number]
+    retries = [t for t in trials if retried_number(t) is not None]
+    assert [retried_number(t) for t in retries] == [killed.number]
     assert retries[0].params == killed.params and retries[0].state.name == "COMPLETE"
     # Each finished trial is its own run, tested once.
     finished = [t for t in trials if t.state.name == "COMPLETE"]
@@ -94,6 +133,9 @@ def test_sweep_writes_the_table_best_config_and_plots(resumed_sweep: dict) -> No
     best = study.best_trial
     (best_row,) = (r for r in rows if int(r["trial"]) == best.number)
     assert float(best_row["val/loss"]) == pytest.approx(best.value)
+    assert best_row["state"] == "COMPLETE" and float(best_row["learning_rate"]) == best.params["learning_rate"]
+    assert best_row["run_dir"] == best.user_attrs["run_dir"]
+    assert float(best_row["test/acc"]) == pytest.approx(best.user_attrs["test/acc"])
     for plot in ("optimization_history.png", "param_importances.png"):
         assert (out / plot).read_bytes().startswith(b"\x89PNG")
 
@@ -111,50 +153,142 @@ def test_best_config_reruns_as_is(resumed_sweep: dict) -> None:
 
 
 @pytest.mark.slow
-def test_hopeless_trials_are_pruned(tmp_path: Path) -> None:
-    """Trial 0 learns (lr 0.01); trial 1 cannot (lr 1e-6): after its first epoch its validation loss is
-    above the median of finished trials at that epoch, and the sweep stops it there."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_training_saves_queues_the_trial_again_and_exits(signum: int, tmp_path: Path) -> None:
+    """SIGTERM or Ctrl-C while a trial trains: its run saves last.ckpt, the sweep queues the trial again and
+    exits 128 + signal with one line; the same command then finishes the study, retrying it once."""
+    exp_dir = tmp_path / "experiments"
+    # Small batches, a checkpoint every step: the first checkpoint comes at once, training goes on for seconds.
+    argv = ["--study", "stopped", "--n-trials", "1", *TINY, "--max-epochs", "1", "--batch-size", "32",
+            "--checkpoint-every-n-steps", "1", "--exp-dir", str(exp_dir)]  # fmt: skip
+    log = tmp_path / "sweep.log"
+    process = start_sweep([sys.executable, "-m", "project.sweep", *argv], log)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(exp_dir.glob("stopped/*/checkpoints/last.ckpt")):
+            assert process.poll() is None and time.monotonic() < deadline, log.with_suffix(".err").read_text()[-3000:]
+            time.sleep(0.1)
+        process.send_signal(signum)
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, log.with_suffix(".err").read_text()[-3000:]
+    output = ended_with_one_line(log, "stopped")
+    study = load_study(exp_dir, "stopped")
+    assert_requeued(study, interrupted=0)
+    run_dir = Path(study.trials[0].user_attrs["run_dir"])
+    name = signal.Signals(signum).name
+    assert f"trial 0 stopped by {name}: saved {run_dir / 'checkpoints' / 'last.ckpt'} after step" in output
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "test_metrics.json").exists()
+
+    assert sweep.main(argv) == 0  # the same command again
+    trials = load_study(exp_dir, "stopped").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # exactly N = 1 finished: the retry
+    assert retried_number(trials[1]) == 0 and trials[1].params == trials[0].params
+
+
+# Runs the real CLI after arranging for one signal to arrive outside a training step: while the first
+# trial is tested, or as the second trial's run is about to start (after the first one finished).
+SIGNAL_DRIVER = """
+import os, signal, sys
+from project import run, sweep
+from project.solver import Solver
+
+where, signum, argv = sys.argv[1], signal.Signals[sys.argv[2]], sys.argv[3:]
+send = lambda: os.kill(os.getpid(), signum)
+if where == "test":
+    test_step = Solver.test_step
+    Solver.test_step = lambda self, batch, index: (send(), test_step(self, batch, index))[1]
+else:
+    train_and_test, calls = run.train_and_test, []
+    def second_run_signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            send()
+        return train_and_test(*args, **kwargs)
+    run.train_and_test = second_run_signalled
+sys.exit(sweep.main(argv))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["test", "start"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_outside_training_queues_the_trial_again_and_exits(where: str, signum: int, tmp_path: Path) -> None:
+    """Outside training, no checkpoint to save: the signal still ends the sweep with one line and 128 + signal,
+    and the trial it cut short (the one being tested, or the one starting) waits to run again."""
+    exp_dir = tmp_path / "experiments"
+    interrupted = 0 if where == "test" else 1
+    argv = ["--study", "outside", "--n-trials", str(interrupted + 1), *TINY, "--max-epochs", "1",
+            "--exp-dir", str(exp_dir)]  # fmt: skip
+    log = tmp_path / "sweep.log"
+    name = signal.Signals(signum).name
+    process = start_sweep([sys.executable, "-c", SIGNAL_DRIVER, where, name, *argv], log)
+    try:
+        process.wait(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, log.with_suffix(".err").read_text()[-3000:]
+    ended_with_one_line(log, "outside")
+    study = load_study(exp_dir, "outside")
+    assert [t.state.name for t in study.trials[:interrupted]] == ["COMPLETE"] * interrupted
+    assert_requeued(study, interrupted)
+
+
+@pytest.mark.slow
+def test_hopeless_and_diverging_trials_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Trial 0 (lr 1e30) diverges in its first epoch: a finished, hopeless trial, not the end of the sweep.
+    Trial 1 learns (lr 0.01); trial 2 cannot (lr 1e-6): after its first epoch its validation loss is above
+    the median of completed trials at that epoch, and the sweep stops it there."""
     import optuna
 
+    rates = [1e30, 0.01, 1e-6]
+    monkeypatch.setattr(
+        sweep, "search_space", lambda t: {"learning_rate": t.suggest_categorical("learning_rate", rates)}
+    )
     exp_dir = tmp_path / "experiments"
     exp_dir.mkdir()
-    space = tmp_path / "space.yaml"
-    space.write_text("learning_rate: [0.01, 1.0e-6]\n")
     study = optuna.create_study(study_name="prune", storage=f"sqlite:///{exp_dir / 'optuna.db'}")
-    study.enqueue_trial({"learning_rate": 0.01})  # the order matters to the median pruner: good one first
-    study.enqueue_trial({"learning_rate": 1e-6})
-    argv = ["--study", "prune", "--n-trials", "2", "--search-space", str(space), "--prune-after-trials", "1",
-            "--prune-after-epochs", "0", *TINY, "--max-epochs", "3", "--exp-dir", str(exp_dir)]  # fmt: skip
+    for rate in rates:  # the order matters to the median pruner: nothing to compare with until 0.01 completes
+        study.enqueue_trial({"learning_rate": rate})
+    argv = ["--study", "prune", "--n-trials", "3", "--prune-after-trials", "1", "--prune-after-epochs", "0",
+            *TINY, "--max-epochs", "3", "--exp-dir", str(exp_dir)]  # fmt: skip
     assert sweep.main(argv) == 0
 
-    good, hopeless = load_study(exp_dir, "prune").trials
+    diverged, good, hopeless = load_study(exp_dir, "prune").trials
     assert (good.state.name, len(good.intermediate_values)) == ("COMPLETE", 3)
     assert (hopeless.state.name, list(hopeless.intermediate_values)) == ("PRUNED", [0])
     assert hopeless.intermediate_values[0] > good.intermediate_values[0]
-    run_dir = Path(hopeless.user_attrs["run_dir"])
-    assert run_dir.is_dir() and not (run_dir / "test_metrics.json").exists()  # stopped before testing
+    assert diverged.state.name == "PRUNED"
+    out = capsys.readouterr().out
+    assert "trial 0 pruned: training diverged" in out and "trial 2 pruned: Trial was pruned at epoch 0" in out
+    # Both runs stopped before testing; each run directory is recorded, and closed with the reason.
+    for trial, reason in ((diverged, "RunStopped"), (hopeless, "TrialPruned")):
+        run_dir = Path(trial.user_attrs["run_dir"])
+        manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
+        assert (manifest["exit_status"], bool(manifest["end_time"])) == (f"failed: {reason}", True)
+        assert (run_dir / "metrics.csv").is_file() and not (run_dir / "test_metrics.json").exists()
 
 
-def test_search_space_is_checked_against_project_run(tmp_path: Path) -> None:
-    cases = {
-        "learning_rte: [0.1]\n": "not a project.run option",
-        "deterministic: [true, false]\n": "cannot be searched",
-        "exp_dir: [a, b]\n": "cannot be searched",
-        "hidden_dim: {low: 0, high: 8}\n": "is not a valid positive integer",
-        "learning_rate: {low: 0.1, high: 0.01}\n": "low < high",
-        "learning_rate: {low: 0, high: 0.1, log: true}\n": "low > 0",
-        "model: [mlp, transformer]\n": "is not one of mlp, cnn",
-        "learning_rate: 0.1\n": "or a list of choices",
-    }
-    space = tmp_path / "space.yaml"
-    for text, message in cases.items():
-        space.write_text(text)
-        with pytest.raises(UserError, match=message):
-            sweep.read_search_space(space)
-    space.write_text("learning-rate: {low: 1e-4, high: 1e-2, log: true}\nhidden_dim: {low: 16, high: 64, step: 16}\n")
-    parsed = sweep.read_search_space(space)
-    assert parsed["learning-rate"] == {"low": 1e-4, "high": 1e-2, "log": True, "step": None, "int": False}
-    assert parsed["hidden_dim"] == {"low": 16, "high": 64, "log": False, "step": 16, "int": True}
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        (lambda t: {"hidden_dim": t.suggest_int("hidden_dim", 0, 0)}, "invalid positive integer value: '0'"),
+        (lambda t: {"model": t.suggest_categorical("model", ["transformer"])}, "invalid choice: 'transformer'"),
+        (lambda t: {"learning_rte": t.suggest_float("learning_rte", 0.1, 0.2)}, "did you mean --learning-rate?"),
+        (lambda t: {"learning_rate": t.suggest_float("learning_rate", 0.1, 0.01)}, "low <= high"),
+    ],
+    ids=["refused-value", "refused-choice", "unknown-option", "bad-range"],
+)
+def test_a_search_space_value_project_run_refuses_is_one_line(
+    space, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(sweep, "search_space", space)
+    assert sweep.main(["--study", "s", "--n-trials", "1", "--exp-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: search_space(): ") and message in err and len(err.strip().splitlines()) == 1
+    (trial,) = load_study(tmp_path, "s").trials  # failed, and not queued again: it would fail the same way
+    assert trial.state.name == "FAIL"
 
 
 def test_a_trial_is_a_project_run_command_line() -> None:
@@ -169,8 +303,27 @@ def test_sweep_option_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
     for extra, message in (
         (["--exp-name", "other"], "grouped under --study s"),
         (["--only-test"], "not sweep options"),
-        (["--search-space", str(tmp_path / "none.yaml")], "cannot read"),
+        (["--resume"], "not sweep options"),
+        (["--devices", "2"], "one device"),
     ):
         assert sweep.main([*common, *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_sweep_of_the_same_study_is_one_line(tmp_path: Path, capsys) -> None:
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path / "optuna.db.s.lock")):  # as a running sweep holds it
+        assert sweep.main(["--study", "s", "--n-trials", "1", "--exp-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "study s is being run by another sweep" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_study_continues_only_with_its_monitor(tmp_path: Path, capsys) -> None:
+    import optuna
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.set_user_attr("monitor", "val/loss")
+    assert sweep.main(["--study", "s", "--n-trials", "1", "--monitor", "val/acc", "--exp-dir", str(tmp_path)]) == 2
+    assert "continue it with that --monitor" in capsys.readouterr().err
