@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from project.infra import images
 from project.infra.batches import ImageData, InMemoryData, LoaderBatches, Split
 from project.infra.errors import UserError
 
@@ -139,6 +140,11 @@ class CIFAR10(TorchvisionData):
     mean, std = (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)
     augment = True
 
+    def prepare_data(self) -> None:
+        if (self.data_dir / "cifar-10-batches-py").is_dir():
+            images.verify_cifar10(self.data_dir)  # planted or damaged files: refused by name, before any is read
+        super().prepare_data()
+
     def reader(self, train: bool, download: bool = False) -> Any:
         import torchvision
 
@@ -153,20 +159,27 @@ class ImageFolderData(ImageData):
 
     Layouts: <data-dir>/<class>/<image> (split 80/10/10, stratified, fixed by --seed), or <data-dir>/train/<class>/...
     with optional val/ and test/ beside it (a missing one is split off train). Images are converted to RGB and resized
-    to --image-size squared. Hidden files, links out of the folder and unreadable images are dealt with in
-    infra/images.py, before training starts.
+    to --image-size squared. Hidden entries are skipped, links to folders refused, and every image is decoded before
+    training starts (infra/images.py).
     """
 
     augment = True
     mean, std = (123.68, 116.28, 103.53), (58.40, 57.12, 57.38)  # ImageNet's, in 0-255 units
 
     def __init__(self, image_size: int = 64, **kwargs: Any) -> None:
-        from project.infra.images import ImageFolder
-
         super().__init__(**kwargs)
         self.input_shape = (3, image_size, image_size)
-        self.folders = ImageFolder.layout(self.data_dir, self.input_shape)  # {"all"} or {"train", "val"?, "test"?}
-        self.class_names = self.folders["train" if "train" in self.folders else "all"].classes
+        listings = images.scan_image_folder(self.data_dir)
+        base = "train" if "train" in listings else "all"
+        self.class_names = list(listings[base].classes)
+        # What setup() splits off the base folder, in order: test then val (80/10/10), or whichever is missing.
+        given = [name for name in ("val", "test") if name in listings]
+        self.held_out = [("test", 0.1), ("val", 1 / 9)] if base == "all" else [
+            (name, self.val_fraction) for name in ("val", "test") if name not in given]  # fmt: skip
+        # Every problem fails now, in one line, before the run starts: too few images, an unreadable one.
+        images.require_splittable(listings[base], self.held_out)
+        images.check_images([path for listing in listings.values() for path, _ in listing.samples], self.input_shape)
+        self.folders = {name: images.ListedImageFolder(listing, self.input_shape) for name, listing in listings.items()}
         self.subsets: dict[str, Any] = {}
 
     @property
@@ -178,22 +191,13 @@ class ImageFolderData(ImageData):
 
         if self.subsets:
             return
-        if "all" in self.folders:  # one folder: 80/10/10
-            folder = self.folders["all"]
-            labels = np.asarray(folder.targets)
-            rest, test = stratified_split(labels, 0.1, self.seed)
-            train, val = stratified_split(labels[rest], 1 / 9, self.seed)
-            self.subsets = {"train": Subset(folder, rest[train]), "val": Subset(folder, rest[val]),
-                            "test": Subset(folder, test)}  # fmt: skip
-            return
-        train_folder, index = self.folders["train"], np.arange(len(self.folders["train"]))
-        for name in ("val", "test"):
-            if name in self.folders:
-                self.subsets[name] = self.folders[name]
-            else:
-                keep, held_out = stratified_split(np.asarray(train_folder.targets)[index], self.val_fraction, self.seed)
-                self.subsets[name], index = Subset(train_folder, index[held_out]), index[keep]
-        self.subsets["train"] = Subset(train_folder, index)
+        base = self.folders["train" if "train" in self.folders else "all"]
+        index, labels = np.arange(len(base)), np.asarray(base.targets)
+        for name, fraction in self.held_out:
+            keep, held = stratified_split(labels[index], fraction, self.seed)
+            self.subsets[name], index = Subset(base, index[held]), index[keep]
+        self.subsets.update({name: folder for name, folder in self.folders.items() if name in ("val", "test")})
+        self.subsets["train"] = Subset(base, index)
 
     def batches(self, split: str, shuffle: bool) -> LoaderBatches:
         subset = self.subsets[split]

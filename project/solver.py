@@ -109,7 +109,9 @@ class Solver(pl.LightningModule):
         confusion = confusion_metric.compute()
         values = {f"{prefix}/loss": float(loss_metric.compute())}
         values.update({f"{prefix}/{name}": value for name, value in summarize(confusion).items()})
-        self.log_dict(values, prog_bar=prefix == "val", sync_dist=False)
+        shown = {f"{prefix}/loss", f"{prefix}/acc"} if prefix == "val" else set()  # the progress bar fits 100 columns
+        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=False)
+        self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=False)
         confusion_metric.reset()
         loss_metric.reset()
         return confusion

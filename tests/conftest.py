@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import struct
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fault_driver import CIFAR10_MD5_ENV, cifar10_checksums
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +35,20 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, module: str = "project.run", timeout: float = 300, env: dict | None = None) -> CliResult:
-    """`python -m project.run ARGS` in a subprocess, as a user would run it."""
+def run_cli(
+    *args: str,
+    module: str = "project.run",
+    timeout: float = 300,
+    env: dict | None = None,
+    cifar10_md5: Path | None = None,
+) -> CliResult:
+    """`python -m project.run ARGS` in a subprocess, as a user would run it. With `cifar10_md5` (the JSON
+    write_cifar10_like writes), the run accepts those tiny CIFAR-10 files as official: it goes through
+    tests/fault_driver.py, which registers their checksums in that process (see its docstring)."""
+    if cifar10_md5 is not None:
+        env = {**(env or cli_env()), CIFAR10_MD5_ENV: str(cifar10_md5)}
+        if module == "project.run":
+            module, args = "tests.fault_driver", ("none", "--", *args)
     completed = subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
@@ -68,21 +83,48 @@ def write_mnist_like(root: Path, folder: str, n_train: int = 60, n_test: int = 2
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
 
 
-def write_cifar10_like(root: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0) -> None:
-    """Tiny CIFAR-10 python batches in <root>/cifar-10-batches-py/: pickled dicts of uint8 rows (the
-    official files are Python 2 pickles whose keys load as str under encoding="latin1", as here)."""
+@dataclass
+class Cifar10Like:
+    md5_file: Path  # {file name: MD5} of the files written, for register_cifar10_like and run_cli
+    batches: dict[str, dict]  # what each file holds, by file name
+
+
+def write_cifar10_like(root: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0) -> Cifar10Like:
+    """Tiny CIFAR-10 python batches in <root>/cifar-10-batches-py/, in the official files' format:
+    protocol-2 pickles of dicts with str keys (the official Python 2 pickles load so under encoding="latin1"),
+    uint8 rows of 3,072 pixels (1,024 red, then green, then blue). Their MD5s go to <root>/cifar10-md5.json:
+    torchvision refuses them as not official unless a test registers those (register_cifar10_like)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
 
-    def batch(n: int) -> dict:
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+    def batch(label: str, n: int) -> dict:
+        return {
+            "batch_label": label,
+            "labels": [i % 10 for i in range(n)],
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"image_{i}.png" for i in range(n)],
+        }
 
-    for i in range(1, 6):
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per_batch)))
-    (folder / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    batches = {f"data_batch_{i}": batch(f"training batch {i} of 5", per_batch) for i in range(1, 6)}
+    batches["test_batch"] = batch("testing batch 1 of 1", n_test)
+    batches["batches.meta"] = {"num_cases_per_batch": per_batch, "label_names": names, "num_vis": 3072}
+    for name, content in batches.items():
+        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
+    md5 = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in batches}
+    md5_file = root / "cifar10-md5.json"
+    md5_file.write_text(json.dumps(md5))
+    return Cifar10Like(md5_file, batches)
+
+
+def register_cifar10_like(monkeypatch: pytest.MonkeyPatch, written: Cifar10Like) -> None:
+    """Make torchvision's CIFAR10 (and so the template) take `written`'s checksums for the official ones,
+    in this process, through its public class attributes; monkeypatch restores them after the test."""
+    import torchvision
+
+    for name, value in cifar10_checksums(json.loads(written.md5_file.read_text())).items():
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)
 
 
 def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 10, size: int = 12):

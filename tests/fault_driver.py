@@ -11,6 +11,13 @@ Faults (epochs and batches count from 0; N counts writes of last.ckpt from 1):
     signal-val NAME EPOCH        send it inside the second validation batch of that epoch
     enospc N                     the N-th last.ckpt write fails halfway with "No space left on device"
     skip-resume-check            --resume PATH goes to Lightning unchecked (as if swapped after our check)
+    signal-report NAME           send it as the records are written, after testing
+    enospc-plot                  writing curves.png fails with "No space left on device"
+    none                         no fault: the CLI as is, with the setting below
+
+Environment: TEST_CIFAR10_MD5=FILE names a JSON {file name: MD5} (the one tests/conftest.py's
+write_cifar10_like writes): torchvision's CIFAR10 then takes those checksums for the official ones, by
+its public class attributes train_list, test_list and meta, so tiny test files pass its checks.
 
 A fault is injected by patching a method in this process only; project code has no test hooks.
 """
@@ -19,9 +26,12 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def _at_training_step(epoch: int, batch: int, action) -> None:
@@ -86,6 +96,18 @@ def _on_last_write(n: int, before_rename=None, after_rename=None) -> None:
     callbacks.SafeCheckpointIO.save_checkpoint = save_checkpoint
 
 
+CIFAR10_MD5_ENV = "TEST_CIFAR10_MD5"
+
+
+def cifar10_checksums(md5: dict[str, str]) -> dict[str, Any]:
+    """torchvision.datasets.CIFAR10's checksum attributes for files with these MD5s (file name -> hex)."""
+    return {
+        "train_list": [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)],
+        "test_list": [["test_batch", md5["test_batch"]]],
+        "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]},
+    }
+
+
 def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -98,7 +120,15 @@ def main() -> int:
     split = sys.argv.index("--")
     fault, fault_args, cli_args = sys.argv[1], sys.argv[2:split], sys.argv[split + 1 :]
     numbers = [int(a) for a in fault_args if a.isdigit()]
-    if fault == "kill-train":
+    if os.environ.get(CIFAR10_MD5_ENV):
+        import torchvision
+
+        md5 = json.loads(Path(os.environ[CIFAR10_MD5_ENV]).read_text())
+        for name, value in cifar10_checksums(md5).items():
+            setattr(torchvision.datasets.CIFAR10, name, value)
+    if fault == "none":
+        pass
+    elif fault == "kill-train":
         _at_training_step(*numbers, _kill)
     elif fault == "kill-val":
         _at_validation(*numbers, _kill)
@@ -118,6 +148,24 @@ def main() -> int:
             _at_validation(*numbers, send)
     elif fault == "enospc":
         _on_last_write(*numbers, before_rename=_raise_enospc)
+    elif fault == "signal-report":
+        from project.infra import records
+
+        finish, signum = records.Run.finish, signal.Signals[fault_args[0]]
+
+        def signalled_finish(self, *args, **kwargs):
+            os.kill(os.getpid(), signum)
+            return finish(self, *args, **kwargs)
+
+        records.Run.finish = signalled_finish
+    elif fault == "enospc-plot":
+        from project.infra import plots
+
+        def full_disk(metrics_csv, out, *args, **kwargs):
+            Path(out).write_bytes(b"half a png")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        plots.save_curves = full_disk
     elif fault == "skip-resume-check":
         from project.infra import checkpoints
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_cifar10_like, write_image_folder, write_mnist_like
+from conftest import register_cifar10_like, write_cifar10_like, write_image_folder, write_mnist_like
 
 from project.data import DATASETS
 from project.infra.batches import EpochBatches
@@ -65,11 +65,11 @@ def test_digits_split_is_stratified_disjoint_covering_and_seeded():
     "name, folder, shape",
     [("mnist", "MNIST", (1, 28, 28)), ("fashion-mnist", "FashionMNIST", (1, 28, 28)), ("cifar10", None, (3, 32, 32))],
 )
-def test_torchvision_datasets_read_their_real_file_formats(tmp_path, name, folder, shape):
+def test_torchvision_datasets_read_their_real_file_formats(tmp_path, monkeypatch, name, folder, shape):
     if folder:
         write_mnist_like(tmp_path, folder, n_train=60, n_test=20)
     else:
-        write_cifar10_like(tmp_path, per_batch=20, n_test=20)
+        register_cifar10_like(monkeypatch, write_cifar10_like(tmp_path, per_batch=20, n_test=20))
     datamodule = setup_module_data(name, tmp_path, val_fraction=0.2)
     assert datamodule.input_shape == shape and len(datamodule.class_names) == 10
     train_size = 60 if folder else 100
@@ -80,12 +80,10 @@ def test_torchvision_datasets_read_their_real_file_formats(tmp_path, name, folde
     assert images.dtype == torch.uint8 and tuple(images.shape) == (8, *shape) and labels.dtype == torch.long
 
 
-def test_cifar10_pixels_keep_their_channel_layout(tmp_path):
-    write_cifar10_like(tmp_path, per_batch=10, n_test=10)
-    raw = np.frombuffer(
-        __import__("pickle").loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())["data"][0],
-        dtype=np.uint8,
-    )
+def test_cifar10_pixels_keep_their_channel_layout(tmp_path, monkeypatch):
+    written = write_cifar10_like(tmp_path, per_batch=10, n_test=10)
+    register_cifar10_like(monkeypatch, written)
+    raw = written.batches["test_batch"]["data"][0]  # 1,024 red, then green, then blue, row by row
     datamodule = setup_module_data("cifar10", tmp_path)
     first = datamodule.splits["test"][0][0]  # the test split keeps the file's order
     assert torch.equal(first, torch.from_numpy(raw.reshape(3, 32, 32).copy()))

@@ -82,15 +82,20 @@ def digits_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny CIFAR-10 files; runs on them pass cifar10_md5=cifar_dir / "cifar10-md5.json" to accept them."""
     data_dir = tmp_path_factory.mktemp("cifar")
     write_cifar10_like(data_dir, per_batch=40, n_test=20)
     return data_dir
 
 
+def cifar_md5(cifar_dir: Path) -> Path:
+    return cifar_dir / "cifar10-md5.json"
+
+
 @pytest.fixture(scope="module")
 def cifar_reference(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Path:
     exp_dir = tmp_path_factory.mktemp("reference")
-    result = run_cli(*CIFAR, "--data-dir", str(cifar_dir), "--exp-dir", str(exp_dir))
+    result = run_cli(*CIFAR, "--data-dir", str(cifar_dir), "--exp-dir", str(exp_dir), cifar10_md5=cifar_md5(cifar_dir))
     assert result.returncode == 0, result.stderr
     return only_run_dir(exp_dir)
 
@@ -175,12 +180,12 @@ def test_dataloader_run_with_augmentation_killed_then_resumed_ends_bit_identical
     fault: tuple[str, ...], resumes_from_step: int, cifar_dir: Path, cifar_reference: Path, exp_dir: Path
 ) -> None:
     args = (*CIFAR, "--data-dir", str(cifar_dir), "--exp-dir", str(exp_dir))
-    killed = run_cli(*fault, "--", *args, module="tests.fault_driver")
+    killed = run_cli(*fault, "--", *args, module="tests.fault_driver", cifar10_md5=cifar_md5(cifar_dir))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = only_run_dir(exp_dir)
     assert last_step(run_dir) == resumes_from_step
 
-    resumed = run_cli(*args, "--resume")
+    resumed = run_cli(*args, "--resume", cifar10_md5=cifar_md5(cifar_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(cifar_reference, run_dir)
 

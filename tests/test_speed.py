@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import ROOT, cli_env, only_run_dir, write_cifar10_like
+from conftest import ROOT, cli_env, only_run_dir, register_cifar10_like, write_cifar10_like
 from torch.utils.data import DistributedSampler
 
 from project import run
@@ -80,10 +80,12 @@ class StepLogger(pl.loggers.Logger):
 
 
 @pytest.mark.slow
-def test_device_resident_and_dataloader_paths_train_the_same_weights(tmp_path: Path) -> None:
+def test_device_resident_and_dataloader_paths_train_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Same seed, same batches, same augmentation draws: the in-memory path (tensors batched by index)
     and the standard DataLoader path (`--data-on-device no`, a worker process) end with the same weights."""
-    write_cifar10_like(tmp_path / "data", per_batch=20, n_test=16)
+    register_cifar10_like(monkeypatch, write_cifar10_like(tmp_path / "data", per_batch=20, n_test=16))
     weights = {}
     for path, workers in (("auto", "0"), ("no", "1")):
         exp_dir = tmp_path / path

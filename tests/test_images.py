@@ -1,0 +1,355 @@
+"""Reading images safely (project/infra/images.py): CIFAR-10 files are unpickled only when they match their
+checksums, and an image folder is read as a person sees it: hidden entries skipped, links never followed
+out of it or into a loop, every file counted once, every problem one line before training starts."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import only_run_dir, register_cifar10_like, run_cli, write_cifar10_like, write_image_folder
+
+from project.data import DATASETS, stratified_split
+from project.infra import images
+from project.infra.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Payload:
+    """Unpickles as `marker.touch()`: the file appears if, and only if, the pickle ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant_payload(data_dir: Path, name: str, marker: Path) -> None:
+    """Replace one CIFAR-10 file by a pickle of the same shape whose data runs code when unpickled."""
+    payload = {"batch_label": "training batch 1 of 5", "labels": [0], "data": Payload(marker)}
+    (data_dir / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(payload))
+
+
+def one_line_error(action) -> str:
+    with pytest.raises(UserError) as error:
+        action()
+    message = str(error.value)
+    assert "\n" not in message, message
+    return message
+
+
+# CIFAR-10 ----------------------------------------------------------------------------------------------
+
+
+def test_cifar10_files_that_are_not_the_official_ones_are_refused(tmp_path):
+    write_cifar10_like(tmp_path)  # their checksums are not registered: torchvision's official ones apply
+    datamodule = DATASETS["cifar10"](data_dir=str(tmp_path))
+    message = one_line_error(datamodule.prepare_data)
+    assert "do not match the official CIFAR-10 checksums" in message
+    assert str(tmp_path / "cifar-10-batches-py") in message and "data_batch_1" in message
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "test_batch", "batches.meta"])
+def test_cifar10_pickle_payload_is_refused_and_never_runs(tmp_path, monkeypatch, name):
+    register_cifar10_like(monkeypatch, write_cifar10_like(tmp_path))
+    marker = tmp_path / "pwned"
+    plant_payload(tmp_path, name, marker)
+    with pytest.raises(UserError) as error:
+        DATASETS["cifar10"](data_dir=str(tmp_path)).setup()
+    assert not marker.exists(), "the planted pickle ran"
+    assert f"checksums ({name})" in str(error.value) and "can run code" in str(error.value)
+    assert "\n" not in str(error.value)
+    # torchvision's own check, before it unpickles, holds without ours in front of it.
+    for train in (True, False):
+        one_line_error(lambda train=train: images.read_cifar10(tmp_path, train))
+    assert not marker.exists(), "the planted pickle ran"
+
+
+def test_cifar10_truncated_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    register_cifar10_like(monkeypatch, write_cifar10_like(tmp_path))
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(batch.read_bytes()[: batch.stat().st_size // 2])
+    message = one_line_error(DATASETS["cifar10"](data_dir=str(tmp_path)).setup)
+    assert "checksums (test_batch)" in message and "download again" in message
+
+
+def test_cifar10_registered_tiny_files_read_with_torchvisions_checks_on(tmp_path, monkeypatch):
+    written = write_cifar10_like(tmp_path, per_batch=4, n_test=6)
+    register_cifar10_like(monkeypatch, written)
+    pixels, labels = images.read_cifar10(tmp_path, train=False)
+    assert pixels.shape == (6, 3, 32, 32) and pixels.dtype == np.uint8
+    rows = written.batches["test_batch"]["data"]
+    assert np.array_equal(pixels.reshape(6, -1), rows) and labels.tolist() == written.batches["test_batch"]["labels"]
+
+
+def test_project_code_never_unpickles_data():
+    """The one way a data file runs code: pickle. Only torchvision's checksum-guarded CIFAR10 unpickles;
+    torch.load is always weights_only, numpy never allows pickles."""
+    for path in sorted((ROOT / "project").rglob("*.py")):
+        code = path.read_text()
+        assert not re.search(r"pickle\.(load|Unpickler)|Unpickler\(|dill|joblib\.load", code), path
+        for call in re.findall(r"torch\.load\([^)]*\)", code):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        for call in re.findall(r"np\.load\([^)]*\)", code):
+            assert "allow_pickle=False" in call, f"{path}: {call}"
+
+
+@pytest.mark.slow
+def test_cifar10_payload_through_the_cli_is_one_line_before_any_run(tmp_path):
+    written = write_cifar10_like(tmp_path / "data", per_batch=8, n_test=8)
+    quick = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "mlp", "--hidden-dim", "8"]
+    quick += ["--max-epochs", "1", "--logger", "none", "--num-workers", "0"]
+    good = run_cli(*quick, "--exp-dir", str(tmp_path / "good"), cifar10_md5=written.md5_file)
+    assert good.returncode == 0, good.stderr[-2000:]  # the registered checksums let the tiny files through
+
+    marker = tmp_path / "pwned"
+    plant_payload(tmp_path / "data", "data_batch_3", marker)
+    bad = run_cli(*quick, "--exp-dir", str(tmp_path / "bad"), cifar10_md5=written.md5_file)
+    assert not marker.exists(), "the planted pickle ran"
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    errors = [line for line in bad.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "checksums (data_batch_3)" in errors[0], bad.stderr[-2000:]
+    assert not (tmp_path / "bad").exists(), "a run directory was made before the files were checked"
+
+
+# Image folders -----------------------------------------------------------------------------------------
+
+
+def open_folder(root: Path, **kwargs):
+    return DATASETS["image-folder"](data_dir=str(root), batch_size=4, num_workers=0, image_size=8, **kwargs)
+
+
+def sample_paths(datamodule) -> list[str]:
+    return [path for folder in datamodule.folders.values() for path, _ in folder.samples]
+
+
+def write_jpeg(path: Path, seed: int = 0, size: int = 32) -> Path:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def test_a_plain_folder_lists_exactly_what_torchvisions_image_folder_lists(tmp_path):
+    """Where nothing is hidden or linked, the samples and their order are torchvision's, so a --seed
+    splits a folder as it always did (nested sub-folders and upper-case suffixes included)."""
+    import torchvision
+
+    root = tmp_path / "pets"
+    write_image_folder(root, classes=("cat", "dog", "emu"), per_class=4)
+    write_image_folder(root / "cat" / "sub", classes=("a", "b"), per_class=2)
+    write_jpeg(root / "cat" / "z.jpg")  # after cat/sub/ by path, before it in torchvision's order
+    write_jpeg(root / "dog" / "z.JPG")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    expected = torchvision.datasets.ImageFolder(str(root)).samples
+    assert open_folder(root).folders["all"].samples == expected
+    assert len(expected) == 18
+
+
+def test_a_link_to_a_parent_folder_is_refused_not_looped(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    (tmp_path / "pets" / "cat" / "loop").symlink_to("..")  # torchvision's walk reads every image ~41 times
+    message = one_line_error(lambda: open_folder(tmp_path / "pets"))
+    assert str(tmp_path / "pets" / "cat" / "loop") in message and "link to a folder" in message
+
+
+@pytest.mark.parametrize("where", ["inside a class", "as a class", "as train/"])
+def test_links_to_folders_are_refused(tmp_path, where):
+    root = tmp_path / "pets"
+    if where == "as train/":
+        write_image_folder(tmp_path / "elsewhere" / "train")
+        root.mkdir()
+        link = root / "train"
+        link.symlink_to(tmp_path / "elsewhere" / "train")
+    else:
+        write_image_folder(root)
+        write_image_folder(tmp_path / "more", classes=("emu",))
+        link = root / "cat" / "more" if where == "inside a class" else root / "emu"
+        link.symlink_to(tmp_path / "more" / "emu")
+    message = one_line_error(lambda: open_folder(root))
+    assert str(link) in message and "links to folders are not followed" in message
+
+
+def test_links_to_files_are_read_once_and_only_inside_the_folder(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=10)
+    (root / "dog" / "also-cat-0.png").symlink_to(root / "cat" / "0.png")  # already counted: not again
+    write_image_folder(root / ".originals", classes=("stash",), per_class=1)
+    for name in ("first.png", "second.png"):  # two names, one file: counted once
+        (root / "cat" / name).symlink_to(root / ".originals" / "stash" / "0.png")
+    datamodule = open_folder(root)
+    paths = sample_paths(datamodule)
+    assert len(paths) == len(set(map(os.path.realpath, paths))) == 21
+    assert str(root / "cat" / "0.png") in paths and str(root / ".originals" / "stash" / "0.png") in paths
+
+    write_image_folder(tmp_path / "outside", classes=("x",), per_class=1)
+    (root / "cat" / "outside.png").symlink_to(tmp_path / "outside" / "x" / "0.png")
+    message = one_line_error(lambda: open_folder(root))
+    assert str(root / "cat" / "outside.png") in message and "outside" in message
+
+
+def test_a_link_never_puts_a_training_image_in_test(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root / "train", per_class=6)
+    write_image_folder(root / "test", per_class=2)
+    (root / "test" / "cat" / "leak.png").symlink_to(root / "train" / "cat" / "0.png")
+    datamodule = open_folder(root, val_fraction=0.25)
+    assert len(datamodule.folders["test"]) == 4
+    train = {os.path.realpath(p) for p, _ in datamodule.folders["train"].samples}
+    assert not train & {os.path.realpath(p) for p, _ in datamodule.folders["test"].samples}
+
+
+def test_a_broken_link_is_named(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    (tmp_path / "pets" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    message = one_line_error(lambda: open_folder(tmp_path / "pets"))
+    assert str(tmp_path / "pets" / "dog" / "gone.png") in message and "link to nothing" in message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_named_like_an_image_is_named_not_opened(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    os.mkfifo(tmp_path / "pets" / "cat" / "camera.jpg")  # opening it would wait for a writer forever
+    message = one_line_error(lambda: open_folder(tmp_path / "pets"))
+    assert f"{tmp_path / 'pets' / 'cat' / 'camera.jpg'} is not a regular file" in message
+
+
+def test_hidden_entries_are_skipped_at_any_depth(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=10)
+    write_image_folder(root / ".ipynb_checkpoints", classes=("cat",), per_class=2)  # not a class
+    write_image_folder(root / "cat" / ".ipynb_checkpoints", classes=("old",), per_class=2)
+    (root / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")  # would fail to decode
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    write_image_folder(root / "cat" / "indoor", classes=("sofa",), per_class=1)  # a sub-folder is still cat
+    datamodule = open_folder(root)
+    assert datamodule.class_names == ["cat", "dog"]
+    assert len(sample_paths(datamodule)) == 21
+    assert (str(root / "cat" / "indoor" / "sofa" / "0.png"), 0) in datamodule.folders["all"].samples
+    assert not any("/." in path for path in sample_paths(datamodule))
+
+
+def test_a_link_given_as_data_dir_is_read(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    (tmp_path / "shortcut").symlink_to(tmp_path / "pets")
+    assert len(sample_paths(open_folder(tmp_path / "shortcut"))) == 20
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ({}, "it is empty"),
+        ({".0.png": "image", ".thumbs": "folder"}, "it holds only hidden files"),
+        ({"notes.txt": b"cats"}, "none of its 1 file(s) ends in .jpg"),
+    ],
+)
+def test_a_class_folder_without_images_is_one_line(tmp_path, content, why):
+    root = tmp_path / "pets"
+    write_image_folder(root, classes=("cat", "dog"))
+    (root / "emu").mkdir()
+    for name, what in content.items():
+        if what == "image":
+            write_jpeg(root / "emu" / name)
+        elif what == "folder":
+            write_image_folder(root / "emu" / name, classes=("x",), per_class=1)
+        else:
+            (root / "emu" / name).write_bytes(what)
+    message = one_line_error(lambda: open_folder(root))
+    assert f"class folder {root / 'emu'} has no images: {why}" in message
+
+
+def test_a_truncated_jpeg_is_named_before_training(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "pets"
+    write_image_folder(root)
+    jpeg = write_jpeg(root / "dog" / "photo.jpg")
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size * 2 // 3])
+    with Image.open(jpeg) as image:
+        image.verify()  # the check the template used to rely on lets it through
+    message = one_line_error(lambda: open_folder(root))
+    assert f"cannot read image {jpeg} (OSError: image file is truncated" in message
+
+
+def test_unreadable_images_are_one_line_naming_the_first_and_counting_all(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root)
+    (root / "cat" / "a.png").write_bytes(b"not a png at all")
+    message = one_line_error(lambda: open_folder(root))
+    bad = root / "cat" / "a.png"
+    assert message == f"image-folder: cannot read image {bad} (not an image PIL can identify); remove or replace it"
+    (root / "dog" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    (root / "dog" / "c.tif").write_bytes(b"")
+    message = one_line_error(lambda: open_folder(root))
+    assert message.startswith(f"image-folder: cannot read 3 images, the first {bad} (")
+
+
+@pytest.mark.parametrize(
+    "layout, val_fraction, needed",
+    [("one folder", 0.1, 3), ("train/ only", 0.5, 4), ("train/ and val/", 0.75, 4)],
+)
+def test_a_folder_too_small_to_split_says_how_many_it_needs(tmp_path, layout, val_fraction, needed):
+    root = tmp_path / "pets"
+    base = root if layout == "one folder" else root / "train"
+    write_image_folder(base, per_class=1)
+    if layout == "train/ and val/":
+        write_image_folder(root / "val", per_class=1)
+    message = one_line_error(lambda: open_folder(root, val_fraction=val_fraction))
+    assert f"{base} holds 2 image(s), too few to split" in message and f"needs at least {needed};" in message
+    for i in range(needed - 2):  # exactly as many as it said: every split gets at least one
+        write_jpeg(base / "cat" / f"more{i}.jpg", seed=i)
+    datamodule = open_folder(root, val_fraction=val_fraction)
+    datamodule.setup()
+    assert sum(datamodule.split_sizes.values()) == needed + (layout == "train/ and val/") * 2
+    assert min(datamodule.split_sizes.values()) >= 1
+
+
+@pytest.mark.parametrize("fractions", [[0.1, 1 / 9], [0.1, 0.1], [0.25], [0.5, 0.5], [0.3, 0.2]])
+def test_smallest_splittable_is_exactly_where_scikit_learn_starts_to_split(fractions):
+    needed = images.smallest_splittable(fractions)
+    for count in range(1, 40):
+        labels = np.arange(count) % 2
+        try:
+            for fraction in fractions:
+                keep, _ = stratified_split(labels, fraction, seed=0)
+                labels = labels[keep]
+            splits = len(labels) > 0
+        except ValueError:
+            splits = False
+        assert splits == (count >= needed), (count, needed)
+
+
+def test_presplit_folders_must_share_their_classes(tmp_path):
+    write_image_folder(tmp_path / "pets" / "train", classes=("cat", "dog"))
+    write_image_folder(tmp_path / "pets" / "val", classes=("cat", "emu"))
+    message = one_line_error(lambda: open_folder(tmp_path / "pets"))
+    assert "has classes ['cat', 'emu'], expected ['cat', 'dog']" in message
+
+
+@pytest.mark.slow
+def test_image_folder_through_the_cli_skips_hidden_and_refuses_a_truncated_jpeg_before_any_run(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=10, size=16)
+    write_image_folder(root / ".ipynb_checkpoints", classes=("cat",), per_class=1)
+    (root / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")
+    quick = ["--dataset", "image-folder", "--data-dir", str(root), "--image-size", "16", "--model", "mlp"]
+    quick += ["--hidden-dim", "8", "--max-epochs", "1", "--logger", "none", "--num-workers", "1"]
+    good = run_cli(*quick, "--exp-dir", str(tmp_path / "good"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    only_run_dir(tmp_path / "good")
+
+    jpeg = write_jpeg(root / "cat" / "photo.jpg")
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    bad = run_cli(*quick, "--exp-dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    errors = [line for line in bad.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and str(jpeg) in errors[0], bad.stderr[-2000:]
+    assert not (tmp_path / "bad").exists(), "a run directory was made before the images were checked"

@@ -1,0 +1,116 @@
+"""The README's own commands and examples, run as written: the "Use" sequence in order on the bundled digits, and
+the extension examples (a backbone with a hyperparameter of its own, a torchvision network, an in-memory dataset)
+applied to a copy of the project and trained for an epoch."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, cli_env, only_run_dir
+
+README = (ROOT / "README.md").read_text()
+
+pytestmark = pytest.mark.slow
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def shell(command: str, cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_use_commands_run_in_order_as_written(tmp_path: Path) -> None:
+    commands = [line for line in code_blocks(section("Use"), "bash")[0].splitlines() if line.strip()]
+    assert len(commands) >= 6 and all("python -m project.run" in c or c.startswith("printf") for c in commands)
+    env = cli_env(HOME=str(tmp_path))  # ~/Experiments is this test's own
+    for command in commands:
+        done = shell(command, tmp_path, env)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr
+    experiments = tmp_path / "Experiments"
+    # The resumed run is the MLP, continued with its own settings to 60 epochs.
+    mlp_run = max((experiments / "debug").iterdir(), key=lambda run: json.loads((run / "manifest.json").read_text())
+                  .get("resumed", [{}])[-1].get("end_time") or "")  # fmt: skip
+    config = yaml.safe_load((mlp_run / "config.yaml").read_text())
+    assert (config["model"], config["max_epochs"]) == ("mlp", 60)
+    assert len(json.loads((mlp_run / "manifest.json").read_text())["resumed"]) == 1
+    # --only-test scored the trial run's best checkpoint exactly as its own test did.
+    trial_runs = sorted((experiments / "trial").iterdir())
+    trained, retested = (json.loads((run / "test_metrics.json").read_text()) for run in trial_runs)
+    assert retested["checkpoint"] == trained["checkpoint"] and retested["acc"] == trained["acc"] >= 0.95
+
+
+def patched_project(tmp_path: Path) -> Path:
+    """A copy of the project with the README's extension examples applied where the README says."""
+    root = tmp_path / "copy"
+    shutil.copytree(ROOT / "project", root / "project", ignore=shutil.ignore_patterns("__pycache__"))
+    blocks = code_blocks(section("Your own data and model"), "python")
+    model_code = [b for b in blocks if "MODELS[" in b]
+    data_code = [b for b in blocks if "DATASETS[" in b]
+    (names_line,) = [b.strip() for b in blocks if b.startswith("MODEL_NAMES =")]
+    (datasets_line,) = [b.strip() for b in blocks if b.startswith("DATASET_NAMES =")]
+    (option_line,) = [b.rstrip("\n") for b in blocks if b.strip().startswith('add("--')]
+    assert len(model_code) == 2 and len(data_code) == 1
+    (root / "project" / "model.py").write_text(
+        (ROOT / "project" / "model.py").read_text() + "\n\n" + "\n\n".join(model_code)
+    )
+    (root / "project" / "data.py").write_text((ROOT / "project" / "data.py").read_text() + "\n\n" + data_code[0])
+    run_py = (ROOT / "project" / "run.py").read_text()
+    run_py = re.sub(r"^MODEL_NAMES = .*$", names_line, run_py, count=1, flags=re.M)
+    run_py = run_py.replace(
+        'MODEL_NAMES = ("mlp", "cnn", "mlp-dropout")', 'MODEL_NAMES = ("mlp", "cnn", "mlp-dropout", "resnet18")'
+    )
+    run_py = re.sub(r"^DATASET_NAMES = .*$", datasets_line, run_py, count=1, flags=re.M)
+    marker = re.search(r"^ *# Backbone options.*\n", run_py, flags=re.M)
+    run_py = run_py[: marker.end()] + option_line + "\n" + run_py[marker.end() :]
+    (root / "project" / "run.py").write_text(run_py)
+    return root
+
+
+def train_in(root: Path, exp_dir: Path, *flags: str) -> Path:
+    env = cli_env()
+    env["PYTHONPATH"] = str(root)  # the patched copy, not this checkout
+    done = subprocess.run(["python", "-m", "project.run", "--max-epochs", "1", "--logger", "csv", "--num-workers", "0",
+                           "--exp-dir", str(exp_dir), *flags], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return only_run_dir(exp_dir)
+
+
+def test_the_extension_examples_work_as_the_readme_shows(tmp_path: Path) -> None:
+    root = patched_project(tmp_path)
+
+    run = train_in(root, tmp_path / "dropout", "--model", "mlp-dropout", "--dropout", "0.3")
+    assert yaml.safe_load((run / "config.yaml").read_text())["dropout"] == 0.3
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["model_options"] == {"hidden_dim": 128, "dropout": 0.3}
+
+    run = train_in(root, tmp_path / "resnet", "--model", "resnet18")
+    assert json.loads((run / "test_metrics.json").read_text())["acc"] > 0.1  # digits through a ResNet-18
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = digits.target < 2
+    data_dir = tmp_path / "npz-data"
+    data_dir.mkdir()
+    np.savez(data_dir / "images.npz", images=digits.images[keep][:, None].astype(np.uint8), labels=digits.target[keep])
+    run = train_in(root, tmp_path / "npz", "--dataset", "npz", "--data-dir", str(data_dir))
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert list(metrics["per_class"]) == ["no", "yes"] and metrics["acc"] >= 0.9
