@@ -286,8 +286,8 @@ def objective(trial: optuna.Trial, args: argparse.Namespace, run_argv: list[str]
     callbacks = [
         LambdaCallback(on_fit_start=lambda trainer, _: trial.set_user_attr("run_dir", trainer.default_root_dir)),
         # Raises TrialPruned after a hopeless epoch's validation, before that epoch's checkpoints (Lightning runs
-        # checkpoint callbacks last). Lightning then ends the run as failed ("failed: TrialPruned" in its
-        # manifest.json); its metrics and the checkpoints of earlier epochs stay on disk, untested.
+        # checkpoint callbacks last). The run ends as "pruned" in its manifest.json (KILLED in MLflow); its metrics
+        # and the checkpoints of earlier epochs stay on disk, untested.
         PyTorchLightningPruningCallback(trial, monitor=trial_args.monitor),
     ]
     try:

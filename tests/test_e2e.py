@@ -46,3 +46,47 @@ def test_mnist_files_and_image_folder_through_the_cli(tmp_path, exp_dir):
                      "--max-epochs", "1", "--hidden-dim", "16", "--exp-dir", str(exp_dir), *QUICK)  # fmt: skip
     assert folder.returncode == 0, folder.stderr
     assert "cat" in folder.stdout and "dog" in folder.stdout  # the report names the classes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_one_epoch_scores_what_the_model_learned(exp_dir, model):
+    """BatchNorm's statistics are recomputed before evaluation: one epoch on digits (12 steps) tests at >= 0.8, not
+    at chance (0.10 with the statistics a 12-step epoch leaves behind)."""
+    result = run_cli("--max-epochs", "1", "--model", model, "--exp-dir", str(exp_dir), *QUICK)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((only_run_dir(exp_dir) / "test_metrics.json").read_text())
+    assert metrics["acc"] >= 0.8 if model == "cnn" else metrics["acc"] >= 0.6  # the MLP learns slower
+
+
+@pytest.mark.slow
+def test_a_run_a_resume_and_only_test_print_nothing_on_stderr_but_our_own_words(exp_dir):
+    """The default tracker included: no library banners, advice or warnings; the progress bar and the report go to
+    stdout, and the bar names the epoch out of how many, without Lightning's v_num."""
+    for argv in (["--max-epochs", "2"], ["--resume", "--max-epochs", "3"], ["--only-test"]):
+        result = run_cli(*argv, "--exp-dir", str(exp_dir), "--num-workers", "0")
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "", f"{argv}: {result.stderr}"
+        assert "v_num" not in result.stdout
+    assert "epoch 3/3" in run_cli("--resume", "--max-epochs", "4", "--exp-dir", str(exp_dir)).stdout
+
+
+def test_plots_mark_the_best_epoch_and_draw_loss_on_a_log_scale(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from project.infra import plots
+
+    metrics = tmp_path / "metrics.csv"
+    rows = ["step,epoch,lr,train/loss,val/loss,train/acc,val/acc", "0,,0.001,,,,"]
+    rows += [f"{12 * e + 11},{e},,{2 / (e + 1)},{2.5 / (e + 1)},{0.5 + e / 20},{0.5 + e / 25}" for e in range(8)]
+    metrics.write_text("\n".join(rows) + "\n")
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
+    plots.save_curves(metrics, tmp_path / "curves.png", best_epoch=5, monitor="val/loss")
+    (figure,) = drawn
+    loss, accuracy, rate = figure.axes
+    assert loss.get_yscale() == "log" and accuracy.get_yscale() == "linear"
+    for ax in (loss, accuracy, rate):
+        marked = [line for line in ax.get_lines() if list(line.get_xdata()) == [5, 5]]
+        assert marked and "epoch 5" in marked[0].get_label()
+    assert [list(line.get_ydata()) for line in rate.get_lines() if line.get_label() == "lr"] == [[0.001]]

@@ -4,9 +4,13 @@ that carries a program. Each ends with one clear line, a non-zero exit, and ever
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import errno
 import hashlib
 import io
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -202,3 +206,114 @@ def test_lightning_resume_reads_weights_only_whatever_it_is_asked(tmp_path: Path
     with pytest.raises(UserError, match="refused"):
         callbacks.SafeCheckpointIO().load_checkpoint(hostile, weights_only=False)
     assert not marker.exists()
+
+
+def start(args: list[str], *, module: str = "project.run", env: dict | None = None) -> subprocess.Popen:
+    """The CLI in a process group of its own (as a shell runs a job), so the group can be signalled as SLURM and
+    Ctrl-C in a terminal do: the main process, its DataLoader workers and its tracker process at once."""
+    command = [sys.executable, "-m", module, *args]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen(command, cwd=ROOT, env=env or cli_env(), text=True, start_new_session=True, **pipes)
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, f"ended before {what}: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("pets")
+    write_image_folder(root, per_class=40, size=24)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, attempt", [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 1), (signal.SIGINT, 2)]
+)
+def test_a_signal_to_the_whole_process_group_with_workers_saves_and_exits(signum, attempt, pets, exp_dir) -> None:
+    """DataLoader workers (and MLflow's process) leave the signal to the main process, which finishes its step,
+    saves last.ckpt and exits 128 + signal: no worker's death is taken for a crash."""
+    process = start(["--dataset", "image-folder", "--data-dir", str(pets), "--image-size", "16", "--model", "mlp",
+                     "--hidden-dim", "16", "--batch-size", "8", "--num-workers", "2", "--max-epochs", "500",
+                     "--checkpoint-every-n-steps", "2", "--exp-dir", str(exp_dir)])  # fmt: skip
+    try:
+        wait_for(lambda: any(exp_dir.glob("debug/*/checkpoints/last.ckpt")), process, "last.ckpt")
+        os.killpg(process.pid, signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr
+    run_dir = only_run_dir(exp_dir)
+    assert f"stopped by {signal.Signals(signum).name}: saved {run_dir / 'checkpoints' / 'last.ckpt'}" in stderr
+    assert json.loads((run_dir / "manifest.json").read_text())["exit_status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_seeds_stopped_by_sigterm_exits_143_with_one_line(exp_dir) -> None:
+    process = start(["--seeds", "0,1", *DIGITS, "--max-epochs", "500", "--checkpoint-every-n-steps", "3",
+                     "--exp-dir", str(exp_dir)], module="project.seeds")  # fmt: skip
+    try:
+        wait_for(lambda: any(exp_dir.glob("debug/*/checkpoints/last.ckpt")), process, "last.ckpt")
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and last_line(stderr).startswith("resume with: ")
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_reports_are_written_exits_143_and_says_so(exp_dir) -> None:
+    result = run_cli("signal-report", "SIGTERM", "--", *DIGITS, "--max-epochs", "1", "--exp-dir", str(exp_dir),
+                     module="tests.fault_driver")  # fmt: skip
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert last_line(result.stderr) == "stopped by SIGTERM outside a training step: nothing new to save"
+    manifest = json.loads((only_run_dir(exp_dir) / "manifest.json").read_text())
+    assert manifest["exit_status"] == "interrupted" and manifest["end_time"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_plotting_is_one_line_and_the_run_says_it_failed(exp_dir) -> None:
+    result = run_cli("enospc-plot", "--", *DIGITS, "--max-epochs", "1", "--exp-dir", str(exp_dir),
+                     module="tests.fault_driver")  # fmt: skip
+    run_dir = only_run_dir(exp_dir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last_line(result.stderr) == f"error: cannot write {run_dir / 'curves.png'}: No space left on device"
+    assert json.loads((run_dir / "manifest.json").read_text())["exit_status"] == "failed: UserError"
+    assert not list(run_dir.glob(".*partial*")) and not (run_dir / "curves.png").exists()
+
+
+@pytest.mark.slow
+def test_a_second_process_cannot_resume_a_run_that_is_running(exp_dir) -> None:
+    first = run_cli(*DIGITS, "--max-epochs", "1", "--exp-dir", str(exp_dir))
+    assert first.returncode == 0, first.stderr
+    run_dir = only_run_dir(exp_dir)
+    resume = ["--resume", "--exp-dir", str(exp_dir), "--max-epochs", "500", "--checkpoint-every-n-steps", "3"]
+    holder = start(resume)
+    try:
+        wait_for(lambda: json.loads((run_dir / "manifest.json").read_text())["exit_status"] == "running", holder,
+                 "the resumed run to start")  # fmt: skip
+        second = run_cli(*resume)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert last_line(second.stderr).startswith(f"error: {run_dir} is in use by pid {holder.pid} on ")
+        os.killpg(holder.pid, signal.SIGTERM)
+        holder.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
+    assert holder.returncode == 143
+    with open(run_dir / "metrics.csv", newline="") as file:
+        epochs = [int(float(row["epoch"])) for row in csv.DictReader(file) if row.get("val/loss")]
+    assert epochs == sorted(set(epochs))  # one row per epoch: the second process wrote nothing
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert len(manifest["resumed"]) == 1 and manifest["exit_status"] == "interrupted"

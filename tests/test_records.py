@@ -15,13 +15,14 @@ import pytest
 import yaml
 from conftest import ROOT, cli_env, run_cli
 
-from project.run import NOT_CONFIG, config_of, parse_args
+from project.run import build_parser, config_of, parse_args
 
 # Batch 16: 90 steps an epoch, so the per-step loss (written every 50 steps) shows up in 2 epochs.
 TINY = ("--model", "mlp", "--num-workers", "0", "--batch-size", "16")
 # Random per test session, so no test can pass by matching a fixed string somewhere.
 FAKE_TOKEN = "tok-" + secrets.token_hex(12)
 FAKE_TAG_SECRET = "sec-" + secrets.token_hex(12)
+FAKE_ONE_TOKEN_SECRET = "one-" + secrets.token_hex(12)  # --tag=db_token=... as a single token
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -59,8 +60,9 @@ def default_run(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("default-run")
     cwd, exp_dir = root / "cwd", root / "experiments"
     cwd.mkdir()
-    argv = ["--exp-dir", str(exp_dir), "--max-epochs", "2", *TINY,
-            "--tag", "study=s1", "--tag", f"hub_token={FAKE_TAG_SECRET}", "--tag", f"note={FAKE_TOKEN}"]  # fmt: skip
+    argv = ["--exp-dir", str(exp_dir), "--max-epochs", "2", *TINY, "--logger", "mlflow", "--logger", "tensorboard",
+            "--tag", "study=s1", "--tag", f"hub_token={FAKE_TAG_SECRET}", "--tag", f"note={FAKE_TOKEN}",
+            f"--tag=db_token={FAKE_ONE_TOKEN_SECRET}"]  # fmt: skip
     result = finish(launch(*argv, cwd=cwd, env=cli_env(PROJECT_FAKE_API_TOKEN=FAKE_TOKEN)))
     assert result.returncode == 0, result.stderr
     (run_dir,) = run_dirs(exp_dir)
@@ -147,7 +149,7 @@ def test_config_yaml_round_trip_gives_identical_hyperparameters(default_run):
     again = config_of(parse_args(["--config", str(default_run.run_dir / "config.yaml")]))
     original = config_of(parse_args(default_run.argv))
     assert written == original == again
-    assert not set(NOT_CONFIG) & set(written)
+    assert not build_parser().command_only & set(written)
     # ... and the tracker holds the same values.
     client = mlflow_client(default_run.exp_dir)
     params = client.get_run(default_run.manifest["trackers"]["mlflow"]["run_id"]).data.params
@@ -191,14 +193,15 @@ def test_planted_secrets_are_written_nowhere(default_run):
     manifest = default_run.manifest
     # The secrets did get into the run (as tags): they arrive redacted, by name and by value.
     assert manifest["tags"]["hub_token"] == "[redacted]" and manifest["tags"]["note"] == "[redacted]"
+    assert manifest["tags"]["db_token"] == "[redacted]" and "--tag=db_token=[redacted]" in manifest["command"]
     everything = [p for p in default_run.exp_dir.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in everything) and len(everything) > 15
     for path in everything:
         data = path.read_bytes()
-        assert FAKE_TOKEN.encode() not in data, path
-        assert FAKE_TAG_SECRET.encode() not in data, path
+        for secret in (FAKE_TOKEN, FAKE_TAG_SECRET, FAKE_ONE_TOKEN_SECRET):
+            assert secret.encode() not in data, (path, secret)
     for stream in (default_run.result.stdout, default_run.result.stderr):
-        assert FAKE_TOKEN not in stream and FAKE_TAG_SECRET not in stream
+        assert FAKE_TOKEN not in stream and FAKE_TAG_SECRET not in stream and FAKE_ONE_TOKEN_SECRET not in stream
 
 
 @pytest.mark.slow
@@ -293,15 +296,15 @@ def test_other_ranks_create_and_write_nothing(tmp_path, monkeypatch):
     the others learn the directory from rank 0 (Lightning's launcher passes its environment on)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from project import records
+    from project.infra import records
 
     exp_dir = tmp_path / "experiments"
     from_rank_0 = exp_dir / "debug" / "20260101-000000-abcdef"
     monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning reads from LOCAL_RANK=1 at import
     monkeypatch.setenv(records.RUN_DIR_ENV, str(from_rank_0))
     args = parse_args(["--exp-dir", str(exp_dir), "--logger", "mlflow", "--logger", "tensorboard"])
-    run = records.open_run(args, config_of(args))
+    run = records.open_run(args, config_of(args), records.Trackers(["mlflow", "tensorboard"]), resume_from=None)
     assert run.directory == from_rank_0
-    assert [type(logger).__name__ for logger in run.loggers] == ["AppendingCSVLogger"]  # no tracker runs
+    assert [type(logger).__name__ for logger in run.loggers] == ["AppendingCsvLogger"]  # no tracker runs
     run.close("finished")
     assert not exp_dir.exists()

@@ -225,3 +225,38 @@ def test_resumable_epochs_continue_with_the_next_batch_of_the_same_epoch() -> No
     assert trained + [y.tolist() for _, y in resumed] == uninterrupted
     epoch = 2  # the saved position belongs to epoch 1: the next epoch starts from its beginning
     assert len(list(resumed)) == len(uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_cnn_killed_then_resumed_ends_bit_identical(tmp_path_factory: pytest.TempPathFactory, exp_dir: Path) -> None:
+    """The same with BatchNorm, whose statistics are recomputed before each validation (PreciseBatchNorm): the
+    recomputation draws nothing from the random streams, so resuming still ends bit for bit."""
+    cnn = [*DIGITS, "--model", "cnn", "--hidden-dim", "16", "--max-epochs", "2"]
+    reference_dir = tmp_path_factory.mktemp("cnn-reference")
+    reference = run_cli(*cnn, "--exp-dir", str(reference_dir))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = run_cli("kill-train", "1", "12", "--", *cnn, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_cli(*cnn, "--exp-dir", str(exp_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(only_run_dir(reference_dir), only_run_dir(exp_dir))
+
+
+@pytest.mark.slow
+def test_extending_a_finished_run_follows_the_longer_schedule_from_its_first_new_step(exp_dir: Path) -> None:
+    """A 2-epoch run extended to 4: epoch 2 trains at the 4-epoch cosine schedule's rate (half the initial one), not
+    at the finished 2-epoch schedule's 0, and so learns something."""
+    import csv
+    import math
+
+    args = ("--model", "mlp", "--hidden-dim", "32", "--logger", "csv", "--exp-dir", str(exp_dir))
+    assert run_cli(*args, "--max-epochs", "2").returncode == 0
+    extended = run_cli(*args, "--max-epochs", "4", "--resume")
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    with open(only_run_dir(exp_dir) / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    rates = [float(row["lr"]) for row in rows if row.get("lr")]
+    assert rates == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * e / s)) for e, s in
+                                   ((0, 2), (1, 2), (2, 4), (3, 4))])  # fmt: skip
+    val_loss = [float(row["val/loss"]) for row in rows if row.get("val/loss")]
+    assert len(val_loss) == 4 and val_loss[2] != val_loss[1] and val_loss[3] != val_loss[2]

@@ -263,10 +263,10 @@ def test_hopeless_and_diverging_trials_are_pruned(tmp_path: Path, monkeypatch: p
     out = capsys.readouterr().out
     assert "trial 0 pruned: training diverged" in out and "trial 2 pruned: Trial was pruned at epoch 0" in out
     # Both runs stopped before testing; each run directory is recorded, and closed with the reason.
-    for trial, reason in ((diverged, "RunStopped"), (hopeless, "TrialPruned")):
+    for trial, status in ((diverged, "failed: RunStopped"), (hopeless, "pruned")):
         run_dir = Path(trial.user_attrs["run_dir"])
         manifest = yaml.safe_load((run_dir / "manifest.json").read_text())
-        assert (manifest["exit_status"], bool(manifest["end_time"])) == (f"failed: {reason}", True)
+        assert (manifest["exit_status"], bool(manifest["end_time"])) == (status, True)
         assert (run_dir / "metrics.csv").is_file() and not (run_dir / "test_metrics.json").exists()
 
 

@@ -12,7 +12,9 @@ Training shards follow DistributedSampler's recipe; a training loader resumes mi
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +107,14 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def stop_workers() -> None:
+    """At exit, end the workers still running (persistent ones live as long as their DataLoader). multiprocessing's
+    own exit handler stops them with SIGTERM, which they ignore, and would then wait for them for ever; this handler,
+    registered later, runs first (atexit runs handlers in reverse order)."""
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
 class LoaderBatches:
     """A standard DataLoader (workers, pinned memory) over a dataset, driven by an EpochBatches plan."""
 
@@ -116,6 +126,9 @@ class LoaderBatches:
         # stream, which augmentation uses: a run resumed mid-epoch makes one iterator more than an uninterrupted run
         # and would then draw different augmentations.
         self.generator = torch.Generator()
+        if num_workers > 0:
+            atexit.unregister(stop_workers)  # registered once, and after multiprocessing's own handler
+            atexit.register(stop_workers)
         self.loader = DataLoader(
             dataset,
             batch_sampler=self.planned_sampler,

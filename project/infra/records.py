@@ -235,6 +235,8 @@ class Run(pl.Callback):
             isinstance(error, RunStopped) and error.exit_code > 128
         ):
             self.close("interrupted")
+        elif type(error).__name__ == "TrialPruned":  # a sweep stopped a hopeless trial (no Optuna import for it)
+            self.close("pruned")
         else:
             self.close(f"failed: {type(error).__name__}")
 

@@ -130,8 +130,8 @@ class Trackers:
         for logger in self.loggers:
             if logger is self.mlflow:
                 logger.log_files([manifest])
-                problem = logger.close({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"),
-                                       CLOSE_SECONDS)  # fmt: skip
+                ended = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}.get(status, "FAILED")
+                problem = logger.close(ended, CLOSE_SECONDS)
                 problems += [problem] if problem else []
             elif type(logger).__name__ == "WandbLogger":
                 with contextlib.suppress(Exception):  # W&B keeps its own offline copy when its service fails
