@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from project.infra import runs
 from project.infra.cli import Parser, add_model_options
 from project.infra.errors import UserError, run_command
+from project.infra.files import write_file
 from project.predict import METADATA_KEY, load_exported
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -56,24 +56,19 @@ def export(args: argparse.Namespace) -> Path:
     solver = load_solver(checkpoint).float().eval()
     metadata = {**input_spec(solver.hparams), "checkpoint": str(checkpoint)}
     output = (args.output or checkpoint.with_suffix(FORMATS[args.format])).expanduser()
-    if output.is_dir():
-        raise UserError(f"--output: {output} is a folder; name the file to write")
-    partial = output.with_name(f".{output.stem}.partial{output.suffix}")  # the file appears only once it is checked
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        (to_onnx if args.format == "onnx" else to_torchscript)(solver, metadata, partial)
-        difference = parity(solver, partial, metadata)
-        if not difference <= PARITY_TOLERANCE:  # a file that answers otherwise than the checkpoint is not served
+    checked = []
+
+    def write(path: Path) -> None:  # the file appears under its name only once it answers as the checkpoint does
+        (to_onnx if args.format == "onnx" else to_torchscript)(solver, metadata, path)
+        checked.append(parity(solver, path, metadata))
+        if not checked[0] <= PARITY_TOLERANCE:
             raise UserError(
                 f"the {args.format} export of {checkpoint} disagrees with it (max |logit difference| "
-                f"{difference:.2e} > {PARITY_TOLERANCE:g}), so it was not kept; please report it"
+                f"{checked[0]:.2e} > {PARITY_TOLERANCE:g}), so it was not kept; please report it"
             )
-        os.replace(partial, output)
-    except OSError as error:
-        raise UserError(f"--output: cannot write {output}: {error.strerror or error}") from error
-    finally:
-        if partial.parent.is_dir():
-            partial.unlink(missing_ok=True)
+
+    write_file(output, write, flag="--output: ")
+    difference = checked[0]
     shape = ", ".join(map(str, metadata["input_shape"]))
     print(f"Wrote {output} ({args.format}): raw pixels 0..{metadata['pixel_max']:g} as float (N, {shape}) in, "
           f"{len(metadata['class_names'])} logits out")  # fmt: skip

@@ -17,7 +17,6 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import sys
 import zipfile
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from typing import Any
 from project.infra import runs
 from project.infra.cli import Parser, add_model_options, positive_int
 from project.infra.errors import UserError, run_command
+from project.infra.files import write_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 METADATA_KEY = "project"  # what a model needs to be fed, in ONNX metadata, a TorchScript extra file, MLflow metadata
@@ -271,21 +271,14 @@ def write_csv(output: str, header: list[str], rows: Iterator[list[str]]) -> int:
     """Write all rows; a file appears only when complete (a failure mid-way leaves no partial CSV)."""
     if output == "-":
         return write_rows(sys.stdout, header, rows)
-    path = Path(output).expanduser()
-    if path.is_dir():
-        raise UserError(f"--output: {path} is a folder; name the CSV file to write")
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with partial.open("w", newline="") as file:
-            count = write_rows(file, header, rows)
-        os.replace(partial, path)
-    except OSError as error:
-        raise UserError(f"--output: cannot write {path}: {error.strerror}") from error
-    finally:
-        if partial.parent.is_dir():
-            partial.unlink(missing_ok=True)
-    return count
+    counted = []
+
+    def write(path: Path) -> None:
+        with path.open("w", newline="") as file:
+            counted.append(write_rows(file, header, rows))
+
+    write_file(Path(output).expanduser(), write, flag="--output: ")
+    return counted[0]
 
 
 def write_rows(file: Any, header: list[str], rows: Iterator[list[str]]) -> int:

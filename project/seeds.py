@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from project import run
-from project.infra import runs
-from project.infra.cli import non_negative_int
+from project.infra import cli, runs
 from project.infra.errors import UserError, run_command
 
 
 def seed_list(text: str) -> list[int]:
-    seeds = [non_negative_int(part) for part in text.split(",") if part.strip()]
+    seeds = [cli.non_negative_int(part) for part in text.split(",") if part.strip()]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError
     return seeds
@@ -49,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, run_argv = build_parser().parse_known_args(argv)
-    if any(arg.split("=")[0] in ("--only-test", "--resume") for arg in run_argv):
-        print("error: --only-test and --resume are not for --seeds: each seed trains afresh", file=sys.stderr)
+    if cli.refused_continuing(run_argv, "seeds"):
         return 2
     base = run.parse_args(run_argv)  # checked once, before the first run (exits 2 with one line if wrong)
     return run_command(lambda: repeat(args.seeds, run_argv, base), base.debug)

@@ -97,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, run_argv = build_parser().parse_known_args(argv)
-    if any(arg.split("=")[0] in ("--only-test", "--resume") for arg in run_argv):
-        print("error: --only-test and --resume are not sweep options: each trial trains afresh", file=sys.stderr)
+    if cli.refused_continuing(run_argv, "sweep"):
         return 2
     base = run.parse_args(run_argv)  # the trials' own options, checked now (exits 2 with one line if wrong)
     code = run_command(lambda: sweep(args, run_argv, base), base.debug)

@@ -184,3 +184,12 @@ def add_model_options(parser: Parser, formats: str) -> None:
     parser.add("--exp-dir", default="~/Experiments", help="where runs are, for --checkpoint best/last")
     parser.add("--exp-name", type=name, default="debug", help="whose latest run --checkpoint best/last means")
     parser.add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def refused_continuing(argv: list[str], command: str) -> bool:
+    """project.sweep and project.seeds train each run afresh: --resume and --only-test are refused (in one line) before
+    project.run's parser would go looking for the run they name."""
+    if not any(arg.split("=")[0] in ("--only-test", "--resume") for arg in argv):
+        return False
+    print(f"error: --only-test and --resume are not {command} options: each run trains afresh", file=sys.stderr)
+    return True

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from project.infra import plots, runs
 from project.infra.errors import Interrupted, RunStopped, UserError
+from project.infra.files import write_file, write_text
 from project.infra.redact import redact, redact_argv
 from project.infra.tracking import Trackers
 
@@ -150,7 +151,7 @@ class Run(pl.Callback):
                              "exit_status": "running", "versions": versions(), "seed": self.args.seed,
                              "data": {"dataset": self.args.dataset}, "tags": self.tags()}  # fmt: skip
         self.manifest["trackers"] = self.trackers.describe()
-        write_atomic(self.directory / runs.CONFIG, yaml.safe_dump(safe_config, sort_keys=True))
+        write_text(self.directory / runs.CONFIG, yaml.safe_dump(safe_config, sort_keys=True))
         self.write_manifest()
         self.trackers.start({**safe_config, "user": session["user"], "command": self.command})
 
@@ -213,8 +214,8 @@ class Run(pl.Callback):
             "checkpoint": str(tested) if tested else None,
             "checkpoint_epoch": epoch,
         }  # fmt: skip
-        write_atomic(self.directory / runs.REPORT, format_report(confusion, names) + "\n")
-        write_atomic(self.directory / runs.TEST_METRICS, json.dumps(record, indent=2) + "\n")
+        write_text(self.directory / runs.REPORT, format_report(confusion, names) + "\n")
+        write_text(self.directory / runs.TEST_METRICS, json.dumps(record, indent=2) + "\n")
         write_file(
             self.directory / runs.CONFUSION, lambda path: plots.save_confusion_matrix(confusion.numpy(), names, path)
         )
@@ -270,7 +271,7 @@ class Run(pl.Callback):
                 self.directory.rmdir()
 
     def write_manifest(self) -> None:
-        write_atomic(self.directory / runs.MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")
+        write_text(self.directory / runs.MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")
 
     def summary(self, scores: dict | None, tested: Path | None, best: float | None, problems: list[str]) -> str:
         lines = ["", f"Run directory: {self.directory}"]
@@ -346,24 +347,6 @@ def create_run_dir(experiment: Path) -> Path:
         raise UserError(f"--exp-dir: cannot create a run directory in {experiment}: {error.strerror}") from error
     finally:
         os.close(folder)
-
-
-def write_file(path: Path, write: Any) -> None:
-    """`write(temporary_path)`, then rename: a crash or a full disk leaves the old file or none, never half of one."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        write(partial)
-        if partial.exists():
-            os.replace(partial, path)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from error
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    write_file(path, lambda partial: partial.write_text(text))
 
 
 def read_checkpoint_epoch(path: Path) -> int | None:

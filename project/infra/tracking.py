@@ -229,13 +229,13 @@ def csv_logger(path: Path) -> Any:
         def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
             row = {"step": step, **{key: float(value) for key, value in metrics.items()}}
             if set(row) - set(self.columns):  # a new column: rewrite the file with the wider header, atomically
-                from project.infra.records import write_atomic
+                from project.infra.files import write_text
 
                 rows = []
                 with contextlib.suppress(OSError), open(self.path, newline="") as file:
                     rows = list(csv.DictReader(file))
                 self.columns = ["step", *sorted((set(self.columns) | set(row)) - {"step"})]
-                write_atomic(self.path, to_csv(self.columns, [*rows, row]))
+                write_text(self.path, to_csv(self.columns, [*rows, row]))
                 return
             with open(self.path, "a", newline="") as file:  # flushed at every call: a crash loses no logged value
                 csv.DictWriter(file, fieldnames=self.columns).writerow(row)

@@ -1,0 +1,34 @@
+"""Files that appear whole or not at all: written under a temporary name beside their place, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from project.infra.errors import UserError
+
+
+def write_file(path: Path, write: Callable[[Path], Any], flag: str = "") -> None:
+    """`write(temporary path)`, then rename it onto `path`: a crash or a full disk leaves the old file or none, never
+    half of one. The temporary name keeps the suffix (matplotlib and the exporters go by it). An OSError becomes one
+    line naming the file, after the option that named it (`flag`, e.g. "--output: ")."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        if path.is_dir():
+            raise UserError(f"{flag}{path} is a folder; name the file to write")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(partial)
+        if partial.exists():  # a writer may have had nothing to write
+            os.replace(partial, path)
+    except OSError as error:
+        raise UserError(f"{flag}cannot write {path}: {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_file(path, lambda partial: partial.write_text(text))
