@@ -127,13 +127,14 @@ CASES = {
 def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
     """(module, argv, the folder whose bytes must not change) for one case, after writing what it needs."""
     module, guarded = "project.run", exp_dir
-    good = ["--exp-dir", str(exp_dir), "--exp-name", "good"]
+    good = ["--exp-dir", str(exp_dir), "--exp-name", "good"]  # for the cases about the finished run
+    fresh = ["--exp-dir", str(tmp / "fresh")]  # the others: a case that wrongly succeeded would not touch it
     last = run_dir(exp_dir) / "checkpoints" / "last.ckpt"
     best = next((run_dir(exp_dir) / "checkpoints").glob("best-*.ckpt"))
     if case.startswith("checkpoint with a pickle payload"):
         evil = str(hostile_checkpoint(tmp))
         module = {"predict": "project.predict", "export": "project.export"}.get(case.split("(")[1][:-1], module)
-        argv = {"--only-test": ["--only-test", "--checkpoint", evil, *good], "--resume": ["--resume", evil, *good],
+        argv = {"--only-test": ["--only-test", "--checkpoint", evil, *fresh], "--resume": ["--resume", evil, *fresh],
                 "predict": ["--checkpoint", evil, str(tmp / "x.npy")], "export": ["--checkpoint", evil]}  # fmt: skip
         np.save(tmp / "x.npy", np.zeros((1, 1, 8, 8), dtype=np.uint8))
         return module, argv[case.split("(")[1][:-1]], guarded
@@ -142,7 +143,7 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         folder.mkdir(parents=True)
         for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
             (folder / name).write_bytes(pickle.dumps({"data": Payload(tmp / "pwned"), "labels": [0]}))
-        return module, ["--dataset", "cifar10", "--data-dir", str(tmp / "data"), *good], guarded
+        return module, ["--dataset", "cifar10", "--data-dir", str(tmp / "data"), *fresh], guarded
     if case == "npy of pickled objects (predict)":
         np.save(tmp / "evil.npy", np.array([Payload(tmp / "pwned")], dtype=object), allow_pickle=True)
         return "project.predict", ["--checkpoint", str(best), str(tmp / "evil.npy")], guarded
@@ -157,17 +158,17 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "resume with nothing to resume": ["--resume", "--exp-dir", str(exp_dir), "--exp-name", "never-ran"],
         "test on another split": ["--only-test", *good, "--seed", "5"],
         "only-test with nothing trained": ["--only-test", "--exp-dir", str(exp_dir), "--exp-name", "never-ran"],
-        "monitor that is never logged": [*good, "--monitor", "val/typo"],
-        "seed beyond 32 bits": [*good, "--seed", "4294967296"],
+        "monitor that is never logged": [*fresh, "--monitor", "val/typo"],
+        "seed beyond 32 bits": [*fresh, "--seed", "4294967296"],
         "exp-dir behind a file": ["--exp-dir", str(tmp / "a-file" / "experiments")],
-        "gpu requested, none present": [*good, "--gpus", "1"],
-        "unknown strategy": [*good, "--strategy", "warp-drive"],
-        "dataset files missing": [*good, "--dataset", "cifar10", "--data-dir", str(tmp / "no-data")],
-        "checkpoint missing": ["--only-test", "--checkpoint", str(tmp / "nope.ckpt"), *good],
+        "gpu requested, none present": [*fresh, "--gpus", "1"],
+        "unknown strategy": [*fresh, "--strategy", "warp-drive"],
+        "dataset files missing": [*fresh, "--dataset", "cifar10", "--data-dir", str(tmp / "no-data")],
+        "checkpoint missing": ["--only-test", "--checkpoint", str(tmp / "nope.ckpt"), *fresh],
         "exp-name climbing out": ["--exp-dir", str(exp_dir), "--exp-name", "../escape"],
-        "learning rate zero": [*good, "--learning-rate", "0"],
-        "epochs not a number": [*good, "--max-epochs", "ten"],
-        "image folder missing": [*good, "--dataset", "image-folder", "--data-dir", str(tmp / "no-pets")],
+        "learning rate zero": [*fresh, "--learning-rate", "0"],
+        "epochs not a number": [*fresh, "--max-epochs", "ten"],
+        "image folder missing": [*fresh, "--dataset", "image-folder", "--data-dir", str(tmp / "no-pets")],
     }
     (tmp / "a-file").write_text("in the way")
     if case in simple:
@@ -197,7 +198,7 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         elif case == "image folder with one class":
             write_image_folder(pets, classes=("cat",))
         else:
-            write_image_folder(pets, per_class=2 if case == "image folder too small to split" else 10)
+            write_image_folder(pets, per_class=1 if case == "image folder too small to split" else 10)
         if case == "image folder with an unreadable image":
             (pets / "dog" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
         if case == "image folder with a truncated jpeg":
@@ -206,19 +207,19 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
             Image.new("RGB", (64, 64), (200, 10, 10)).save(pets / "cat" / "whole.jpg", quality=95)
             data = (pets / "cat" / "whole.jpg").read_bytes()
             (pets / "cat" / "truncated.jpg").write_bytes(data[: len(data) * 2 // 3])
-        return module, [*good, "--dataset", "image-folder", "--data-dir", str(pets), "--image-size", "16"], guarded
+        return module, [*fresh, "--dataset", "image-folder", "--data-dir", str(pets), "--image-size", "16"], guarded
     if case.startswith("config"):
         config = tmp / "c.yaml"
         content = {"config that is not UTF-8": b"\xff\xfe\x00m", "config malformed": b"max_epochs: [1,\n",
                    "config with an unknown key": b"max_epoch: 3\n"}  # fmt: skip
         if case in content:
             config.write_bytes(content[case])
-        return module, [*good, "--config", str(config)], guarded
+        return module, [*fresh, "--config", str(config)], guarded
     if case.startswith("checkpoint"):
         path = tmp / "c.ckpt"
         path.write_bytes({"checkpoint empty": b"", "checkpoint not a checkpoint": b"my notes, not weights\n",
                           "checkpoint truncated": last.read_bytes()[: last.stat().st_size // 2]}[case])  # fmt: skip
-        return module, ["--only-test", "--checkpoint", str(path), *good], guarded
+        return module, ["--only-test", "--checkpoint", str(path), *fresh], guarded
     if case == "export into a path under a file":
         return "project.export", ["--checkpoint", str(best), "--output", str(tmp / "a-file" / "m.onnx")], guarded
     if case == "predict pixels that are NaN":

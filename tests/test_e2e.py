@@ -90,3 +90,43 @@ def test_plots_mark_the_best_epoch_and_draw_loss_on_a_log_scale(tmp_path, monkey
         marked = [line for line in ax.get_lines() if list(line.get_xdata()) == [5, 5]]
         assert marked and "epoch 5" in marked[0].get_label()
     assert [list(line.get_ydata()) for line in rate.get_lines() if line.get_label() == "lr"] == [[0.001]]
+
+
+@pytest.mark.slow
+def test_the_progress_bar_fits_a_100_column_terminal(exp_dir):
+    """In a real terminal 100 columns wide (a pseudo-terminal), no line the run draws is wider, and the bar says
+    which epoch of how many it shows."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import sys
+    import termios
+    import time
+
+    from conftest import ROOT, cli_env
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the CLI, attached to the pseudo-terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "-m", "project.run", "--max-epochs", "2", "--exp-dir", str(exp_dir),
+                                   *QUICK], cli_env(COLUMNS="100", LINES="40"))  # fmt: skip
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    output, deadline = b"", time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the child closed the terminal: it has ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output.decode(errors="replace")[-3000:]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode("utf-8", errors="replace"))
+    bars = [line for line in re.split(r"[\r\n]", text) if "it/s" in line]
+    assert bars and max(len(line) for line in bars) <= 100, max(bars, key=len)
+    assert any(line.startswith("epoch 2/2: 100%") for line in bars)
+    report = text[text.index("Confusion matrix") : text.index("Run directory")]
+    assert max(len(line) for line in report.splitlines()) <= 80  # ten digits' report fits a narrow terminal

@@ -137,7 +137,9 @@ def test_metrics_csv_plots_and_test_report(default_run):
     assert list(recorded["per_class"]) == class_names
     test_size = default_run.manifest["data"]["split_sizes"]["test"]
     assert sum(c["support"] for c in recorded["per_class"].values()) == test_size
-    assert 0 <= recorded["acc"] <= 1 and recorded["checkpoint"].endswith(".ckpt")
+    confusion = recorded["confusion_matrix"]
+    assert recorded["acc"] == sum(confusion[i][i] for i in range(10)) / sum(map(sum, confusion))
+    assert recorded["checkpoint"].endswith(".ckpt")
     report = (run_dir / "test_report.txt").read_text()
     assert "accuracy" in report and f"{recorded['acc']:.4f}" in report
     assert report in default_run.result.stdout  # ten classes fit on the screen

@@ -137,8 +137,9 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
+        deadline = time.monotonic() + 240
         while not first_epoch_logged(exp_dir):
-            assert process.poll() is None, process.communicate()
+            assert process.poll() is None and time.monotonic() < deadline, "no epoch logged"
             time.sleep(0.2)
         mlflow_server.kill()  # after the first epoch, before the second ends
         stdout, stderr = process.communicate(timeout=300)

@@ -28,6 +28,9 @@ def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
         raise UserError(f"{flag}: {path} {'is not a file' if path.exists() else 'does not exist'}")
     if path.stat().st_size == 0:
         raise UserError(f"{flag}: {path} is empty")
+    with open(path, "rb") as file:
+        if not file.read(4).startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle
+            raise UserError(f"{flag}: {path} is not a valid checkpoint (another format: not a file torch.save wrote)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

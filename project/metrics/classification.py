@@ -106,11 +106,12 @@ def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
     cm = confusion.detach().cpu().long()
     scores = per_class_scores(cm)
     names = [str(n) for n in class_names]
-    width = max(len("macro avg"), *(len(n) for n in names), len(str(int(cm.max()))) + 1)
+    width = max(len("macro avg"), *(len(n) for n in names))
+    cell = max(*(len(n) for n in names), len(str(int(cm.max()))))  # narrow cells: 10 digits fit 80 columns
     lines = ["Confusion matrix (rows: true class, columns: predicted class)"]
-    lines.append(" " * width + " " + " ".join(n.rjust(width) for n in names))
+    lines.append(" " * width + " " + " ".join(n.rjust(cell) for n in names))
     for name, row in zip(names, cm.tolist(), strict=True):
-        lines.append(name.rjust(width) + " " + " ".join(str(v).rjust(width) for v in row))
+        lines.append(name.rjust(width) + " " + " ".join(str(v).rjust(cell) for v in row))
     lines.append("")
     lines.append("class".rjust(width) + "  precision     recall         f1    support")
     for i, name in enumerate(names):
