@@ -47,14 +47,14 @@ def start(args: argparse.Namespace) -> Trackers:
         return Trackers([])
     mlflow = None
     if "mlflow" in names:
-        from project.infra.mlflow_worker import MlflowWorker
+        from project.infra.mlflow_worker import MLflowWorkerClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or local_store(args.exp_dir)
         served = uri.startswith(("http://", "https://", "databricks"))
         # A server keeps artifacts where its --artifacts-destination says; straight into a database, MLflow would put
         # them in ./mlruns of whatever the working directory is: they stay under --exp-dir instead.
         artifacts = None if served else (Path(args.exp_dir).expanduser().resolve() / "mlflow-artifacts").as_uri()
-        mlflow = MlflowWorker.start(uri, artifacts)
+        mlflow = MLflowWorkerClient.start(uri, artifacts)
     return Trackers(names, mlflow)
 
 
@@ -86,9 +86,9 @@ class Trackers:
         self.loggers = [csv_logger(directory / runs.METRICS)]
         for name in self.names:
             if name == "mlflow":
-                from project.infra.mlflow_logger import MlflowLogger
+                from project.infra.mlflow_logger import MLflowLogger
 
-                self.mlflow = MlflowLogger(self.mlflow_worker, directory)
+                self.mlflow = MLflowLogger(self.mlflow_worker, directory)
                 self.mlflow.open_run(args.exp_name, directory.name, tags, previous.get("mlflow"))
                 self.loggers.append(self.mlflow)
             elif name == "tensorboard":
