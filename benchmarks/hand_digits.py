@@ -56,7 +56,7 @@ train_x, train_y = tensors(images, labels, train)
 val_x, val_y = tensors(images, labels, held_out[val_pos])
 test_x, test_y = tensors(images, labels, held_out[test_pos])
 
-model = build_model("cnn", (1, 8, 8), 10, HIDDEN, mean=(4.884,), std=(6.017,))
+model = build_model("cnn", (1, 8, 8), 10, mean=(4.884,), std=(6.017,), hidden_dim=HIDDEN)
 optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
 best_loss, best_state = float("inf"), None

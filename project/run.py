@@ -47,7 +47,7 @@ LOG_EVERY_N_STEPS = 10
 # records. Anything else would change its data, its split, its model or its optimisation, and is refused.
 MAY_CHANGE_ON_RESUME = {"max_epochs", "accelerator", "devices", "gpus", "num_nodes", "strategy", "precision",
                         "half_precision", "compile", "deterministic", "num_workers", "data_on_device", "logger",
-                        "checkpoint_every_n_steps", "fast_dev_run"}  # fmt: skip
+                        "checkpoint_every_n_steps", "fast_dev_run", "exp_dir", "exp_name"}  # fmt: skip
 # --only-test scores a checkpoint on its run's own test split: what picks those images cannot change.
 FIXED_ON_TEST = {"dataset", "data_dir", "image_size", "seed", "val_fraction"}
 

@@ -68,7 +68,7 @@ def test_a_run_a_resume_and_only_test_print_nothing_on_stderr_but_our_own_words(
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", f"{argv}: {result.stderr}"
         assert "v_num" not in result.stdout
-    assert "epoch 3/3" in run_cli("--resume", "--max-epochs", "4", "--exp-dir", str(exp_dir)).stdout
+    assert "epoch 4/4" in run_cli("--resume", "--max-epochs", "4", "--exp-dir", str(exp_dir)).stdout
 
 
 def test_plots_mark_the_best_epoch_and_draw_loss_on_a_log_scale(tmp_path, monkeypatch):

@@ -243,3 +243,52 @@ def test_redaction_by_name_by_value_and_in_urls(monkeypatch):
     config = {"learning_rate": 0.1, "nested": {"aws_secret_access_key": "zzz", "ok": ["abc123secret", 3]}}
     assert redact(config) == {"learning_rate": 0.1, "nested": {"aws_secret_access_key": REDACTED, "ok": [REDACTED, 3]}}
     assert redact({"wandb_api_key": None}) == {"wandb_api_key": None}  # nothing to hide
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_learning_rate_the_hyperparameters_with_test_scores_and_the_plots(exp_dir):
+    result = run_cli("--exp-dir", str(exp_dir), "--max-epochs", "2", "--logger", "tensorboard", *TINY)
+    assert result.returncode == 0, result.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = the_run_dir(exp_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    assert {"lr", "val/loss", "hparams/test_acc"} <= set(tags["scalars"])
+    assert [round(e.value, 9) for e in events.Scalars("lr")] == [1e-3, 5e-4]  # cosine over 2 epochs
+    recorded = json.loads((run_dir / "test_metrics.json").read_text())
+    assert events.Scalars("hparams/test_acc")[-1].value == pytest.approx(recorded["acc"])
+    assert {"curves", "confusion_matrix"} <= set(tags["images"])
+    # The HPARAMS tab: the run's configuration beside those scores.
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert (
+        b"learning_rate" in hparams["_hparams_/session_start_info"]
+        and b"hparams/test_acc" in hparams["_hparams_/experiment"]
+    )
+
+
+@pytest.mark.slow
+def test_predict_takes_the_mlflow_model_the_run_logged(exp_dir, tmp_path):
+    import numpy as np
+
+    result = run_cli("--exp-dir", str(exp_dir), "--max-epochs", "1", *TINY)
+    assert result.returncode == 0, result.stderr
+    run_dir = the_run_dir(exp_dir)
+    model_uri = json.loads((run_dir / "manifest.json").read_text())["trackers"]["mlflow"]["model_uri"]
+    from sklearn.datasets import load_digits
+
+    np.save(tmp_path / "digits.npy", load_digits().images[:20])
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{(exp_dir / 'mlflow.db').resolve()}")
+    outputs = {}
+    for name, source in (("mlflow", model_uri), ("checkpoint", str(next((run_dir / "checkpoints").glob("best-*"))))):
+        outputs[name] = tmp_path / f"{name}.csv"
+        done = run_cli("--checkpoint", source, str(tmp_path / "digits.npy"), "--output", str(outputs[name]),
+                       module="project.predict", env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    rows = {name: rows_of(path) for name, path in outputs.items()}
+    assert [r["predicted"] for r in rows["mlflow"]] == [r["predicted"] for r in rows["checkpoint"]]
+    for ours, theirs in zip(rows["mlflow"], rows["checkpoint"], strict=True):
+        assert [float(ours[k]) for k in ours if k.startswith("prob_")] == pytest.approx(
+            [float(theirs[k]) for k in theirs if k.startswith("prob_")], abs=1e-5
+        )

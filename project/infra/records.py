@@ -68,8 +68,9 @@ def open_run(args: argparse.Namespace, config: dict[str, Any], trackers: Tracker
     run = Run(directory, args, config, trackers if zero else Trackers([]), zero, new=continued is None)
     try:
         if zero:
+            previous = read_json(directory / runs.MANIFEST, strict=True) if continued else {}  # checked, then locked
             run.lock.acquire(run.command)
-            run.previous = read_json(directory / runs.MANIFEST, strict=True) if continued else {}
+            run.previous = previous
         # Every rank has the loggers Lightning's callbacks ask for; only rank 0's write (and have tracker runs).
         run.trackers.open(directory, args, run.previous.get("trackers", {}), run.tracker_tags() if zero else {})
     except BaseException:

@@ -227,7 +227,7 @@ def csv_logger(path: Path) -> Any:
 
         @rank_zero_only
         def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-            row = {"step": step, **{key: float(value) for key, value in metrics.items()}}
+            row = {"step": step, **{k: v if isinstance(v, (int, float)) else float(v) for k, v in metrics.items()}}
             if set(row) - set(self.columns):  # a new column: rewrite the file with the wider header, atomically
                 from project.infra.files import write_text
 
