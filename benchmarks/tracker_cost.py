@@ -228,37 +228,30 @@ def measure(args: argparse.Namespace) -> int:
 
 
 def stock_job(argv: list[str]) -> int:
-    """`python -m project.run ARGV` with Lightning's own MLFlowLogger (MLflow's async logging) as the tracker.
-    It is opened where the project opens its own; Lightning's finalize sets its status (the project's
-    close, describe and artifact calls do not know it, so it logs no files and manifest.json names no run)."""
+    """`python -m project.run ARGV` with Lightning's own MLFlowLogger (MLflow's async logging) as the tracker, opened
+    where the project opens its own, in this process; Lightning's finalize sets its status (the project's close,
+    describe and artifact calls do not know it, so it logs no files and manifest.json names no run)."""
     sys.path.insert(0, str(ROOT))
-    from project import tracking
+    from project.infra import tracking
     from project.infra.mlflow_worker import HTTP_DEFAULTS
 
-    def stock_logger(directory: Path, experiment: str, exp_dir: Path, tags: Any, previous: Any) -> Any:
+    def open_stock(self: Any, directory: Path, args: Any, previous: Any, tags: Any) -> None:
         for name, value in HTTP_DEFAULTS.items():  # the project's short retries, the user's values first
             os.environ.setdefault(name, value)
         from lightning.pytorch.loggers import MLFlowLogger
 
-        local = f"sqlite:///{(exp_dir.expanduser().resolve() / 'mlflow.db').as_posix()}"
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or local
+        exp_dir = Path(args.exp_dir).expanduser().resolve()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(exp_dir)
         served = uri.startswith(("http://", "https://"))
-        artifacts = None if served else (exp_dir.expanduser().resolve() / "mlflow-artifacts" / experiment).as_uri()
-        logger = MLFlowLogger(
-            experiment_name=experiment,
-            run_name=directory.name,
-            tracking_uri=uri,
-            tags=dict(tags),
-            artifact_location=artifacts,
-            synchronous=False,
-        )
+        artifacts = None if served else (exp_dir / "mlflow-artifacts" / args.exp_name).as_uri()
+        logger = MLFlowLogger(experiment_name=args.exp_name, run_name=directory.name, tracking_uri=uri,
+                              tags=dict(tags), artifact_location=artifacts, synchronous=False)  # fmt: skip
         _ = logger.run_id  # the run starts now, in the foreground, as the project's own does
-        return logger
+        self.loggers = [tracking.csv_logger(directory / "metrics.csv"), logger]
 
-    # The project's names for its MLflow hooks (tracking.py, with the worker wired in): no worker, this logger.
-    if hasattr(tracking, "start_early"):
-        tracking.start_early = lambda args: None
-    tracking._mlflow_logger = stock_logger
+    tracking.Trackers.open = open_stock
+    tracking.Trackers.start = lambda self, params: [logger.log_hyperparams(params) for logger in self.loggers]
+    tracking.start = lambda args: tracking.Trackers([])  # no worker
     from project.run import main
 
     return main(argv)
@@ -323,10 +316,12 @@ def server_dies(args: argparse.Namespace) -> int:
         lines = [line for line in stderr.splitlines() if line.strip()]
         print(f"\n== {variant}: server killed at {killed_at and round(killed_at, 1)} s; job exit {job.returncode} "
               f"after {wall:.1f} s; epochs with val/acc: {len(epochs)}; stderr: {len(lines)} lines")  # fmt: skip
-        for line in lines[:12]:
+        for line in lines[:8]:
             print(f"   {line[:200]}")
-        if len(lines) > 12:
-            print(f"   ... ({len(lines) - 12} more; last: {lines[-1][:200]})")
+        if len(lines) > 8:
+            print(f"   ... ({len(lines) - 8} more; the last 6:)")
+            for line in lines[max(8, len(lines) - 6) :]:
+                print(f"   {line[:200]}")
         print("   summary: " + " | ".join(line.strip() for line in stdout.splitlines()[-4:]))
     return 0
 
@@ -347,12 +342,12 @@ def nomodel_job(argv: list[str]) -> int:
     """`python -m project.run ARGV` with the project's MLflow worker, but no model logged (and none prepared):
     what the worker costs for metrics, params and files alone."""
     sys.path.insert(0, str(ROOT))
-    from project import tracking
+    from project.infra import tracking
     from project.infra.mlflow_worker import MLflowWorkerClient
 
     start = MLflowWorkerClient.start.__func__
     MLflowWorkerClient.start = classmethod(lambda cls, uri, root=None: start(cls, uri, root, prepare_model=False))
-    tracking.log_model = lambda loggers, checkpoint: None
+    tracking.Trackers.log_model = lambda self, checkpoint: None
     from project.run import main
 
     return main(argv)

@@ -1,16 +1,20 @@
 """Infrastructure: what keeps runs safe and recorded. You should not need to edit it to change the data, the
 model or the training step (those are project/data.py, model.py, solver.py).
 
-    errors.py       how a command ends: one-line mistakes, stops, SIGTERM/SIGINT
-    cli.py          the command line's value types, short errors, and --config files read by the same parser
-    runs.py         where runs live on disk, and finding one (latest, best, last) without importing torch
-    records.py      one run's directory, lock, config.yaml, manifest.json, reports and summary
-    tracking.py     the experiment trackers (--logger): MLflow, TensorBoard, W&B, metrics.csv
-    redact.py       secrets kept out of every record and printed line
-    plots.py        curves.png and confusion_matrix.png
-    checkpoints.py  reading checkpoints (weights only) and checking they fit the data
-    callbacks.py    exact resume, atomic checkpoints, precise BatchNorm statistics, a diverging loss, signals
-    batches.py      the DataModule base: batches gathered on the device, or a DataLoader; resumable mid-epoch
-    images.py       folders of images read safely
-    console.py      what the terminal shows: the progress bar, library noise silenced
+    errors.py         how a command ends: one-line mistakes, stops, SIGTERM/SIGINT for every entry point
+    cli.py            the command line's value types, short errors, and --config files read by the same parser
+    runs.py           where runs live on disk, and finding one (latest, best, last) without importing torch
+    records.py        one run's directory, lock, config.yaml, manifest.json, reports and summary
+    files.py          files that appear whole or not at all
+    tracking.py       the experiment trackers (--logger): MLflow, TensorBoard, W&B, and metrics.csv
+    mlflow_worker.py  MLflow in a process of its own (started before Lightning loads), and its client
+    mlflow_logger.py  that worker as a Lightning logger
+    redact.py         secrets kept out of every record and printed line
+    plots.py          curves.png and confusion_matrix.png
+    checkpoints.py    reading checkpoints (weights only) and checking they fit the data and the run
+    callbacks.py      atomic checkpoints, exact resume, precise BatchNorm statistics, a diverging loss, signals
+    hardware.py       the accelerator, devices and precision, checked against this machine
+    batches.py        the DataModule base: batches gathered on the device, or a DataLoader; resumable mid-epoch
+    images.py         folders of images read safely, and CIFAR-10 only with its official checksums
+    console.py        what the terminal shows: the progress bar, library noise silenced
 """

@@ -1,10 +1,11 @@
-"""MLflow in a process of its own, so that a run pays almost nothing for its default tracker.
+"""MLflow in a process of its own, so that a run pays (almost) nothing for its default tracker.
 
-Importing MLflow (~1 s) and opening its store (~1 s) would add seconds to every run; threads cannot hide
-them (the GIL), but a second process can: started before the training process imports Lightning (~5 s),
-the worker imports MLflow, opens the store, and even pre-imports what logging the model needs, all on
-another core. During training the calls cross a pipe (microseconds each), and a slow or dead server
-stalls the worker, never a training step.
+Importing MLflow (~1.3 s) and opening its store (0.8 s, 2 s for a new one) would add seconds to every run;
+threads cannot hide them (the GIL), but a second process can: started before the training process imports
+Lightning (~5 s), the worker imports MLflow and opens the store on another core, then pre-imports what
+logging the model needs (torch, torch.export: ~5 CPU seconds). During training the calls cross a pipe
+(microseconds each), and a slow or dead server stalls the worker, never a training step. What is left
+is CPU: on a 2-core machine the model's preparation competes with training (benchmarks/tracker_cost.py).
 
 Two halves, one file (the protocol stays in one place):
 - `MLflowWorkerClient`, the training process's side: starts the worker and sends it requests. It
