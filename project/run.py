@@ -175,6 +175,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     trackers = tracking.start(args)  # MLflow starts in its own process now, while Lightning loads here
 
     import lightning.pytorch as pl
+    import torch
 
     from project.data import DATASETS
     from project.infra import checkpoints, console, hardware, records
@@ -214,6 +215,8 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
 
         # 5. Report.
         run.finish(trainer, solver, datamodule, checkpoint)
+    if torch.distributed.is_initialized():  # gloo's and NCCL's threads end before the interpreter (or it may abort)
+        torch.distributed.destroy_process_group()
     return RunResult(run.directory, run.best_score(trainer), run.test_metrics(trainer))
 
 

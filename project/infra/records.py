@@ -92,17 +92,12 @@ class Run(pl.Callback):
 
     def __init__(self, directory: Path, args: argparse.Namespace, config: dict[str, Any], trackers: Trackers,
                  zero: bool, new: bool) -> None:  # fmt: skip
-        self.directory, self.args, self.config, self.trackers, self.zero, self.new = (
-            directory,
-            args,
-            config,
-            trackers,
-            zero,
-            new,
-        )
+        self.directory, self.args, self.config, self.trackers = directory, args, config, trackers
+        self.zero, self.new = zero, new  # global rank 0; a run this command creates (not one it continues)
         self.callbacks: list[Any] = [self]
         self.last_checkpoint = directory / runs.CHECKPOINT_DIR / runs.LAST
         self.command = "python -m project.run " + shlex.join(redact_argv(list(args.argv)))
+        self.git = git_state() if zero else {}
         self.lock = RunLock(directory)
         self.previous: dict[str, Any] = {}
         self.manifest: dict[str, Any] = {}
@@ -113,15 +108,10 @@ class Run(pl.Callback):
         return self.trackers.loggers
 
     def tracker_tags(self) -> dict[str, str]:
-        git = git_state()
-        return {
-            "user": user(),
-            "host": socket.gethostname(),
-            **({"git_commit": git["commit"], "git_dirty": str(git["dirty"])} if git["commit"] else {}),
-            "run_dir": str(self.directory),
-            "mode": "test" if self.args.only_test else "train",
-            **redact(dict(tag.split("=", 1) for tag in self.args.tag)),
-        }
+        git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
+        mode = "test" if self.args.only_test else "train"
+        return {"user": user(), "host": socket.gethostname(), **git, "run_dir": str(self.directory), "mode": mode,
+                **self.tags()}  # fmt: skip
 
     # --- the run starts -------------------------------------------------------------------------------------------
 
@@ -139,7 +129,7 @@ class Run(pl.Callback):
         self.started = True
         safe_config = redact(self.config)
         session = {"command": self.command, "start_time": now(), "user": user(), "host": socket.gethostname(),
-                   "pid": os.getpid(), "git": git_state()}  # fmt: skip
+                   "pid": os.getpid(), "git": self.git}  # fmt: skip
         if self.previous:
             old = read_yaml(self.directory / runs.CONFIG)
             changed = {k: [old.get(k), v] for k, v in safe_config.items() if old.get(k) != v}
