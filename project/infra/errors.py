@@ -70,7 +70,9 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     except UserError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        from project.infra.redact import redact_text  # a message may quote what the user typed: never a secret
+
+        print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     except NothingToDo as note:
         print(note)
