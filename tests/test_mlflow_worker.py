@@ -396,7 +396,7 @@ def logged_model(checkpoint, tmp_path_factory) -> tuple[str, str]:
     logger.log_model(checkpoint)
     started = time.monotonic()
     assert logger.close("FINISHED", timeout=120) is None
-    print(f"close waited {time.monotonic() - started:.2f} s; worker timings {logger.client.timings}")
+    print(f"close waited {time.monotonic() - started:.2f} s")
     assert logger.describe()["complete"] and logger.describe()["model_uri"].startswith("models:/")
     return store(root), logger.describe()["model_uri"]
 
