@@ -1,28 +1,19 @@
 """MLflow in a process of its own, so that a run pays (almost) nothing for its default tracker.
 
-Importing MLflow (~1.3 s) and opening its store (0.8 s, 2 s for a new one) would add seconds to every run;
-threads cannot hide them (the GIL), but a second process can: started before the training process imports
-Lightning (~5 s), the worker imports MLflow and opens the store on another core, then prepares what logging
-the model needs (torch, torch.export: ~5 CPU seconds). During training the calls cross a pipe (microseconds
-each), and a slow or dead server stalls the worker, never a training step. What is left is CPU: on a 2-core
-machine the model's preparation competes with training (benchmarks/tracker_cost.py).
+Importing MLflow (~1.3 s) and opening its store (0.8 s, 2 s for a new one) would add seconds to every run, and
+threads cannot hide them (the GIL). A worker process started before the training process imports Lightning (~5 s)
+does them on another core, then prepares what logging the model needs (~5 CPU seconds). During training the calls
+cross a pipe (microseconds each): a slow or dead server stalls the worker, never a training step.
 
-Two halves, one file (the protocol stays in one place):
-- `MLflowWorkerClient`, the training process's side: starts the worker and sends it requests. It imports
-  nothing heavy (no mlflow, torch or lightning).
-- the worker, `python -m project.infra.mlflow_worker SETTINGS`: reads JSON requests on stdin, one a line,
-  makes the MLflow calls in order, and writes JSON lines on stdout.
+`MLflowWorkerClient` is the training process's side (it imports nothing heavy); `python -m project.infra.mlflow_worker
+SETTINGS` is the worker. Requests are JSON lines on its stdin ({"op": "open" | "running" | "params" | "metrics" |
+"files" | "model" | "end", ...}), made in order; "open" and "end" are answered on its stdout ({"ok": bool, ...}), and
+{"failed": reason} reports the first call that failed (every later one is dropped). The tracking URI travels in its
+environment, not on its command line, where other users could read a password.
 
-Requests: {"op": "open" | "running" | "params" | "metrics" | "files" | "model" | "end", ...}. "open" and
-"end" are answered {"ok": bool, ...}; {"failed": reason} reports the first call that failed (every later
-call is dropped). The tracking URI travels in the worker's environment, never on its command line, where
-other users could read a password.
-
-The worker ignores SIGINT and SIGTERM: a Ctrl-C or a scheduler's SIGTERM reaches the whole process group,
-and it is the training process that decides how the run ends ("end"). If its stdin closes without an
-"end" (the training process died, even by SIGKILL), it logs what is queued and marks the run FAILED. Its
-stderr (MLflow's INFO chatter, warnings) is kept by the client, never shown: a failure reaches the user as
-one line, with the worker's last words if it crashed.
+The worker ignores SIGINT and SIGTERM (they reach the whole process group; the training process decides how the
+run ends). If its stdin closes without an "end" (the training process died, even by SIGKILL), it logs what is
+queued and marks the run FAILED. Its stderr (MLflow's chatter) is never shown: only its last line, if it crashed.
 """
 
 from __future__ import annotations
@@ -36,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +35,8 @@ from typing import Any
 
 from project.infra.redact import scrub
 
-# MLflow's client retries a dead server for minutes by default; a run only needs to find out that the
-# server is gone. Set in the worker's environment only if the user has not set them.
+# MLflow's client retries a dead server for minutes by default; a run only needs to find out that the server is
+# gone. The user's own settings win.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -53,67 +45,56 @@ HTTP_DEFAULTS = {
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # on the worker's path: it runs this very code
 LOCK_SECONDS = 300.0  # how long a run waits for another that is creating the same local store
 EXIT_SECONDS = 60  # nobody waits for the worker's exit after its last answer: SIGALRM ends a teardown that hangs
-# Training's threads come first: a core taken from them in mid-step costs more than the worker's work
-# (the threads of a parallel step wait for the slowest). The worker gets what training leaves.
-NICE = 19
+NICE = 19  # training's threads first: a core taken from a parallel step makes all its threads wait
 EXAMPLE_BATCH = 2  # torch.export makes a batch of 1 a constant: the example batch keeps the axis dynamic
-STDIN_CLOSED = {"op": "stdin closed"}  # what the worker's queue gets when the training process is gone
-
-
-# --- the training process's side -----------------------------------------------------------------------------
+STDIN_CLOSED = {"op": "end", "status": "FAILED"}  # the training process is gone without saying how the run ended
 
 
 class MLflowWorkerClient:
-    """The training process's handle on one worker. `start` it as early as possible (before importing
-    Lightning); `call` waits for an answer, `send` does not. `failure` is the first reason tracking stopped."""
+    """The training process's handle on one worker. `start` it before importing Lightning; `call` waits for an
+    answer, `send` does not. `failure` is the first reason tracking stopped."""
 
-    def __init__(self, process: subprocess.Popen, tracking_uri: str) -> None:
-        self.process, self.tracking_uri = process, tracking_uri
+    def __init__(self, process: subprocess.Popen, tracking_uri: str, stderr: Any) -> None:
+        self.process, self.tracking_uri, self.stderr = process, tracking_uri, stderr
         self.failure: str | None = None
+        self.on_failure: Callable[[str], None] | None = None
+        self.lock = threading.Lock()  # `failure` is set by the reader thread or by this one
         self.ending = False  # the worker's exit is expected: it was told to end, or killed
         self.answers: queue.SimpleQueue = queue.SimpleQueue()
-        self.last_line = ""  # the worker's last words on stderr
-        self.lock = threading.Lock()  # `failure` and its callback, set from the reader thread or this one
-        self.on_failure: Callable[[str], None] | None = None
-        self.stderr_reader = threading.Thread(target=self.read_stderr, daemon=True)
-        self.stderr_reader.start()
-        threading.Thread(target=self.read_stdout, daemon=True).start()
+        threading.Thread(target=self.read_answers, daemon=True).start()
 
     @classmethod
     def start(
         cls, tracking_uri: str, artifact_root: str | None = None, prepare_model: bool = True
     ) -> MLflowWorkerClient:
-        """Start a worker for `tracking_uri` (a local `sqlite:///...` store or a server). A new experiment
-        keeps its artifacts in `artifact_root/<experiment>` (None: where the server or MLflow decides).
-        `prepare_model`: once the store is open, import what log_model needs (a few CPU seconds, while this
-        process imports Lightning); without it, log_model pays them itself."""
+        """A worker for `tracking_uri` (a local `sqlite:///...` store or a server). A new experiment keeps its
+        artifacts in `artifact_root/<experiment>` (None: where the server or MLflow decides). `prepare_model`:
+        prepare log_model while this process imports Lightning; without it, log_model pays that itself."""
         env = {
             **HTTP_DEFAULTS,
             **os.environ,
             "MLFLOW_TRACKING_URI": tracking_uri,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-            "CUDA_VISIBLE_DEVICES": "",  # the worker reads checkpoints on the CPU: no CUDA context, no GPU memory
-            "OMP_NUM_THREADS": "1",  # its torch exports a small network: the other cores are training's
+            "CUDA_VISIBLE_DEVICES": "",  # it reads checkpoints on the CPU: no CUDA context, no GPU memory
+            "OMP_NUM_THREADS": "1",  # it exports a small network: the other cores are training's
         }
         settings = json.dumps({"artifact_root": artifact_root, "prepare_model": prepare_model})
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 (open while the worker lives; read for a crash's last words)
         command = [sys.executable, "-m", "project.infra.mlflow_worker", settings]
-        process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-        )
-        return cls(process, tracking_uri)
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
+        return cls(process, tracking_uri, stderr)
 
     def send(self, op: str, **fields: Any) -> None:
-        """One request, not waited for (the worker drains its stdin on a thread of its own, whatever MLflow
-        is doing). After a failure, requests other than "end" are dropped here."""
-        if self.failure is not None and op != "end":
-            return
-        with contextlib.suppress(OSError, ValueError):  # the worker is gone: its reader thread says why
-            self.process.stdin.write((json.dumps({"op": op, **fields}) + "\n").encode())
-            self.process.stdin.flush()
+        """One request, not waited for: the worker drains its stdin on a thread of its own, whatever MLflow is
+        doing. After a failure, requests other than "end" are dropped."""
+        if self.failure is None or op == "end":
+            with contextlib.suppress(OSError, ValueError):  # the worker is gone: read_answers says why
+                self.process.stdin.write((json.dumps({"op": op, **fields}) + "\n").encode())
+                self.process.stdin.flush()
 
     def call(self, op: str, timeout: float, **fields: Any) -> dict[str, Any]:
-        """Send a request and wait for its answer; {"ok": False, "error"} if none comes (a worker that is
-        silent for `timeout` s is killed)."""
+        """Send a request and wait for its answer; {"ok": False, "error"} if none comes in `timeout` s (the
+        worker is then killed) or the worker ends."""
         if op == "end":
             self.ending = True  # the worker exits once it has answered
         self.send(op, **fields)
@@ -122,15 +103,15 @@ class MLflowWorkerClient:
         except queue.Empty:
             self.kill()
             self.fail(f"no answer for {timeout:.0f} s")
-        else:
-            if answer is not None:
-                return answer
+            return {"ok": False, "error": self.failure}
+        if answer is None:  # the worker ended without answering
             self.fail(f"its process ended ({self.last_words()})")
-        return {"ok": False, "error": self.failure}
+            return {"ok": False, "error": self.failure}
+        return answer
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Close the worker's stdin and wait for it to exit; kill it after `timeout`. A worker without a run
-        just exits (one that is creating a new store finishes it first); one with a run marks it FAILED."""
+        """Close the worker's stdin and wait for it to exit (one creating a new store finishes it first; one
+        with a run marks it FAILED); kill it after `timeout`."""
         self.ending = True
         with contextlib.suppress(OSError):
             self.process.stdin.close()
@@ -140,9 +121,8 @@ class MLflowWorkerClient:
             self.kill()
 
     def kill(self) -> None:
-        """End the worker now (SIGKILL: it ignores SIGTERM)."""
         self.ending = True
-        self.process.kill()
+        self.process.kill()  # SIGKILL: it ignores SIGTERM
         self.process.wait()
 
     def fail(self, reason: str) -> None:
@@ -162,10 +142,11 @@ class MLflowWorkerClient:
 
     def last_words(self) -> str:
         """The worker's last line on stderr (a crash's reason), or its exit status."""
-        self.stderr_reader.join(timeout=5)
-        return scrub(self.last_line.strip()[:300]) or f"exit status {self.process.wait()}"
+        self.stderr.seek(0)
+        lines = [line.strip() for line in self.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        return scrub(lines[-1][:300]) if lines else f"exit status {self.process.wait()}"
 
-    def read_stdout(self) -> None:
+    def read_answers(self) -> None:
         for line in self.process.stdout:
             message = json.loads(line)
             if "failed" in message:
@@ -176,26 +157,20 @@ class MLflowWorkerClient:
             self.fail(f"its process ended ({self.last_words()})")
         self.answers.put(None)  # a call waiting for an answer gets none
 
-    def read_stderr(self) -> None:
-        for line in self.process.stderr:  # read, so that a chatty worker never blocks on a full pipe
-            if line.strip():
-                self.last_line = line.decode(errors="replace")
-
 
 # --- the worker ------------------------------------------------------------------------------------------------
 
 
 def main() -> int:
-    # First: a Ctrl-C or SIGTERM for the process group must not end the worker before the run is recorded.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: the run must be recorded whatever the process group gets
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(AttributeError):  # no os.nice on Windows
         os.nice(NICE)
     # The protocol gets the real stdout; anything else that prints (MLflow does) goes to stderr.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    # mlflow.pytorch imports pytorch_lightning, if installed, for an autologging callback this worker never
-    # uses (2 s); a None entry in sys.modules makes that import fail, which mlflow.pytorch allows.
+    # mlflow.pytorch imports pytorch_lightning, if installed, for an autologging callback this worker never uses
+    # (2 s); a None entry in sys.modules makes that import fail, which mlflow.pytorch allows.
     sys.modules.setdefault("pytorch_lightning", None)
     requests: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=read_requests, args=(requests,), daemon=True).start()
@@ -213,8 +188,8 @@ def read_requests(requests: queue.SimpleQueue) -> None:
 
 
 class Worker:
-    """The MLflow side: one run, its calls made in order. The first failing call ends tracking (later
-    calls are dropped); a resumed run is left untouched until "running" (training really started)."""
+    """The MLflow side: one run, its calls made in order. The first failing call ends tracking (later calls are
+    dropped); a resumed run is left untouched until "running" (training really started)."""
 
     def __init__(self, answers: Any, artifact_root: str | None, prepare_model: bool) -> None:
         self.answers, self.artifact_root, self.prepare_model = answers, artifact_root, prepare_model
@@ -238,28 +213,25 @@ class Worker:
         waiting = None  # a request taken from the queue while gathering metrics
         while True:
             request, waiting = waiting or requests.get(), None
-            if request is STDIN_CLOSED:
-                return self.parent_gone()
-            op = request["op"]
-            if op == "end":
+            if request["op"] == "end":
                 return self.end(request)
-            if op == "open":
+            if request["op"] == "open":
                 self.open(request)
-            elif op == "running":
+            elif request["op"] == "running":
                 self.running()
             else:
-                if op == "metrics":
+                if request["op"] == "metrics":
                     request, waiting = gather_metrics(request, requests)
                 self.log(request)
 
     def connect(self) -> None:
-        """Import MLflow and open the store (a new local store gets its tables here) while the training
-        process imports Lightning; then prepare log_model."""
+        """Import MLflow and open the store (a new local store gets its tables) while the training process
+        imports Lightning; then prepare log_model."""
         try:
             import mlflow
 
             with store_lock():
-                self.client = mlflow.MlflowClient()  # the URI from MLFLOW_TRACKING_URI, as log_model's is
+                self.client = mlflow.MlflowClient()  # MLFLOW_TRACKING_URI, as for log_model's fluent API
                 self.client.search_experiments(max_results=1)
         except Exception as error:
             self.broken = _reason(error)
@@ -269,51 +241,52 @@ class Worker:
             self.preparing.start()
 
     def open(self, request: dict[str, Any]) -> None:
+        """Reopen the run being resumed (untouched until "running"), or create one; answer with its ids."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
         if self.broken:
-            self.emit(ok=False, error=self.broken)
-            return
+            return self.emit(ok=False, error=self.broken)
+        resume_id, warning = request.get("resume_run_id"), None
         try:
-            warning = self.open_run(request)
+            if resume_id:
+                try:
+                    run = self.client.get_run(resume_id)
+                except MlflowException as error:
+                    if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    run = None
+                if run is not None and run.info.lifecycle_stage != "deleted":
+                    self.run_id, self.experiment_id, self.held = resume_id, run.info.experiment_id, []
+                    self.params = dict(run.data.params)
+                else:
+                    warning = f"MLflow run {resume_id} is gone (deleted?); this run's metrics go to a new MLflow run"
+            if self.run_id is None:
+                self.experiment_id = self.experiment(request["experiment"])
+                tags = {
+                    MLFLOW_USER: _user(),
+                    MLFLOW_SOURCE_NAME: request.get("source", ""),
+                    MLFLOW_SOURCE_TYPE: "LOCAL",
+                }
+                run = self.client.create_run(
+                    self.experiment_id, run_name=request["run_name"], tags=tags | request["tags"]
+                )
+                self.run_id = run.info.run_id
         except Exception as error:
             self.emit(ok=False, error=_reason(error))
             return
         self.emit(ok=True, experiment_id=self.experiment_id, run_id=self.run_id, warning=warning)
 
-    def open_run(self, request: dict[str, Any]) -> str | None:
-        """Reopen the run being resumed (untouched until "running"), or create one; returns a warning or None."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
-
-        resume_id, warning = request.get("resume_run_id"), None
-        if resume_id:
-            try:
-                run = self.client.get_run(resume_id)
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                run = None
-            if run is not None and run.info.lifecycle_stage != "deleted":
-                self.run_id, self.experiment_id, self.held = resume_id, run.info.experiment_id, []
-                self.params = dict(run.data.params)
-                return None
-            warning = f"MLflow run {resume_id} is gone (deleted?); the resumed run's metrics go to a new MLflow run"
-        name = request["experiment"]
-        with store_lock():  # two runs that start together must not both create the experiment
-            experiment = self.client.get_experiment_by_name(name)
-            if experiment is None:
+    def experiment(self, name: str) -> str:
+        with store_lock():  # two runs that start together must not both create it
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
                 location = f"{self.artifact_root.rstrip('/')}/{name}" if self.artifact_root else None
-                self.experiment_id = self.client.create_experiment(name, artifact_location=location)
-            elif experiment.lifecycle_stage == "deleted":
-                restore = f"mlflow experiments restore --experiment-id {experiment.experiment_id}"
-                raise ValueError(
-                    f"experiment {name!r} was deleted: restore it ({restore}) or choose another --exp-name"
-                )
-            else:
-                self.experiment_id = experiment.experiment_id
-        tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: request.get("source", ""), MLFLOW_SOURCE_TYPE: "LOCAL"}
-        run = self.client.create_run(self.experiment_id, run_name=request["run_name"], tags=tags | request["tags"])
-        self.run_id = run.info.run_id
-        return warning
+                return self.client.create_experiment(name, artifact_location=location)
+        if found.lifecycle_stage == "deleted":
+            restore = f"mlflow experiments restore --experiment-id {found.experiment_id}"
+            raise ValueError(f"experiment {name!r} was deleted: restore it ({restore}) or choose another --exp-name")
+        return found.experiment_id
 
     def running(self) -> None:
         """Training starts: a reopened run is marked RUNNING and gets the calls held for it."""
@@ -350,22 +323,17 @@ class Worker:
         from mlflow.entities import Param, RunTag
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-        # Cut as MLflow stores them, so that a resumed run compares like with like.
-        params = {key: value[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
+        params = {key: value[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}  # as MLflow keeps them
         new = [Param(key, value) for key, value in params.items() if key not in self.params]
         # MLflow refuses to change a logged param: a resumed run that runs with another value records it as a tag.
-        changed = [
-            RunTag(f"resumed.{key}", value) for key, value in params.items() if self.params.get(key, value) != value
-        ]
+        changed = [RunTag(f"resumed.{k}", v) for k, v in params.items() if self.params.get(k, v) != v]
         self.params.update({param.key: param.value for param in new})
         self.client.log_batch(self.run_id, params=new, tags=changed)  # MLflow splits it within its limits
 
     def log_metrics(self, rows: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
 
-        metrics = [
-            Metric(key, value, row["timestamp"], row["step"]) for row in rows for key, value in row["metrics"].items()
-        ]
+        metrics = [Metric(k, v, row["timestamp"], row["step"]) for row in rows for k, v in row["metrics"].items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_model(self, checkpoint: str, name: str) -> None:
@@ -375,12 +343,12 @@ class Worker:
             self.model_uri = save_model(Path(checkpoint), name, self.run_id, self.experiment_id).model_uri
         except Exception as error:
             if _unreachable(error):
-                raise  # the server is gone: the same as any other call
+                raise  # the server is gone: tracking stops, as for any other call
             self.problem = f"the model was not logged ({_reason(error)})"
 
     def end(self, request: dict[str, Any]) -> None:
-        """The run's status, once every earlier call is made. A resumed run whose training never started stays
-        as it was; an abandoned new one is deleted (MLflow can restore it); after a failure nothing is sent."""
+        """The run's status, once every earlier call is made. A resumed run whose training never started stays as
+        it was; an abandoned new one is deleted (MLflow can restore it); after a failure nothing is sent."""
         if self.run_id and self.held is None and not self.failure:
             try:
                 if request.get("abandon"):
@@ -391,13 +359,6 @@ class Worker:
                 self.fail(error)
         self.emit(ok=not self.failure, error=self.failure, model_uri=self.model_uri, problem=self.problem)
 
-    def parent_gone(self) -> None:
-        """stdin closed without "end": the training process died. Everything it sent before has been logged
-        (the queue is in order); the run is marked FAILED. A resumed run that never started is left as it was."""
-        if self.run_id and self.held is None and not self.failure:
-            with contextlib.suppress(Exception):
-                self.client.set_terminated(self.run_id, "FAILED")
-
     def fail(self, error: BaseException) -> None:
         if self.failure is None:
             self.failure = _reason(error)
@@ -406,7 +367,7 @@ class Worker:
 
 def gather_metrics(request: dict[str, Any], requests: queue.SimpleQueue) -> tuple[dict[str, Any], Any]:
     """Metrics queued behind this request go into the same log_batch (a backlog after a slow call costs one
-    database transaction, not one per step). Returns the batch and the next request, if one was taken."""
+    transaction, not one per step). Returns the batch and the next request, if one was taken."""
     rows = [request]
     while True:
         try:
@@ -419,34 +380,26 @@ def gather_metrics(request: dict[str, Any], requests: queue.SimpleQueue) -> tupl
 
 
 def save_model(checkpoint: Path, name: str, run_id: str, experiment_id: str) -> Any:
-    """The tested network as an MLflow model (torch.export's pt2 format, MLflow's default: loading it runs no
+    """The tested network as an MLflow model in torch.export's pt2 format (MLflow's default: loading it runs no
     pickle and needs neither this project nor Lightning), with its signature and an example."""
     import mlflow.pytorch
     import numpy as np
     import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.models import infer_signature
 
     from project.infra.checkpoints import read_model
 
     network, spec = read_model(checkpoint)  # weights only: a checkpoint may come from anyone
-    shape, classes, pixel_max = spec["input_shape"], spec["class_names"], spec["pixel_max"]
+    shape, pixel_max = spec["input_shape"], spec["pixel_max"]
     # Raw pixels, as the dataset gives them (the network standardises them itself).
     example = np.random.default_rng(0).uniform(0, pixel_max, (EXAMPLE_BATCH, *shape)).round().astype(np.float32)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]),  # unnamed: predict takes an array
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)))]),
-    )
     about = {
-        "class_names": classes,
-        "input_shape": shape,
-        "pixel_max": pixel_max,
+        **spec,  # class_names, input_shape, pixel_max
         "input": f"raw pixel values 0..{pixel_max:g} as float32, shape (N, {', '.join(map(str, shape))})",
         "output": "logits, one per class name; the highest is the prediction",
         "checkpoint": str(checkpoint),
     }
-    # MLflow files a logged model under the fluent API's current experiment (else "Default", in ./mlruns),
-    # not its run's: name it.
+    # MLflow files a logged model under the fluent API's current experiment (else "Default"), not its run's.
     mlflow.set_experiment(experiment_id=experiment_id)
     with torch.no_grad():
         return mlflow.pytorch.log_model(
@@ -454,20 +407,18 @@ def save_model(checkpoint: Path, name: str, run_id: str, experiment_id: str) -> 
             name=name,
             run_id=run_id,
             input_example=example,
-            signature=signature,
+            signature=infer_signature(example, network(torch.from_numpy(example)).numpy()),
             metadata={"project": about},
             serialization_format="pt2",
-            # Explicit: inferring requirements starts a Python process that loads the model (seconds).
-            pip_requirements=_requirements(),
-            # Checked by our tests instead: it loads the model again and predicts (a second, here).
-            validate_serving_input=False,
+            pip_requirements=_requirements(),  # explicit: inferring them loads the model in another process (seconds)
+            validate_serving_input=False,  # our tests load the model and predict instead (a second, here)
         )
 
 
 def prepare_log_model() -> None:
-    """While the training process imports Lightning, import what log_model needs and export a tiny network
-    once (torch.export's first call loads much of torch's compiler): the model at the end of the run then
-    takes a fraction of a second instead of several. Best effort: what fails here, log_model reports."""
+    """Import what log_model needs and export a tiny network once (torch.export's first call loads much of torch's
+    compiler): the model at the end of the run then takes a fraction of a second instead of several. Best effort:
+    what fails here, log_model reports."""
     with contextlib.suppress(Exception):
         import mlflow.pytorch  # noqa: F401
         import torch
@@ -479,18 +430,19 @@ def prepare_log_model() -> None:
             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2, 2),
         ).eval()  # fmt: skip
         with torch.no_grad():
-            dims = {0: torch.export.Dim.AUTO}
-            torch.export.export(tiny, (torch.zeros(EXAMPLE_BATCH, 1, 4, 4),), dynamic_shapes=[dims])
+            torch.export.export(
+                tiny, (torch.zeros(EXAMPLE_BATCH, 1, 4, 4),), dynamic_shapes=[{0: torch.export.Dim.AUTO}]
+            )
         # log_model checks its requirements against what is installed: the first check reads every installed
-        # package's file list (1.4 s here); made now, it is cached for log_model.
+        # package's file list (1.4 s here); made now, it is cached.
         from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
         warn_dependency_requirement_mismatches(_requirements())
 
 
 def store_lock() -> Any:
-    """Two runs that start together must not both create the local SQLite store (MLflow's schema set-up races
-    and one of them fails). A server needs no lock."""
+    """Two runs that start together must not both create the local SQLite store (MLflow's schema set-up races and
+    one of them fails). A server needs no lock."""
     uri = os.environ["MLFLOW_TRACKING_URI"]
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
@@ -509,7 +461,7 @@ def _requirements() -> list[str]:
 
 
 def _user() -> str:
-    """Who runs this, as records.user() says (the worker cannot import records: it imports Lightning)."""
+    """As records.user() (which the worker cannot import: it imports Lightning)."""
     try:
         return getpass.getuser()
     except (OSError, KeyError):  # a container user with no name
