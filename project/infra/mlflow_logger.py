@@ -50,6 +50,7 @@ class MLflowLogger(Logger):
         self.experiment_id: str | None = None
         self.run_id: str | None = None
         self.closed = False
+        self.warned = False
         self.model_uri: str | None = None
         self.problem: str | None = None  # why the model was not logged (the rest of the run was)
 
@@ -67,13 +68,13 @@ class MLflowLogger(Logger):
     def log_hyperparams(self, params: Mapping[str, Any] | argparse.Namespace, *args: Any, **kwargs: Any) -> None:
         """Nested dicts become `a/b` keys; values are str()-ed (the worker cuts them at MLflow's limit). On a
         resumed run, a param logged before with another value becomes the tag `resumed.<key>`."""
-        self.client.send("params", params=flatten_params(params))
+        self._send("params", params=flatten_params(params))
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Queued for the worker: returns at once whatever the server is doing. MLflow keeps numbers only."""
         values = {metric_name(key): float(value) for key, value in metrics.items() if not isinstance(value, str)}
-        self.client.send("metrics", metrics=values, step=int(step or 0), timestamp=int(time.time() * 1000))
+        self._send("metrics", metrics=values, step=int(step or 0), timestamp=int(time.time() * 1000))
 
     # The run
 
@@ -107,26 +108,26 @@ class MLflowLogger(Logger):
         self.experiment_id, self.run_id = reply["experiment_id"], reply["run_id"]
         if reply["warning"]:
             print(f"warning: {reply['warning']}", file=sys.stderr)
-        self.client.when_failed(self._warn)
 
     def mark_running(self) -> None:
         """Training starts now: a reopened run is marked RUNNING and gets what was logged since open_run."""
-        self.client.send("running")
+        self._send("running")
 
     def log_files(self, paths: Iterable[Path | str]) -> None:
         """Copies of the run's records as the run's artifacts (files that do not exist are skipped)."""
-        self.client.send("files", paths=[str(Path(path).resolve()) for path in paths])
+        self._send("files", paths=[str(Path(path).resolve()) for path in paths])
 
     def log_model(self, checkpoint: Path | str, name: str = "model") -> None:
         """The network of `checkpoint` as an MLflow model (`models:/...`, shown under the run's Logged
         models): raw pixels (N, C, H, W) float32 in, logits out; its metadata["project"] holds the class
         names, input shape and pixel range. Sent now, done by the worker while this process tests."""
-        self.client.send("model", checkpoint=str(Path(checkpoint).resolve()), name=name)
+        self._send("model", checkpoint=str(Path(checkpoint).resolve()), name=name)
 
     def close(self, status: str, timeout: float) -> str | None:
         """Wait (at most `timeout` s) for the queued calls, set the run's status (FINISHED, FAILED or
         KILLED); the worker then ends. Returns what went wrong, as one line, or None."""
         self._end(timeout, status=status)
+        self._warn_if_failed()
         if self.client.failure:
             return f"MLflow: records stop where the server stopped answering ({self.client.failure})"
         return f"MLflow: {self.problem}" if self.problem else None
@@ -161,9 +162,17 @@ class MLflowLogger(Logger):
         reply = self.client.call("end", timeout, **fields)
         self.model_uri, self.problem = reply.get("model_uri"), reply.get("problem")
 
-    def _warn(self, reason: str) -> None:
-        print(f"warning: MLflow stopped answering ({reason}); training goes on without it, and {self.run_dir} "
-              "keeps the complete records of this run", file=sys.stderr, flush=True)  # fmt: skip
+    def _send(self, op: str, **fields: Any) -> None:
+        self._warn_if_failed()
+        self.client.send(op, **fields)
+
+    def _warn_if_failed(self) -> None:
+        """The first failure as one warning line, printed by the training thread at its next call (not by the
+        client's reader thread, which would write into whatever this process is printing)."""
+        if self.client.failure and not self.warned:
+            self.warned = True
+            print(f"warning: MLflow stopped answering ({self.client.failure}); training goes on without it, and "
+                  f"{self.run_dir} keeps the complete records of this run", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def flatten_params(params: Mapping[str, Any] | argparse.Namespace, prefix: str = "") -> dict[str, str]:

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +56,6 @@ class MLflowWorkerClient:
     def __init__(self, process: subprocess.Popen, tracking_uri: str, stderr: Any) -> None:
         self.process, self.tracking_uri, self.stderr = process, tracking_uri, stderr
         self.failure: str | None = None
-        self.on_failure: Callable[[str], None] | None = None
-        self.lock = threading.Lock()  # `failure` is set by the reader thread or by this one
         self.ending = False  # the worker's exit is expected: it was told to end, or killed
         self.answers: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self.read_answers, daemon=True).start()
@@ -126,19 +123,8 @@ class MLflowWorkerClient:
         self.process.wait()
 
     def fail(self, reason: str) -> None:
-        with self.lock:
-            if self.failure is not None:
-                return
-            self.failure, callback = reason, self.on_failure
-        if callback is not None:
-            callback(reason)
-
-    def when_failed(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(reason)` once, when tracking stops (now, if it has)."""
-        with self.lock:
-            self.on_failure, reason = callback, self.failure
-        if reason is not None:
-            callback(reason)
+        if self.failure is None:
+            self.failure = reason
 
     def last_words(self) -> str:
         """The worker's last line on stderr (a crash's reason), or its exit status."""
@@ -241,41 +227,41 @@ class Worker:
             self.preparing.start()
 
     def open(self, request: dict[str, Any]) -> None:
-        """Reopen the run being resumed (untouched until "running"), or create one; answer with its ids."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
-
+        """Reopen the run being resumed if it is still there (untouched until "running"), else create one."""
         if self.broken:
             return self.emit(ok=False, error=self.broken)
         resume_id, warning = request.get("resume_run_id"), None
         try:
-            if resume_id:
-                try:
-                    run = self.client.get_run(resume_id)
-                except MlflowException as error:
-                    if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                        raise
-                    run = None
-                if run is not None and run.info.lifecycle_stage != "deleted":
-                    self.run_id, self.experiment_id, self.held = resume_id, run.info.experiment_id, []
-                    self.params = dict(run.data.params)
-                else:
-                    warning = f"MLflow run {resume_id} is gone (deleted?); this run's metrics go to a new MLflow run"
+            if resume_id and not self.reopen(resume_id):
+                warning = f"MLflow run {resume_id} is gone (deleted?); this run's metrics go to a new MLflow run"
             if self.run_id is None:
-                self.experiment_id = self.experiment(request["experiment"])
-                tags = {
-                    MLFLOW_USER: _user(),
-                    MLFLOW_SOURCE_NAME: request.get("source", ""),
-                    MLFLOW_SOURCE_TYPE: "LOCAL",
-                }
-                run = self.client.create_run(
-                    self.experiment_id, run_name=request["run_name"], tags=tags | request["tags"]
-                )
-                self.run_id = run.info.run_id
+                self.create_run(request)
         except Exception as error:
-            self.emit(ok=False, error=_reason(error))
-            return
+            return self.emit(ok=False, error=_reason(error))
         self.emit(ok=True, experiment_id=self.experiment_id, run_id=self.run_id, warning=warning)
+
+    def reopen(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        if run.info.lifecycle_stage == "deleted":
+            return False
+        self.run_id, self.experiment_id, self.held = run_id, run.info.experiment_id, []
+        self.params = dict(run.data.params)
+        return True
+
+    def create_run(self, request: dict[str, Any]) -> None:
+        from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+        self.experiment_id = self.experiment(request["experiment"])
+        tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: request.get("source", ""), MLFLOW_SOURCE_TYPE: "LOCAL"}
+        run = self.client.create_run(self.experiment_id, run_name=request["run_name"], tags=tags | request["tags"])
+        self.run_id = run.info.run_id
 
     def experiment(self, name: str) -> str:
         with store_lock():  # two runs that start together must not both create it
