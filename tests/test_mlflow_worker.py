@@ -115,6 +115,7 @@ def test_a_run_in_a_local_store_has_exactly_what_was_logged(tmp_path, local, cap
     logger.log_files([record, tmp_path / "missing.png"])
     assert logger.close("FINISHED", timeout=60) is None
     wait_for(lambda: worker.poll() is not None, 30, "the worker exits")
+    assert worker.returncode == 0  # not aborted at exit (a daemon thread reading stdin can do that)
     assert capsys.readouterr().err == ""  # MLflow's INFO lines (a new store's tables) reach no terminal
 
     client = MlflowClient(store(tmp_path))

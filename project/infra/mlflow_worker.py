@@ -27,7 +27,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -53,11 +52,14 @@ class MLflowWorkerClient:
     """The training process's handle on one worker. `start` it before importing Lightning; `call` waits for an
     answer, `send` does not. `failure` is the first reason tracking stopped."""
 
-    def __init__(self, process: subprocess.Popen, tracking_uri: str, stderr: Any) -> None:
-        self.process, self.tracking_uri, self.stderr = process, tracking_uri, stderr
+    def __init__(self, process: subprocess.Popen, tracking_uri: str) -> None:
+        self.process, self.tracking_uri = process, tracking_uri
         self.failure: str | None = None
         self.ending = False  # the worker's exit is expected: it was told to end, or killed
         self.answers: queue.SimpleQueue = queue.SimpleQueue()
+        self.last_line = ""  # of the worker's stderr: a crash's reason (kept in memory: it may quote the URI)
+        self.stderr_reader = threading.Thread(target=self.read_stderr, daemon=True)
+        self.stderr_reader.start()
         threading.Thread(target=self.read_answers, daemon=True).start()
 
     @classmethod
@@ -76,10 +78,9 @@ class MLflowWorkerClient:
             "OMP_NUM_THREADS": "1",  # it exports a small network: the other cores are training's
         }
         settings = json.dumps({"artifact_root": artifact_root, "prepare_model": prepare_model})
-        stderr = tempfile.TemporaryFile()  # noqa: SIM115 (open while the worker lives; read for a crash's last words)
         command = [sys.executable, "-m", "project.infra.mlflow_worker", settings]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
-        return cls(process, tracking_uri, stderr)
+        pipe = subprocess.PIPE
+        return cls(subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=pipe, env=env), tracking_uri)
 
     def send(self, op: str, **fields: Any) -> None:
         """One request, not waited for: the worker drains its stdin on a thread of its own, whatever MLflow is
@@ -128,9 +129,8 @@ class MLflowWorkerClient:
 
     def last_words(self) -> str:
         """The worker's last line on stderr (a crash's reason), or its exit status."""
-        self.stderr.seek(0)
-        lines = [line.strip() for line in self.stderr.read().decode(errors="replace").splitlines() if line.strip()]
-        return scrub(lines[-1][:300]) if lines else f"exit status {self.process.wait()}"
+        self.stderr_reader.join(timeout=5)  # it ends with the worker
+        return scrub(self.last_line[:300]) or f"exit status {self.process.wait()}"
 
     def read_answers(self) -> None:
         for line in self.process.stdout:
@@ -142,6 +142,11 @@ class MLflowWorkerClient:
         if not self.ending:
             self.fail(f"its process ended ({self.last_words()})")
         self.answers.put(None)  # a call waiting for an answer gets none
+
+    def read_stderr(self) -> None:
+        for line in self.process.stderr:  # as it comes: a full pipe would block the worker
+            if line.strip():
+                self.last_line = line.decode(errors="replace").strip()
 
 
 # --- the worker ------------------------------------------------------------------------------------------------
@@ -167,9 +172,11 @@ def main() -> int:
 
 
 def read_requests(requests: queue.SimpleQueue) -> None:
-    """Drain stdin as fast as the training process writes (a full pipe would block its training step)."""
-    for line in sys.stdin.buffer:
-        requests.put(json.loads(line))
+    """Drain stdin as fast as the training process writes (a full pipe would block its training step). Through a
+    reader of its own: the interpreter's exit would abort on sys.stdin's lock, held by this thread as it waits."""
+    with open(sys.stdin.fileno(), "rb", closefd=False) as stdin:
+        for line in stdin:
+            requests.put(json.loads(line))
     requests.put(STDIN_CLOSED)
 
 
