@@ -187,10 +187,9 @@ class Worker:
     def __init__(self, answers: Any, artifact_root: str | None, prepare_model: bool) -> None:
         self.answers, self.artifact_root, self.prepare_model = answers, artifact_root, prepare_model
         self.client: Any = None
-        self.broken: str | None = None  # why the store cannot be used: the answer to "open"
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self.failure: str | None = None
+        self.failure: str | None = None  # the first call that failed (or the store that could not be opened)
         self.held: list[dict[str, Any]] | None = None  # a resumed run's calls, until "running"
         self.params: dict[str, str] = {}  # what the run holds: MLflow refuses to change a param
         self.preparing: threading.Thread | None = None
@@ -227,7 +226,7 @@ class Worker:
                 self.client = mlflow.MlflowClient()  # MLFLOW_TRACKING_URI, as for log_model's fluent API
                 self.client.search_experiments(max_results=1)
         except Exception as error:
-            self.broken = _reason(error)
+            self.failure = _reason(error)  # the answer to "open"
             return
         if self.prepare_model:
             self.preparing = threading.Thread(target=prepare_log_model, daemon=True)
@@ -235,8 +234,8 @@ class Worker:
 
     def open(self, request: dict[str, Any]) -> None:
         """Reopen the run being resumed if it is still there (untouched until "running"), else create one."""
-        if self.broken:
-            return self.emit(ok=False, error=self.broken)
+        if self.failure:
+            return self.emit(ok=False, error=self.failure)
         resume_id, warning = request.get("resume_run_id"), None
         try:
             if resume_id and not self.reopen(resume_id):
