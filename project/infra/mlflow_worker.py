@@ -217,20 +217,19 @@ class Worker:
                 self.log(request)
 
     def connect(self) -> None:
-        """Import MLflow and open the store (a new local store gets its tables) while the training process
-        imports Lightning; then prepare log_model."""
+        """Import MLflow and open the store (a new local store gets its tables), and meanwhile prepare log_model, all
+        while the training process imports Lightning: once training runs, this low-priority process gets little."""
         try:
             import mlflow
 
+            if self.prepare_model:  # after MLflow's own import, which both threads need: no import runs twice
+                self.preparing = threading.Thread(target=prepare_log_model, daemon=True)
+                self.preparing.start()
             with store_lock():
                 self.client = mlflow.MlflowClient()  # MLFLOW_TRACKING_URI, as for log_model's fluent API
                 self.client.search_experiments(max_results=1)
         except Exception as error:
             self.failure = _reason(error)  # the answer to "open"
-            return
-        if self.prepare_model:
-            self.preparing = threading.Thread(target=prepare_log_model, daemon=True)
-            self.preparing.start()
 
     def open(self, request: dict[str, Any]) -> None:
         """Reopen the run being resumed if it is still there (untouched until "running"), else create one."""
