@@ -236,7 +236,9 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu() -> None:
         cells = [cell.strip() for cell in row.strip(" |").split("|")]
         hand, template = float(cells[1]), float(cells[2])  # seconds per epoch
         assert 0 <= float(cells[3]) + float(cells[4]) <= template  # checkpoints and trackers are part of it
-        assert float(cells[-1].rstrip("x")) == pytest.approx(hand / template, abs=0.006)  # the ratio is of these
+        # The ratio is of these two times; the cells are rounded to 0.001 s and the ratio to 0.01.
+        lowest, highest = (hand - 0.0005) / (template + 0.0005), (hand + 0.0005) / (template - 0.0005)
+        assert lowest - 0.005 <= float(cells[-1].rstrip("x")) <= highest + 0.005
 
 
 @pytest.mark.slow
