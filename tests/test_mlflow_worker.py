@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,19 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, free_port
 
 from project.infra.errors import UserError
 from project.infra.mlflow_logger import MLflowLogger, flatten_params, metric_name
 from project.infra.mlflow_worker import MLflowWorkerClient
 
 TAGS = {"user": "tester", "run_dir": "/somewhere", "study": "worker"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def store(tmp_path: Path) -> str:
@@ -289,53 +282,6 @@ def test_the_network_is_rebuilt_from_a_checkpoint_weights_only(tmp_path: Path) -
 
 
 # --- slow: a real server, the model ------------------------------------------------------------------------------
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with its own SQLite database and artifact folder, in its own process group
-    (the pattern of tests/test_tracking.py)."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.url.rsplit(":")[-1],
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                   "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-        self.log = open(root / "server.log", "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            command, cwd=root, env=cli_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_until_up(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "mlflow server exited"
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("mlflow server did not start")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the server and the workers it started
-            self.process.wait()
-
-    def stop(self) -> None:
-        self.kill()
-        self.log.close()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path / "server")
-    try:
-        server.wait_until_up()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

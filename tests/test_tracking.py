@@ -7,74 +7,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, free_port, run_cli
 
 from project.infra.redact import REDACTED, redact, redact_argv, scrub
 
 # Batch 16: 90 steps an epoch, so the per-step loss (written every 50 steps) shows up in 2 epochs.
 TINY = ("--model", "mlp", "--num-workers", "0", "--batch-size", "16")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with its own SQLite database and artifact folder, in its own process group."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.url.rsplit(":")[-1],
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                   "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-        self.log = open(root / "server.log", "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            command, cwd=root, env=cli_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_until_up(self, timeout: float = 120) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "mlflow server exited"
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("mlflow server did not start")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the server and the workers it started
-            self.process.wait()
-
-    def stop(self) -> None:
-        self.kill()
-        self.log.close()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path / "server")
-    try:
-        server.wait_until_up()
-        yield server
-    finally:
-        server.stop()
 
 
 def rows_of(metrics_csv: Path) -> list[dict[str, str]]:
