@@ -67,7 +67,8 @@ def test_cifar10_pickle_payload_is_refused_and_never_runs(tmp_path, monkeypatch,
     assert "\n" not in str(error.value)
     # torchvision's own check, before it unpickles, holds without ours in front of it.
     for train in (True, False):
-        one_line_error(lambda train=train: images.read_cifar10(tmp_path, train))
+        with pytest.raises(RuntimeError, match="corrupted"):
+            DATASETS["cifar10"](data_dir=str(tmp_path)).reader(train)
     assert not marker.exists(), "the planted pickle ran"
 
 
@@ -82,7 +83,9 @@ def test_cifar10_truncated_file_is_refused_in_one_line(tmp_path, monkeypatch):
 def test_cifar10_registered_tiny_files_read_with_torchvisions_checks_on(tmp_path, monkeypatch):
     written = write_cifar10_like(tmp_path, per_batch=4, n_test=6)
     register_cifar10_like(monkeypatch, written)
-    pixels, labels = images.read_cifar10(tmp_path, train=False)
+    data = DATASETS["cifar10"](data_dir=str(tmp_path))
+    data.prepare_data()  # our checksum check, then torchvision's
+    pixels, labels = data.arrays(data.readers["test"])
     assert pixels.shape == (6, 3, 32, 32) and pixels.dtype == np.uint8
     rows = written.batches["test_batch"]["data"]
     assert np.array_equal(pixels.reshape(6, -1), rows) and labels.tolist() == written.batches["test_batch"]["labels"]

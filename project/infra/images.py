@@ -14,7 +14,7 @@ hidden folders as classes and follows every link, so a `.ipynb_checkpoints/` bec
   (which PIL's `verify()` passes) is named in one line instead of failing in a worker mid-epoch;
 - an empty class folder, one with only hidden files, and a folder too small to split each get one line.
 
-CIFAR-10 (`verify_cifar10`, `read_cifar10`): its files are Python pickles, and unpickling runs whatever
+CIFAR-10 (`verify_cifar10`): its files are Python pickles, and unpickling runs whatever
 code a file names. torchvision's stock reader checks each file's MD5 against the official one before it
 unpickles it; we keep those checks on and turn a mismatch into one line.
 """
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -323,13 +322,3 @@ def verify_cifar10(data_dir: Path) -> None:
     names = cifar10_mismatches(data_dir)
     if names:
         raise _mismatch_error(data_dir, names)
-
-
-def read_cifar10(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10's training or test images as uint8 (N, 3, 32, 32) and labels, through torchvision's stock
-    CIFAR10, which checks each file's MD5 before it unpickles it."""
-    try:
-        dataset = torchvision.datasets.CIFAR10(str(data_dir), train=train, download=False)
-    except RuntimeError as error:  # torchvision's "not found or corrupted": a checksum refused a file
-        raise _mismatch_error(data_dir, cifar10_mismatches(data_dir)) from error
-    return dataset.data.transpose(0, 3, 1, 2), np.asarray(dataset.targets)
