@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project package, from anywhere
 from project import run  # noqa: E402
-from project.infra import records, tracking  # noqa: E402
+from project.infra import console, records, tracking  # noqa: E402
 from project.infra.batches import InMemoryData, random_flip_and_translate  # noqa: E402
 from project.model import build_model  # noqa: E402
 
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: GPU part skipped (run on a machine with a GPU, or pass --device cpu --small)")
         return 0
+    console.quiet()  # as run.main: the table, not Lightning's banners
     device = torch.device(options.device)
     torch.backends.cudnn.benchmark = True  # both sides: the Trainer sets the same (run.build_trainer)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
