@@ -19,6 +19,7 @@ queued and marks the run FAILED. Its stderr (MLflow's chatter) is never shown: o
 from __future__ import annotations
 
 import contextlib
+import gc
 import getpass
 import json
 import os
@@ -166,6 +167,10 @@ def main() -> int:
     requests: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=read_requests, args=(requests,), daemon=True).start()
     Worker(answers, **json.loads(sys.argv[1])).serve(requests)
+    # Every call is made and answered. The interpreter's exit would now collect MLflow's and torch's objects one by
+    # one (2.2-2.6 s of CPU here, which the training process's last seconds share); frozen, they are left to the
+    # operating system (0.3 s).
+    gc.freeze()
     if hasattr(signal, "alarm"):
         signal.alarm(EXIT_SECONDS)
     return 0
