@@ -146,7 +146,7 @@ def template_path(
 
     class Synthetic(InMemoryData):
         input_shape = setting.input_shape
-        class_names = [str(c) for c in range(NUM_CLASSES)]
+        output_names = [str(c) for c in range(NUM_CLASSES)]
         mean, std = (127.5,) * setting.input_shape[0], (73.6,) * setting.input_shape[0]
         augment = setting.augment
 
@@ -166,7 +166,7 @@ def template_path(
         pl.seed_everything(args.seed, workers=True, verbose=False)
         datamodule = Synthetic(**vars(args))
         solver = run.build_solver(args, datamodule)
-        run_records = records.open_run(args, run.config_of(args), tracking.start(args), resume_from=None)
+        run_records = records.open_run(args, run.config_of(args), tracking.start(args), None, run.resolve_task(args))
         trainer = run.build_trainer(args, run_records)
         # Diagnostics only: add up the time spent in checkpoint writes and tracker calls.
         clock = EpochClock(device)

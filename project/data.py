@@ -1,8 +1,10 @@
 """The datasets, as Lightning DataModules: scikit-learn's digits (offline, the default), MNIST, Fashion-MNIST,
-CIFAR-10 (torchvision's readers and downloads), and your own folders of images.
+CIFAR-10 (torchvision's readers and downloads), your own folders of images (classification), and scikit-learn's
+diabetes data (regression, offline).
 
-Every dataset yields raw pixels as uint8 (N, C, H, W) and int64 labels; the model standardises them with the
-dataset's mean and std. How batches are made (on the device, or by a DataLoader; sharded for DDP; resumable
+Every dataset names its task (project/tasks/) and yields raw inputs (uint8 pixels (N, C, H, W), or float feature
+vectors (N, F)) with targets (class indices, or values); the model standardises the inputs with the dataset's mean
+and std. How batches are made (on the device, or by a DataLoader; sharded for DDP; resumable
 mid-epoch) is the base classes' business, in infra/batches.py.
 
 To add a dataset that fits in memory: subclass InMemoryData, set its attributes and write `load()`; register it in
@@ -17,32 +19,40 @@ import numpy as np
 import torch
 
 from project.infra import images
-from project.infra.batches import ImageData, InMemoryData, LoaderBatches, Split
+from project.infra.batches import DataModule, InMemoryData, LoaderBatches, Split
 from project.infra.errors import UserError
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out) with `fraction` of each class held out, fixed by `seed`. Sets too small to stratify
-    (a class with one sample, fewer held-out samples than classes) are split without stratification."""
+def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with `fraction` held out, fixed by `seed`: `fraction` of each class for class labels.
+    Real-valued targets, and sets too small to stratify (a class with one sample, fewer held-out samples than
+    classes), are split without stratification."""
     from sklearn.model_selection import train_test_split
 
-    index = np.arange(len(labels))
+    index = np.arange(len(targets))
+    stratify = None if np.asarray(targets).dtype.kind == "f" else targets
     try:
-        keep, held_out = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
+        keep, held_out = train_test_split(index, test_size=fraction, stratify=stratify, random_state=seed)
     except ValueError:
         keep, held_out = train_test_split(index, test_size=fraction, random_state=seed)
     return np.sort(keep), np.sort(held_out)
 
 
-def as_split(images: Any, labels: Any, index: np.ndarray) -> Split:
-    return torch.as_tensor(np.asarray(images)[index], dtype=torch.uint8), torch.as_tensor(np.asarray(labels)[index])
+def as_split(inputs: Any, targets: Any, index: np.ndarray) -> Split:
+    """Rows `index` as tensors: 8-bit pixels stay uint8, other inputs and real-valued targets become float32, class
+    labels int64."""
+    inputs, targets = np.asarray(inputs)[index], np.asarray(targets)[index]
+    return (
+        torch.as_tensor(inputs, dtype=torch.uint8 if inputs.dtype == np.uint8 else torch.float32),
+        torch.as_tensor(targets, dtype=torch.float32 if targets.dtype.kind == "f" else torch.int64),
+    )
 
 
 class Digits(InMemoryData):
     """scikit-learn's bundled 8x8 digits (1,797 images, pixel values 0-16): works offline."""
 
     input_shape = (1, 8, 8)
-    class_names = [str(d) for d in range(10)]
+    output_names = [str(d) for d in range(10)]
     mean, std = (4.884,), (6.017,)
     pixel_max = 16
 
@@ -50,7 +60,7 @@ class Digits(InMemoryData):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        images, labels = digits.images[:, None].astype(np.uint8), digits.target
+        images, labels = digits.images[:, None].astype(np.uint8), digits.target  # pixels are whole numbers 0-16
         # 80/10/10, stratified: hold out 20%, then halve it into val and test.
         train, held_out = stratified_split(labels, 0.2, self.seed)
         val, test = stratified_split(labels[held_out], 0.5, self.seed)
@@ -58,6 +68,36 @@ class Digits(InMemoryData):
             "train": as_split(images, labels, train),
             "val": as_split(images, labels, held_out[val]),
             "test": as_split(images, labels, held_out[test]),
+        }
+
+
+class Diabetes(InMemoryData):
+    """scikit-learn's bundled diabetes data (works offline): 442 patients, 10 features (age, sex, BMI, blood pressure,
+    six blood serum measurements), and the disease's progression one year later, a value from 25 to 346.
+
+    Split 80/10/10 by --seed. The features are standardised with the training split's statistics; the model predicts
+    the progression in its own units (the task's output layer rescales with the training targets' mean and std).
+    """
+
+    task = "regression"
+    default_model = "mlp"
+    output_names = ["progression"]
+    pixel_max = None
+
+    def load(self) -> dict[str, Split]:
+        from sklearn.datasets import load_diabetes
+
+        features, target = load_diabetes(return_X_y=True)
+        features, target = features.astype(np.float32), target.astype(np.float32)
+        train, held_out = stratified_split(target, 0.2, self.seed)
+        val, test = stratified_split(target[held_out], 0.5, self.seed)
+        self.input_shape = (features.shape[1],)
+        self.mean, self.std = tuple(features[train].mean(0).tolist()), tuple(features[train].std(0).tolist())
+        self.target_mean, self.target_std = [float(target[train].mean())], [float(target[train].std())]
+        return {
+            "train": as_split(features, target, train),
+            "val": as_split(features, target, held_out[val]),
+            "test": as_split(features, target, held_out[test]),
         }
 
 
@@ -106,7 +146,7 @@ class MNIST(TorchvisionData):
 
     name = "mnist"
     input_shape = (1, 28, 28)
-    class_names = [str(d) for d in range(10)]
+    output_names = [str(d) for d in range(10)]
     mean, std = (33.32,), (78.57,)
 
     def reader(self, train: bool, download: bool = False) -> Any:
@@ -120,7 +160,7 @@ class FashionMNIST(TorchvisionData):
 
     name = "fashion-mnist"
     input_shape = (1, 28, 28)
-    class_names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    output_names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]  # fmt: skip
     mean, std = (72.94,), (90.02,)
 
@@ -136,7 +176,7 @@ class CIFAR10(TorchvisionData):
 
     name = "cifar10"
     input_shape = (3, 32, 32)
-    class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    output_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     mean, std = (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)
     augment = True
 
@@ -154,7 +194,7 @@ class CIFAR10(TorchvisionData):
         return dataset.data.transpose(0, 3, 1, 2), np.asarray(dataset.targets)  # stored N x H x W x C
 
 
-class ImageFolderData(ImageData):
+class ImageFolderData(DataModule):
     """Your own images, one folder per class, read by DataLoader workers.
 
     Layouts: <data-dir>/<class>/<image> (split 80/10/10, stratified, fixed by --seed), or <data-dir>/train/<class>/...
@@ -171,7 +211,7 @@ class ImageFolderData(ImageData):
         self.input_shape = (3, image_size, image_size)
         listings = images.scan_image_folder(self.data_dir)
         base = "train" if "train" in listings else "all"
-        self.class_names = list(listings[base].classes)
+        self.output_names = list(listings[base].classes)
         # What setup() splits off the base folder, in order: test then val (80/10/10), or whichever is missing.
         given = [name for name in ("val", "test") if name in listings]
         self.held_out = [("test", 0.1), ("val", 1 / 9)] if base == "all" else [
@@ -205,10 +245,11 @@ class ImageFolderData(ImageData):
         return LoaderBatches(subset, self.plan(len(subset), shuffle), self.num_workers, pin_memory=pin)
 
 
-DATASETS: dict[str, type[ImageData]] = {
+DATASETS: dict[str, type[DataModule]] = {
     "digits": Digits,
     "mnist": MNIST,
     "fashion-mnist": FashionMNIST,
     "cifar10": CIFAR10,
     "image-folder": ImageFolderData,
+    "diabetes": Diabetes,
 }

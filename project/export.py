@@ -1,9 +1,10 @@
 """Export a trained model for serving: `python -m project.export --help`.
 
-Lightning's own `to_onnx` / `to_torchscript` write the Solver's forward pass, standardisation included: raw pixel values
-as float (N, C, H, W) in, logits out, for any batch size. What project.predict needs to read new inputs (class names,
-input shape, pixel range) travels inside the file: ONNX metadata property `project`, or TorchScript extra file
-`project.json`. Every export is checked against PyTorch on several batch sizes before it is reported as written.
+The file holds the network as it is served (checkpoints.read_model): standardisation included, raw inputs as float
+(N, *input_shape) in, the task's served outputs (class probabilities, values) out, for any batch size. What
+project.predict needs to read new inputs and name the outputs (the task, output names, input shape, pixel range)
+travels inside the file: ONNX metadata property `project`, or TorchScript extra file `project.json`. Every export is
+checked against PyTorch on several batch sizes before it is reported as written.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from project.predict import METADATA_KEY, load_exported
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 EXPORT_EXTRA = ("onnx", "onnxscript", "onnxruntime")  # pyproject's `export` extra
 PARITY_BATCH_SIZES = (1, 4, 16)  # 1 and sizes other than the traced one (2): the batch axis must be dynamic
-PARITY_TOLERANCE = 1e-4  # max |logit difference| in fp32
+# fp32 round-off, relative to the outputs' scale (probabilities near 1, values in the hundreds).
+PARITY_TOLERANCE = 1e-4
 
 
 def build_parser() -> Parser:
     parser = Parser(
         prog="python -m project.export",
         description="Export a checkpoint as ONNX or TorchScript: raw "
-        "pixels (N, C, H, W) in, logits out, any batch size; checked against PyTorch before it is kept.",
+        "inputs in, the task's served outputs out, any batch size; checked against PyTorch before it is kept.",
     )
     add_model_options(parser, "a .ckpt file")
     parser.add(
@@ -50,30 +52,32 @@ def main(argv: list[str] | None = None) -> int:
 def export(args: argparse.Namespace) -> Path:
     if args.format == "onnx":
         require_export_extra()
-    from project.infra.checkpoints import input_spec, load_solver
+    from project.infra.checkpoints import read_model
 
     checkpoint = runs.find_checkpoint(args.checkpoint, args.exp_dir, args.exp_name, "--checkpoint")
-    solver = load_solver(checkpoint).float().eval()
-    metadata = {**input_spec(solver.hparams), "checkpoint": str(checkpoint)}
+    network, spec = read_model(checkpoint)
+    metadata = {**spec, "checkpoint": str(checkpoint)}
     output = (args.output or checkpoint.with_suffix(FORMATS[args.format])).expanduser()
     checked = []
 
     def write(path: Path) -> None:  # the file appears under its name only once it answers as the checkpoint does
-        (to_onnx if args.format == "onnx" else to_torchscript)(solver, metadata, path)
-        checked.append(parity(solver, path, metadata))
+        (to_onnx if args.format == "onnx" else to_torchscript)(network, metadata, path)
+        checked.append(parity(network, path, metadata))
         if not checked[0] <= PARITY_TOLERANCE:
             raise UserError(
-                f"the {args.format} export of {checkpoint} disagrees with it (max |logit difference| "
+                f"the {args.format} export of {checkpoint} disagrees with it (max relative difference "
                 f"{checked[0]:.2e} > {PARITY_TOLERANCE:g}), so it was not kept; please report it"
             )
 
     write_file(output, write, flag="--output: ")
     difference = checked[0]
     shape = ", ".join(map(str, metadata["input_shape"]))
-    print(f"Wrote {output} ({args.format}): raw pixels 0..{metadata['pixel_max']:g} as float (N, {shape}) in, "
-          f"{len(metadata['class_names'])} logits out")  # fmt: skip
+    pixels = f" (pixels 0..{metadata['pixel_max']:g})" if metadata["pixel_max"] is not None else ""
+    print(f"Wrote {output} ({args.format}): raw inputs as float (N, {shape}){pixels} in, {metadata['task']} "
+          f"outputs ({', '.join(metadata['output_names'][:5])}{', ...' if len(metadata['output_names']) > 5 else ''}) "
+          "out")  # fmt: skip
     print(f"Checked against PyTorch on batches of {', '.join(map(str, PARITY_BATCH_SIZES))}: "
-          f"max |logit difference| {difference:.1e}")  # fmt: skip
+          f"max difference {difference:.1e} of the outputs' scale")  # fmt: skip
     return output
 
 
@@ -84,24 +88,28 @@ def require_export_extra() -> None:
 
 
 def example_input(metadata: dict[str, Any], batch_size: int, seed: int = 0) -> Any:
-    """Random raw pixels in the model's range."""
+    """Random raw inputs around the dataset's statistics (pixels clipped to their range), float32."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand((batch_size, *metadata["input_shape"]), generator=generator) * metadata["pixel_max"]
+    shape = metadata["input_shape"]
+    broadcast = (1, -1, *[1] * (len(shape) - 1))
+    mean, std = (torch.tensor(metadata[key]).view(broadcast) for key in ("mean", "std"))
+    inputs = torch.randn((batch_size, *shape), generator=generator) * std + mean
+    return inputs.clamp(0, metadata["pixel_max"]) if metadata["pixel_max"] is not None else inputs
 
 
-def to_onnx(solver: Any, metadata: dict[str, Any], output: Path) -> None:
+def to_onnx(network: Any, metadata: dict[str, Any], output: Path) -> None:
     import torch
 
     # The dynamo exporter (onnxscript); its batch axis is dynamic only if the example batch is not 0 or 1, which
     # torch.export would specialise on.
-    program = solver.to_onnx(
-        None,
-        example_input(metadata, batch_size=2),
+    program = torch.onnx.export(
+        network,
+        (example_input(metadata, batch_size=2),),
         dynamo=True,
-        input_names=["images"],
-        output_names=["logits"],
+        input_names=["inputs"],
+        output_names=["outputs"],
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         verbose=False,
     )
@@ -109,28 +117,30 @@ def to_onnx(solver: Any, metadata: dict[str, Any], output: Path) -> None:
     program.save(str(output))
 
 
-def to_torchscript(solver: Any, metadata: dict[str, Any], output: Path) -> None:
+def to_torchscript(network: Any, metadata: dict[str, Any], output: Path) -> None:
     import torch
 
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream (in favour of torch.export) but still what LibTorch (C++) and older
         # mobile runtimes load; ONNX is the format to prefer. Traced: the forward pass has no data-dependent branches.
         warnings.simplefilter("ignore", (FutureWarning, torch.jit.TracerWarning))
-        scripted = solver.to_torchscript(method="trace", example_inputs=example_input(metadata, batch_size=2))
+        scripted = torch.jit.trace(network, example_input(metadata, batch_size=2))
         torch.jit.save(scripted, str(output), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
 
 
-def parity(solver: Any, exported: Path, metadata: dict[str, Any]) -> float:
-    """Max |logit difference| between the Solver and the exported file on random inputs of several batch sizes."""
+def parity(network: Any, exported: Path, metadata: dict[str, Any]) -> float:
+    """The largest difference between the network and the exported file on random inputs of several batch sizes,
+    relative to the outputs' scale (their largest magnitude, at least 1)."""
     import torch
 
     run_exported, _ = load_exported(exported, device="cpu")
     worst = 0.0
     for seed, batch_size in enumerate(PARITY_BATCH_SIZES):
-        images = example_input(metadata, batch_size, seed=seed)
+        inputs = example_input(metadata, batch_size, seed=seed)
         with torch.inference_mode():
-            expected = solver(images)
-        worst = max(worst, float((torch.as_tensor(run_exported(images)) - expected).abs().max()))
+            expected = network(inputs)
+        difference = (torch.as_tensor(run_exported(inputs)) - expected).abs().max()
+        worst = max(worst, float(difference / expected.abs().max().clamp(min=1)))
     return worst
 
 

@@ -1,14 +1,15 @@
-"""Classify new inputs with a trained model: `python -m project.predict --help`.
+"""Predict with a trained model: `python -m project.predict --help`.
 
 The model is a checkpoint, a file written by project.export (ONNX, TorchScript), or the MLflow model a run logged
-(`runs:/<run id>/model`, `models:/<name>/<version>`, or its folder). Inputs are read exactly as the model's dataset
-gave them in training, from what the model saved, never from constants typed again here: an image file is converted
-to RGB or grayscale and resized to the model's input shape (infra/images.read_image, the reader image-folder training
-uses), then scaled to the dataset's pixel range (0..16 for digits, 0..255 otherwise); a `.npy` array is taken as raw
-pixels already, (N, C, H, W) or (N, H, W) for one channel. The model standardises them.
+(`runs:/<run id>/model`, `models:/<name>/<version>`, or its folder); each answers with its task's served outputs
+(class probabilities, values). Inputs are read exactly as the model's dataset gave them in training, from what the
+model saved, never from constants typed again here: an image file is converted to RGB or grayscale and resized to the
+model's input shape (infra/images.read_image, the reader image-folder training uses), then scaled to the dataset's
+pixel range (0..16 for digits, 0..255 otherwise); a `.npy` array is taken as raw inputs already, (N, *input_shape),
+or (N, H, W) for one-channel images. The model standardises them.
 
-The CSV has one row per input, in input order (a folder's images sorted by path, an array's rows in order): the
-input, the predicted class name, and the probability of each class.
+The CSV has one row per input, in input order (a folder's images sorted by path, an array's rows in order): the input
+and the task's columns (classification: the predicted class and each class's probability; regression: each value).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m project.predict", description="Predict the class of images (files or folders) or "
-                    "of the rows of a .npy array of raw pixels; write a CSV of classes and probabilities, one row per "
-                    "input, in input order.")  # fmt: skip
+    parser = Parser(prog="python -m project.predict", description="Predict for images (files or folders) or for the "
+                    "rows of a .npy array of raw inputs; write a CSV of the task's predictions (a class and its "
+                    "probabilities, or values), one row per input, in input order.")  # fmt: skip
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, .npy arrays")
     add_model_options(parser, "a .ckpt, .onnx or TorchScript file, an MLflow model (runs:/ID/model, its folder)")
     parser.add("--output", default="predictions.csv", help="CSV file to write; - for standard output")
@@ -54,16 +55,19 @@ def predict(args: argparse.Namespace) -> int:
     """Write the CSV; return the number of rows."""
     import torch
 
+    from project.tasks import build_task
+
     run_model, spec = load_model(args.checkpoint, args.exp_dir, args.exp_name, args.device)
+    task = build_task(spec["task"], spec["output_names"], spec.get("task_options"))
     sources = find_inputs(args.inputs, spec)  # every input checked before the first forward pass
-    header = ["input", "predicted", *(f"prob_{name}" for name in spec["class_names"])]
 
     def rows() -> Iterator[list[str]]:
-        for names, images in batches(read_inputs(sources, spec), args.batch_size):
-            probabilities = torch.softmax(torch.as_tensor(run_model(images)).float(), dim=1)
-            predicted = probabilities.argmax(dim=1).tolist()
-            for name, best, row in zip(names, predicted, probabilities.tolist(), strict=True):
-                yield [name, spec["class_names"][best], *(f"{p:.6f}" for p in row)]
+        for names, inputs in batches(read_inputs(sources, spec), args.batch_size):
+            served = torch.as_tensor(run_model(inputs)).float()
+            for name, row in zip(names, task.prediction_rows(served), strict=True):
+                yield [name, *row]
+
+    header = ["input", *task.prediction_columns()]
 
     count = write_csv(args.output, header, rows())
     print(f"Wrote {count} predictions to {'standard output' if args.output == '-' else args.output}",
@@ -71,7 +75,7 @@ def predict(args: argparse.Namespace) -> int:
     return count
 
 
-# --- Models: each gives (float images (N, C, H, W) -> logits) and the spec saved with it --------------------------
+# --- Models: each gives (float inputs (N, *input_shape) -> served outputs) and the spec saved with it -------------
 
 
 def load_model(source: str, exp_dir: str, exp_name: str, device: str) -> tuple[Callable[[Any], Any], dict[str, Any]]:
@@ -191,13 +195,14 @@ def find_inputs(inputs: list[str], spec: dict[str, Any]) -> list[tuple[Path, Any
     import numpy as np
 
     found: list[tuple[Path, Any]] = []
+    images = spec["pixel_max"] is not None  # a model of images also reads image files
     for text in inputs:
         path = Path(text).expanduser()
-        if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if is_image(p) and not hidden(p.relative_to(path)))
-            if not images:
+        if path.is_dir() and images:
+            files = sorted(p for p in path.rglob("*") if is_image(p) and not hidden(p.relative_to(path)))
+            if not files:
                 raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            found += [(p, None) for p in images]
+            found += [(p, None) for p in files]
         elif not path.exists():
             raise UserError(f"{path} does not exist")
         elif path.suffix.lower() == ".npy":
@@ -206,10 +211,11 @@ def find_inputs(inputs: list[str], spec: dict[str, Any]) -> list[tuple[Path, Any
             except (ValueError, OSError) as error:
                 raise UserError(f"{path}: not a readable .npy array ({error})") from error
             found.append((path, checked_array(path, array, spec)))
-        elif is_image(path):
+        elif is_image(path) and images:
             found.append((path, None))
         else:
-            raise UserError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .npy array")
+            kinds = f"an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .npy array" if images else "a .npy array"
+            raise UserError(f"{path}: not {kinds}")
     return found
 
 
@@ -226,27 +232,30 @@ def checked_array(path: Path, array: Any, spec: dict[str, Any]) -> Any:
 
     shape = tuple(spec["input_shape"])
     if array.dtype.kind not in "uif":
-        raise UserError(f"{path}: holds {array.dtype} values; expected raw pixel values (integers or floats)")
-    if array.ndim == 3 and shape[0] == 1 and array.shape[1:] == shape[1:]:
+        raise UserError(f"{path}: holds {array.dtype} values; expected raw input values (integers or floats)")
+    one_channel = len(shape) == 3 and shape[0] == 1
+    if one_channel and array.ndim == 3 and array.shape[1:] == shape[1:]:
         array = array[:, None]  # (N, H, W) for a one-channel model
-    if array.ndim != 4 or array.shape[1:] != shape:
-        wanted = f"(N, {', '.join(map(str, shape))})" + (f" or (N, {shape[1]}, {shape[2]})" if shape[0] == 1 else "")
-        raise UserError(f"{path}: shape {tuple(array.shape)}, but the model takes {wanted} raw pixel values")
+    if array.ndim != 1 + len(shape) or array.shape[1:] != shape:
+        wanted = f"(N, {', '.join(map(str, shape))})" + (f" or (N, {shape[1]}, {shape[2]})" if one_channel else "")
+        raise UserError(f"{path}: shape {tuple(array.shape)}, but the model takes {wanted} raw input values")
     if array.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
-        if len(bad):  # a NaN would come out as "class 0" with probabilities of nan
+        if len(bad):  # a NaN would come out as "class 0" with probabilities of nan, or as a value of nan
             raise UserError(f"{path}: row {bad[0]} (and {len(bad) - 1} more) holds NaN or infinite values")
     return array
 
 
 def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """(name, float32 (C, H, W) raw pixels) for each input, in order."""
+    """(name, float32 raw input (*input_shape)) for each input, in order."""
     import numpy as np
     import torch
 
     from project.infra.images import read_image
 
-    scale = spec["pixel_max"] / 255.0  # image files hold 8-bit pixels; the dataset's range may differ (digits: 0..16)
+    scale = (
+        spec["pixel_max"] or 255.0
+    ) / 255.0  # image files hold 8-bit pixels; the dataset's range may differ (digits: 0..16)
     for path, array in sources:
         if array is None:
             try:

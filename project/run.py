@@ -1,4 +1,4 @@
-"""Train and test a classifier: `python -m project.run --help`.
+"""Train and test a model: `python -m project.run --help`.
 
 main() reads top to bottom: the command line, then data -> model -> trainer -> fit -> test -> report. Everything heavy
 (torch, Lightning) is imported after parsing, so `--help` and typos answer at once. What keeps a run safe and
@@ -21,6 +21,7 @@ from project.infra.cli import (
     Repeatable,
     devices,
     fraction,
+    monitor,
     name,
     non_negative_int,
     positive_float,
@@ -32,12 +33,9 @@ from project.infra.cli import (
 from project.infra.errors import UserError, run_command
 
 # Names only, so that --help needs no torch; tests/test_models.py checks them against data.DATASETS and model.MODELS.
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder", "diabetes")
 MODEL_NAMES = ("mlp", "cnn")
 LOGGERS = ("mlflow", "tensorboard", "csv", "wandb", "none")
-MONITORS = tuple(
-    f"{split}/{metric}" for split in ("val", "train") for metric in ("loss", "acc", "f1", "precision", "recall")
-)
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 # How often the step loss is logged: a logged value is read on the host, a wait for the GPU. Every 10th step still
@@ -53,7 +51,7 @@ FIXED_ON_TEST = {"dataset", "data_dir", "image_size", "seed", "val_fraction"}
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m project.run", description="Train a classifier, test its best checkpoint, and "
+    parser = Parser(prog="python -m project.run", description="Train a model, test its best checkpoint, and "
                     "keep a record of the run. Values come from the defaults, then --config (or, with --resume and "
                     "--only-test, the run's own config.yaml), then these flags.")  # fmt: skip
     add = parser.add
@@ -74,7 +72,8 @@ def build_parser() -> Parser:
     # What a user expects beside them.
     add("--config", type=Path, command_only=True, help="YAML of option values (a run's config.yaml reruns it)")
     add("--dataset", choices=DATASET_NAMES, default="digits", help="what to train on")
-    add("--model", choices=MODEL_NAMES, default="cnn", help="the backbone (project/model.py)")
+    add("--model", choices=("auto", *MODEL_NAMES), default="auto",
+        help="the backbone (project/model.py); auto: the dataset's default_model (cnn for images, mlp for vectors)")
     add("--seed", type=seed, default=0, help="seeds the data split, the batch order and the initial weights")
     add("--deterministic", action="store_true", help="deterministic algorithms only (bit-exact reruns)")
     add("--data-dir", default="data", help="where datasets are (downloaded to), or your image folder")
@@ -92,8 +91,9 @@ def build_parser() -> Parser:
         help="experiment tracker; repeat the flag for several")
     add("--tag", action=Repeatable, type=tag, default=[], metavar="KEY=VALUE", command_only=True,
         help="a tag for the tracker run and manifest.json; repeat the flag for several")
-    add("--monitor", choices=MONITORS, default="val/loss", metavar="METRIC",
-        help=f"metric that picks the best checkpoint: {', '.join(MONITORS[:5])}, or train/...")
+    add("--monitor", type=monitor, default="val/loss", metavar="METRIC",
+        help="metric that picks the best checkpoint: val/loss or val/<a metric of the dataset's task> (e.g. val/acc, "
+        "val/mae), or train/...")
     add("--checkpoint", default="best", command_only=True,
         help="--only-test: a checkpoint file, or best/last of the latest run of --exp-name")
     add("--resume", nargs="?", const="last", command_only=True,
@@ -182,10 +182,11 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
 
     console.quiet()  # our own lines and the progress bar, not the libraries' banners
     hardware.resolve(args)  # a GPU that is not there, an unknown strategy: one line, before anything is written
+    task = resolve_task(args)  # --model auto, and a --monitor the dataset's task logs
     pl.seed_everything(args.seed, workers=True, verbose=False)
 
-    # 1. Data: the dataset tells the model its input shape, classes and pixel statistics. Everything is read and
-    # checked now, so a missing or broken file fails before anything is written.
+    # 1. Data: the dataset tells the model its task, input shape, outputs and input statistics. Everything is read
+    # and checked now, so a missing or broken file fails before anything is written.
     datamodule = DATASETS[args.dataset](**vars(args))
     datamodule.prepare_data()
     datamodule.setup("test" if args.only_test else "fit")
@@ -200,7 +201,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
             checkpoints.check_resumable(checkpoint, dict(solver.hparams), args.max_epochs)
 
     # 3. Records: a run directory, trackers and checkpoints, and the Trainer that writes them.
-    run = records.open_run(args, config_of(args), trackers, resume_from=checkpoint if args.resume else None)
+    run = records.open_run(args, config_of(args), trackers, checkpoint if args.resume else None, task)
     with run:  # however this block ends, the run's records say how (finished, interrupted, failed)
         trainer = build_trainer(args, run, callbacks)
 
@@ -214,23 +215,44 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         trainer.test(solver, datamodule=datamodule, ckpt_path=tested, verbose=False, weights_only=True)
 
         # 5. Report.
-        run.finish(trainer, solver, datamodule, checkpoint)
+        run.finish(trainer, solver, checkpoint)
     if torch.distributed.is_initialized():  # gloo's and NCCL's threads end before the interpreter (or it may abort)
         torch.distributed.destroy_process_group()
     return RunResult(run.directory, run.best_score(trainer), run.test_metrics(trainer))
 
 
+def resolve_task(args: argparse.Namespace) -> Any:
+    """The task class of --dataset; sets --model auto to the dataset's default and checks --monitor (before any
+    file is written: a typo must not cost a whole run that then keeps the wrong checkpoint)."""
+    from project.data import DATASETS
+    from project.tasks import TASKS
+
+    dataset = DATASETS[args.dataset]
+    task = TASKS[dataset.task]
+    if args.model == "auto":
+        args.model = dataset.default_model
+    if args.monitor.partition("/")[2] not in task.metric_names():
+        names = ", ".join(f"val/{name}" for name in task.metric_names())
+        raise UserError(
+            f"--monitor {args.monitor}: --dataset {args.dataset} ({dataset.task}) logs {names} (or train/...)"
+        )
+    return task
+
+
 def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
-    """A fresh Solver for the dataset's inputs and classes (benchmarks/ build it the same way)."""
+    """A fresh Solver for the dataset's task and inputs (benchmarks/ build it the same way)."""
     from project.infra import hardware
     from project.model import backbone_options
     from project.solver import Solver
+    from project.tasks import TASKS
 
     return Solver(
+        task=datamodule.task,
+        output_names=list(datamodule.output_names),
+        task_options=TASKS[datamodule.task].options_of(datamodule),
         model=args.model,
         model_options=backbone_options(args.model, vars(args)),
         input_shape=list(datamodule.input_shape),
-        class_names=list(datamodule.class_names),
         mean=list(datamodule.mean),
         std=list(datamodule.std),
         pixel_max=datamodule.pixel_max,

@@ -1,4 +1,5 @@
-"""The LightningModule: what one training step and one evaluation step do, the optimiser, and what gets logged.
+"""The LightningModule: what one training step and one evaluation step do, the optimiser, and what gets logged. What
+the outputs mean (the loss, the metrics) is the task's (project/tasks/); this file is the same for every task.
 
 Lightning 2.x pitfalls this file avoids (see the README):
 - steps return only the loss (returning outputs kept every batch's tensors alive until the epoch ended);
@@ -18,10 +19,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
+from torchmetrics import Metric
 
-from project.metrics import ConfusionMatrix, MeanValue, summarize
+from project.metrics import MeanValue
 from project.model import build_model
+from project.tasks import build_task
 
 # Epoch values are logged after torchmetrics has summed the states over all processes, so Lightning's advice to
 # add sync_dist=True (another all-reduce, of numbers already equal on every rank) does not apply.
@@ -31,12 +33,14 @@ warnings.filterwarnings("ignore", message=r".*when logging on epoch level in dis
 class Solver(pl.LightningModule):
     def __init__(
         self,
+        task: str,
+        output_names: Sequence[str],
         model: str,
         input_shape: Sequence[int],
-        class_names: Sequence[str],
         mean: Sequence[float],
         std: Sequence[float],
-        pixel_max: float = 255.0,
+        pixel_max: float | None = None,
+        task_options: dict[str, Any] | None = None,
         model_options: dict[str, Any] | None = None,
         learning_rate: float = 1e-3,
         max_epochs: int = 20,
@@ -44,14 +48,16 @@ class Solver(pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        # Plain types only: checkpoints load with weights_only=True. input_shape, class_names, mean/std and pixel_max
-        # (raw pixels run 0..pixel_max) also tell project.predict how to read new inputs. The run's whole
-        # configuration goes to the trackers from the records, so Lightning does not log these (logger=False).
+        # Plain types only: checkpoints load with weights_only=True. The task, input_shape, mean/std and pixel_max
+        # (images' raw pixels run 0..pixel_max; None for other inputs) also tell project.predict how to read new
+        # inputs. The run's whole configuration goes to the trackers from the records (logger=False).
         self.save_hyperparameters(logger=False)
-        self.model = build_model(model, input_shape, len(class_names), mean, std, **(model_options or {}))
-        self.train_confusion, self.eval_confusion = ConfusionMatrix(len(class_names)), ConfusionMatrix(len(class_names))
+        self.task = build_task(task, output_names, task_options)
+        self.model = build_model(model, input_shape, len(output_names), mean, std, self.task.output_layer(),
+                                 **(model_options or {}))  # fmt: skip
+        self.train_metric, self.eval_metric = self.task.metric(), self.task.metric()
         self.train_loss, self.eval_loss = MeanValue(), MeanValue()  # exact means of per-sample losses
-        self.test_confusion: torch.Tensor | None = None  # kept after testing, for the report
+        self.test_state: Any = None  # the test set's computed metric state, kept for the report
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
@@ -59,27 +65,27 @@ class Solver(pl.LightningModule):
         if self.hparams.compile:
             self.model.compile()  # in place: state_dict keys (and checkpoints) stay the same
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.model(inputs)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        inputs, targets = batch
+        outputs = self(inputs)
+        losses = self.task.loss(outputs, targets)
         loss = losses.mean()
-        self.train_confusion.update(logits.detach(), labels)
+        self.train_metric.update(outputs.detach(), targets)
         self.train_loss.update(losses.detach())
         # `self.log` costs about half a millisecond of host time, as much as a whole step of a small model on a GPU:
         # the step loss is logged only on the steps whose values Lightning hands to the loggers.
         trainer = self.trainer
         if trainer.fast_dev_run or (trainer.global_step + 1) % trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, batch_size=len(labels))
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, batch_size=len(targets))
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log_epoch("train", self.train_confusion, self.train_loss)
+        self.log_epoch("train", self.train_metric, self.train_loss)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.eval_step(batch)
@@ -94,27 +100,28 @@ class Solver(pl.LightningModule):
         self.on_eval_epoch_end("test")
 
     def eval_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.eval_loss.update(F.cross_entropy(logits, labels, reduction="none"))
-        self.eval_confusion.update(logits, labels)
+        inputs, targets = batch
+        outputs = self(inputs)
+        self.eval_loss.update(self.task.loss(outputs, targets))
+        self.eval_metric.update(outputs, targets)
 
     def on_eval_epoch_end(self, prefix: str) -> None:
-        confusion = self.log_epoch(prefix, self.eval_confusion, self.eval_loss)
+        state = self.log_epoch(prefix, self.eval_metric, self.eval_loss)
         if prefix == "test":
-            self.test_confusion = confusion.cpu()
+            self.test_state = state
 
-    def log_epoch(self, prefix: str, confusion_metric: ConfusionMatrix, loss_metric: MeanValue) -> torch.Tensor:
+    def log_epoch(self, prefix: str, metric: Metric, loss_metric: MeanValue) -> Any:
         # compute() sums the states over all processes first; every rank then logs the same numbers.
-        confusion = confusion_metric.compute()
+        state = metric.compute()
         values = {f"{prefix}/loss": float(loss_metric.compute())}
-        values.update({f"{prefix}/{name}": value for name, value in summarize(confusion).items()})
-        shown = {f"{prefix}/loss", f"{prefix}/acc"} if prefix == "val" else set()  # the progress bar fits 100 columns
+        values.update({f"{prefix}/{name}": value for name, value in self.task.scores(state).items()})
+        # The progress bar fits 100 columns: the loss and the task's first metric.
+        shown = {f"{prefix}/{name}" for name in self.task.metric_names()[:2]} if prefix == "val" else set()
         self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=False)
         self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=False)
-        confusion_metric.reset()
+        metric.reset()
         loss_metric.reset()
-        return confusion
+        return {k: v.cpu() for k, v in state.items()} if isinstance(state, dict) else state.cpu()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)

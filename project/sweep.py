@@ -39,25 +39,26 @@ if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without l
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 
-def search_space(trial: optuna.Trial) -> dict[str, Any]:
+def search_space(trial: optuna.Trial, model_options: set[str]) -> dict[str, Any]:
     """What each trial tries: {project.run option: value}. Edit this to search other options.
 
     Each value becomes that option's flag (learning_rate 0.003 -> `--learning-rate 0.003`), checked by
     project.run's own parser, so only options that take a value can be searched. Optuna's `trial.suggest_*`
     give ranges (log, stepped) and choices; a value may depend on another (`if model == "cnn": ...`).
+    `model_options`: the options the chosen backbone takes (a backbone option is searched only where it counts).
     """
-    return {
-        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
-        "hidden_dim": trial.suggest_categorical("hidden_dim", [32, 64, 128, 256]),
-    }
+    space = {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)}
+    if "hidden_dim" in model_options:
+        space["hidden_dim"] = trial.suggest_categorical("hidden_dim", [32, 64, 128, 256])
+    return space
 
 
 EPILOG = """\
 The search space is search_space() in project/sweep.py: edit it to search other project.run options.
 
 Every option not listed above is a project.run option (see python -m project.run --help) applied to
-every trial, e.g. --dataset digits --max-epochs 10 --monitor val/acc --exp-dir runs. Trials maximise
---monitor, or minimise it when it is a loss.
+every trial, e.g. --dataset digits --max-epochs 10 --monitor val/acc --exp-dir runs. Trials minimise
+or maximise --monitor, as the dataset's task says is better (val/loss, val/mae: lower; val/acc, val/r2: higher).
 
 SIGTERM or Ctrl-C queues the trial in progress again and exits (143, 130); the same command continues."""
 
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespace) -> None:
     check_run_options(args, base)
+    from project.model import backbone_options
+
+    task = run.resolve_task(base)  # a --monitor the task logs, and which way is better; --model auto resolved
+    model_options = set(backbone_options(base.model, vars(base)))
     try:
         import filelock  # noqa: F401
         import optuna
@@ -124,8 +129,10 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
         with warnings.catch_warnings():
             # Heartbeats, retries and MaxTrialsCallback are marked experimental; we rely on them knowingly.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study, retry = open_study(args, base, url)
-            run_trials(study, retry, args, run_argv, url)
+            study, retry = open_study(
+                args, base, url, "maximize" if task.higher_is_better(base.monitor) else "minimize"
+            )
+            run_trials(study, retry, args, run_argv, url, model_options)
         report(study, Path(base.exp_dir).expanduser() / args.study / "sweep")
     finally:
         if lock is not None:
@@ -138,6 +145,7 @@ def run_trials(
     args: argparse.Namespace,
     run_argv: list[str],
     url: str,
+    model_options: set[str],
 ) -> None:
     """Run trials until the study has --n-trials finished ones, first queueing again those a dead sweep left."""
     import optuna
@@ -157,7 +165,7 @@ def run_trials(
     in_progress: list[int] = []  # the trial this process runs, to queue it again if interrupted
     try:
         study.optimize(
-            lambda trial: objective(trial, args, run_argv, in_progress),
+            lambda trial: objective(trial, args, run_argv, in_progress, model_options),
             n_trials=remaining,
             # With several workers, whoever finishes the last trial stops the others.
             callbacks=[optuna.study.MaxTrialsCallback(args.n_trials, states=finished_states)],
@@ -210,7 +218,7 @@ def lock_study(url: str, study: str) -> Any:
 
 
 def open_study(
-    args: argparse.Namespace, base: argparse.Namespace, url: str
+    args: argparse.Namespace, base: argparse.Namespace, url: str, direction: str
 ) -> tuple[optuna.Study, RetryHeartbeatStaleTrialCallback]:
     """The study, created or continued, and the callback that queues a failed trial again."""
     import optuna
@@ -230,7 +238,6 @@ def open_study(
         raise UserError(f"--storage {url}: its database driver is not installed ({error.name})") from error
     except Exception as error:  # SQLAlchemy's errors for bad URLs, refused connections, ...
         raise UserError(f"--storage {url}: cannot open ({type(error).__name__}: {error})") from error
-    direction = "minimize" if "loss" in base.monitor else "maximize"
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
         if args.pruner == "median"
@@ -266,11 +273,13 @@ def requeue(study: optuna.Study, retry: RetryHeartbeatStaleTrialCallback, number
         print(f"trial {number} did not finish; {again}", flush=True)
 
 
-def objective(trial: optuna.Trial, args: argparse.Namespace, run_argv: list[str], in_progress: list[int]) -> float:
+def objective(
+    trial: optuna.Trial, args: argparse.Namespace, run_argv: list[str], in_progress: list[int], model_options: set[str]
+) -> float:
     """One trial: a project.run run with the values search_space() chose; its best --monitor value."""
     in_progress[:] = [trial.number]
     try:
-        params = search_space(trial)
+        params = search_space(trial, model_options)
     except ValueError as error:  # Optuna refuses a range (low > high), or a parameter's kind changed
         raise UserError(f"search_space(): {error}") from error
     trial_args = parse_trial_args(trial_argv(run_argv, args.study, params))

@@ -31,7 +31,7 @@ def test_defaults():
     assert (args.batch_size, args.hidden_dim, args.max_epochs, args.learning_rate) == (128, 128, 20, 1e-3)
     assert args.num_workers == min(4, len(os.sched_getaffinity(0)))  # fits the machine
     assert (args.exp_name, args.exp_dir, args.dataset, args.model, args.logger) == (
-        "debug", "~/Experiments", "digits", "cnn", ["mlflow"]
+        "debug", "~/Experiments", "digits", "auto", ["mlflow"]
     )  # fmt: skip
     assert not (args.only_test or args.half_precision or args.fast_dev_run)
 
@@ -125,7 +125,7 @@ BAD_ARGS = [
     (["--exp-name", ".."], "--exp-name"),
     (["--devices", "zero"], "--devices"),
     (["--logger", "comet"], "--logger"),
-    (["--monitor", "val/typo"], "--monitor"),
+    (["--monitor", "typo"], "--monitor"),
     (["--no-such-flag"], "unknown option --no-such-flag"),
     (["--learning-rat", "0.01"], "did you mean --learning-rate?"),  # no abbreviations: a typo is not a prefix
     (["--only-test", "--resume"], "--resume"),

@@ -71,7 +71,7 @@ def test_torchvision_datasets_read_their_real_file_formats(tmp_path, monkeypatch
     else:
         register_cifar10_like(monkeypatch, write_cifar10_like(tmp_path, per_batch=20, n_test=20))
     datamodule = setup_module_data(name, tmp_path, val_fraction=0.2)
-    assert datamodule.input_shape == shape and len(datamodule.class_names) == 10
+    assert datamodule.input_shape == shape and len(datamodule.output_names) == 10
     train_size = 60 if folder else 100
     assert datamodule.split_sizes == {"train": train_size * 4 // 5, "val": train_size // 5, "test": 20}
     pairs = split_labels_and_pixels(datamodule)
@@ -102,7 +102,7 @@ def test_missing_dataset_names_the_missing_files(tmp_path, name):
 def test_image_folder_reads_pngs_and_splits(tmp_path):
     write_image_folder(tmp_path / "pets", classes=("cat", "dog", "fox"), per_class=10, size=12)
     datamodule = setup_module_data("image-folder", tmp_path / "pets", image_size=16)
-    assert datamodule.class_names == ["cat", "dog", "fox"]
+    assert datamodule.output_names == ["cat", "dog", "fox"]
     assert datamodule.input_shape == (3, 16, 16)
     assert sum(datamodule.split_sizes.values()) == 30 and datamodule.split_sizes["test"] == 3
     images, labels = next(iter(datamodule.train_dataloader()))

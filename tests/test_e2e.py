@@ -11,7 +11,7 @@ QUICK = ("--logger", "csv", "--num-workers", "0")
 def test_fast_dev_run(exp_dir):
     result = run_cli("--fast-dev-run", "--exp-dir", str(exp_dir), *QUICK)
     assert result.returncode == 0, result.stderr
-    assert "Test accuracy" in result.stdout
+    assert "Test scores:   acc " in result.stdout
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_short_digits_run_then_only_test_reproduces_it(exp_dir):
 
     retest = run_cli("--only-test", "--exp-dir", str(exp_dir), "--exp-name", "short", *QUICK)
     assert retest.returncode == 0, retest.stderr
-    assert f"Test accuracy: {recorded['acc']:.4f}" in retest.stdout
+    assert f"Test scores:   acc {recorded['acc']:.4f}" in retest.stdout
 
 
 def test_only_test_without_a_checkpoint_says_so(exp_dir):

@@ -234,7 +234,7 @@ def test_hidden_entries_are_skipped_at_any_depth(tmp_path):
     (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     write_image_folder(root / "cat" / "indoor", classes=("sofa",), per_class=1)  # a sub-folder is still cat
     datamodule = open_folder(root)
-    assert datamodule.class_names == ["cat", "dog"]
+    assert datamodule.output_names == ["cat", "dog"]
     assert len(sample_paths(datamodule)) == 21
     assert (str(root / "cat" / "indoor" / "sofa" / "0.png"), 0) in datamodule.folders["all"].samples
     assert not any("/." in path for path in sample_paths(datamodule))

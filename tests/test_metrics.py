@@ -83,7 +83,7 @@ def test_the_solvers_loss_over_uneven_batches_equals_scikit_learns_log_loss():
 
     from project.solver import Solver
 
-    solver = Solver("mlp", (1, 2, 2), [str(c) for c in range(5)], [0.0], [1.0]).to("cpu")
+    solver = Solver("classification", [str(c) for c in range(5)], "mlp", (1, 2, 2), [0.0], [1.0]).to("cpu")
     rng = np.random.default_rng(0)
     all_logits, all_labels = [], []
     for size in rng.integers(1, 40, size=20):

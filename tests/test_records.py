@@ -16,6 +16,7 @@ import yaml
 from conftest import ROOT, cli_env, run_cli
 
 from project.run import build_parser, config_of, parse_args
+from project.tasks import Classification
 
 # Batch 16: 90 steps an epoch, so the per-step loss (written every 50 steps) shows up in 2 epochs.
 TINY = ("--model", "mlp", "--num-workers", "0", "--batch-size", "16")
@@ -84,7 +85,7 @@ def test_a_default_run_leaves_every_record(default_run):
     summary = default_run.result.stdout
     assert f"Run directory: {run_dir}" in summary
     assert f"Best epoch:    {recorded['checkpoint_epoch']} (val/loss " in summary
-    assert f"Test accuracy: {recorded['acc']:.4f}" in summary
+    assert f"Test scores:   acc {recorded['acc']:.4f}" in summary
     store = (default_run.exp_dir / "mlflow.db").resolve()
     assert f"mlflow ui --backend-store-uri sqlite:///{store}" in summary
     assert default_run.manifest["trackers"]["mlflow"]["run_id"] in summary
@@ -305,7 +306,7 @@ def test_other_ranks_create_and_write_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning reads from LOCAL_RANK=1 at import
     monkeypatch.setenv(records.RUN_DIR_ENV, str(from_rank_0))
     args = parse_args(["--exp-dir", str(exp_dir), "--logger", "mlflow", "--logger", "tensorboard"])
-    run = records.open_run(args, config_of(args), records.Trackers(["mlflow", "tensorboard"]), resume_from=None)
+    run = records.open_run(args, config_of(args), records.Trackers(["mlflow", "tensorboard"]), None, Classification)
     assert run.directory == from_rank_0
     assert [type(logger).__name__ for logger in run.loggers] == ["AppendingCsvLogger"]  # no tracker runs
     run.close("finished")

@@ -27,7 +27,7 @@ class Synthetic(InMemoryData):
     """Random uint8 images in memory, CIFAR-shaped but small; sizes chosen per test."""
 
     input_shape = (3, 8, 8)
-    class_names = [str(c) for c in range(4)]
+    output_names = [str(c) for c in range(4)]
     mean, std = (127.5,) * 3, (73.6,) * 3
 
     def __init__(self, sizes: dict[str, int], augment: bool = False, **kwargs) -> None:
@@ -39,7 +39,7 @@ class Synthetic(InMemoryData):
         return {
             split: (
                 torch.randint(0, 256, (n, *self.input_shape), dtype=torch.uint8, generator=generator),
-                torch.randint(0, len(self.class_names), (n,), generator=generator),
+                torch.randint(0, len(self.output_names), (n,), generator=generator),
             )
             for split, n in self.sizes.items()
         }
@@ -52,11 +52,12 @@ def template_parts(
     Synthetic data of `sizes`. The Trainer logs to one StepLogger (trainer.loggers[0]) and keeps no
     checkpoints, unless `real_records`: then it has the run directory, trackers and checkpoints of a run."""
     args = run.parse_args([*argv, "--exp-dir", str(tmp_path)])
+    task = run.resolve_task(args)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     datamodule = Synthetic(sizes, augment=augment, **vars(args))
     solver = run.build_solver(args, datamodule)
     if real_records:
-        run_records = records.open_run(args, run.config_of(args), tracking.start(args), resume_from=None)
+        run_records = records.open_run(args, run.config_of(args), tracking.start(args), None, task)
     else:
         run_records = SimpleNamespace(loggers=[StepLogger()], callbacks=[], directory=tmp_path,
                                       last_checkpoint=tmp_path / "last.ckpt")  # fmt: skip

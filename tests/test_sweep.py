@@ -244,7 +244,7 @@ def test_hopeless_and_diverging_trials_are_pruned(tmp_path: Path, monkeypatch: p
 
     rates = [1e30, 0.01, 1e-6]
     monkeypatch.setattr(
-        sweep, "search_space", lambda t: {"learning_rate": t.suggest_categorical("learning_rate", rates)}
+        sweep, "search_space", lambda t, _: {"learning_rate": t.suggest_categorical("learning_rate", rates)}
     )
     exp_dir = tmp_path / "experiments"
     exp_dir.mkdir()
@@ -273,10 +273,10 @@ def test_hopeless_and_diverging_trials_are_pruned(tmp_path: Path, monkeypatch: p
 @pytest.mark.parametrize(
     ("space", "message"),
     [
-        (lambda t: {"hidden_dim": t.suggest_int("hidden_dim", 0, 0)}, "invalid positive integer value: '0'"),
-        (lambda t: {"model": t.suggest_categorical("model", ["transformer"])}, "invalid choice: 'transformer'"),
-        (lambda t: {"learning_rte": t.suggest_float("learning_rte", 0.1, 0.2)}, "did you mean --learning-rate?"),
-        (lambda t: {"learning_rate": t.suggest_float("learning_rate", 0.1, 0.01)}, "low <= high"),
+        (lambda t, _: {"hidden_dim": t.suggest_int("hidden_dim", 0, 0)}, "invalid positive integer value: '0'"),
+        (lambda t, _: {"model": t.suggest_categorical("model", ["transformer"])}, "invalid choice: 'transformer'"),
+        (lambda t, _: {"learning_rte": t.suggest_float("learning_rte", 0.1, 0.2)}, "did you mean --learning-rate?"),
+        (lambda t, _: {"learning_rate": t.suggest_float("learning_rate", 0.1, 0.01)}, "low <= high"),
     ],
     ids=["refused-value", "refused-choice", "unknown-option", "bad-range"],
 )

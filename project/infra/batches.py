@@ -1,6 +1,7 @@
 """The DataModule base every dataset builds on, and the batch loaders behind it.
 
-Every dataset yields raw pixels as uint8 (N, C, H, W) with int64 labels; the model standardises them
+Every dataset yields raw inputs (uint8 pixels (N, C, H, W), or float feature vectors) with targets as its task
+stores them (int64 class indices, float values); the model standardises the inputs
 (model.Standardize) and training augmentation runs on whole batches on the device (`on_after_batch_transfer`),
 so the two data paths give the same batches for the same seed:
 - in-memory datasets are held as tensors, on the GPU when they fit, and batched by indexing: no per-sample Python,
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-Split = tuple[torch.Tensor, torch.Tensor]  # (uint8 images N x C x H x W, int64 labels N)
+Split = tuple[torch.Tensor, torch.Tensor]  # (inputs N x ..., targets N x ...)
 
 # Share of free GPU memory in-memory data may take before `--data-on-device auto` keeps it on the host: the rest is
 # for the model, activations and the allocator's slack.
@@ -204,16 +205,19 @@ def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch
     return padded.gather(3, cols.expand(-1, padded.shape[1], height, -1))
 
 
-class ImageData(pl.LightningDataModule):
-    """What every dataset gives the solver: input_shape (C, H, W), class_names, mean/std per channel in raw pixel
-    units, pixel_max, split_sizes after setup(), and this rank's batches of each split (`batches`)."""
+class DataModule(pl.LightningDataModule):
+    """What every dataset gives the solver: its task (a name in project/tasks), output_names (the classes, or the
+    quantities predicted), input_shape ((C, H, W) images or (F,) feature vectors), mean/std per channel or feature in
+    raw units, pixel_max, split_sizes after setup(), and this rank's batches of each split (`batches`)."""
 
-    input_shape: tuple[int, int, int]
-    class_names: list[str]
+    task = "classification"
+    default_model = "cnn"  # what --model auto picks
+    output_names: list[str]
+    input_shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    pixel_max = 255  # raw pixel values run 0..pixel_max (8-bit images); saved with the model for predict
-    augment = False  # random flips and shifts while training
+    pixel_max: float | None = 255  # images' raw pixels run 0..pixel_max (8-bit); None for other inputs
+    augment = False  # random flips and shifts while training (images)
 
     def __init__(self, data_dir: str = "data", batch_size: int = 128, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.1, data_on_device: str = "auto", **_: Any) -> None:  # fmt: skip
@@ -250,11 +254,11 @@ class ImageData(pl.LightningDataModule):
         return self.batches("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
-        images, labels = batch
-        images = images.float()
+        inputs, targets = batch
+        inputs = inputs.float()
         if self.augment and self.trainer is not None and self.trainer.training:
-            images = random_flip_and_translate(images)
-        return images, labels
+            inputs = random_flip_and_translate(inputs)
+        return inputs, targets
 
     def statistics_batches(self, max_samples: int) -> Iterator[torch.Tensor]:
         """Up to `max_samples` training images of this rank, always the same random subset and not augmented, as float
@@ -268,13 +272,13 @@ class ImageData(pl.LightningDataModule):
             yield images.to(device, non_blocking=True).float()
 
 
-class InMemoryData(ImageData):
+class InMemoryData(DataModule):
     """A dataset that fits in memory as uint8 tensors: subclasses set the attributes and write load()."""
 
     splits: dict[str, Split] | None = None
 
     def load(self) -> dict[str, Split]:
-        """Return {"train": ..., "val": ..., "test": ...} as uint8 images and int64 labels."""
+        """Return {"train": ..., "val": ..., "test": ...}: (inputs, targets) tensors, as `as_split` makes them."""
         raise NotImplementedError
 
     @property

@@ -19,7 +19,7 @@ from project.infra.errors import NothingToDo, UserError
 # What a resumed run must share with the checkpoint it continues (a run's config.yaml is checked first, by run.py;
 # this covers a checkpoint file kept outside its run): the network, the data's shape and classes, and the learning
 # rate (the restored optimiser would silently keep the old one). A larger --max-epochs is how a run is extended.
-RESUME_MUST_MATCH = ("model", "model_options", "input_shape", "class_names", "learning_rate")
+RESUME_MUST_MATCH = ("task", "model", "model_options", "input_shape", "output_names", "learning_rate")
 
 
 def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
@@ -45,46 +45,56 @@ def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
         raise UserError(f"{flag}: {path} is not a valid checkpoint (truncated or another format: {reason})") from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise UserError(f"{flag}: {path} is not a checkpoint of this project (no hyper_parameters)")
-    if not isinstance(checkpoint.get("state_dict"), dict) or "model" not in checkpoint["hyper_parameters"]:
+    if not isinstance(checkpoint.get("state_dict"), dict) or not {"model", "task"} <= set(
+        checkpoint["hyper_parameters"]
+    ):
         raise UserError(f"{flag}: {path} is not a checkpoint of this project (no model or state_dict)")
     return checkpoint
 
 
 def input_spec(hparams: dict[str, Any]) -> dict[str, Any]:
-    """What a user of the model must know to feed it, as plain JSON types: raw pixels (N, *input_shape) in the range
-    0..pixel_max (the model standardises them itself), and the name of each output logit's class."""
+    """What a user of the model must know to feed it and read it, as plain JSON types: the task and its outputs' names,
+    raw inputs (N, *input_shape) (images' pixels 0..pixel_max; the model standardises them itself with mean/std)."""
     return {
-        "class_names": [str(name) for name in hparams["class_names"]],
+        "task": str(hparams["task"]),
+        "output_names": [str(name) for name in hparams["output_names"]],
+        "task_options": dict(hparams.get("task_options") or {}),
         "input_shape": [int(n) for n in hparams["input_shape"]],
-        "pixel_max": float(hparams.get("pixel_max", 255.0)),
+        "mean": [float(v) for v in hparams["mean"]],
+        "std": [float(v) for v in hparams["std"]],
+        "pixel_max": None if hparams.get("pixel_max") is None else float(hparams["pixel_max"]),
     }
 
 
 def read_model(path: Path, flag: str = "--checkpoint") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network of checkpoint `path` (standardisation included; eval mode, on the CPU) and its input spec."""
+    """The network of checkpoint `path` as it is served (standardisation, backbone, the task's output layer and its
+    serving head: probabilities, values; eval mode, on the CPU) and its input spec."""
     from project.model import build_model
+    from project.tasks import build_task
 
     checkpoint = read(path, flag)
     hparams = checkpoint["hyper_parameters"]
     weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
-        network = build_model(hparams["model"], hparams["input_shape"], len(hparams["class_names"]), hparams["mean"],
-                              hparams["std"], **(hparams.get("model_options") or {}))  # fmt: skip
+        task = build_task(hparams["task"], hparams["output_names"], hparams.get("task_options"))
+        network = build_model(hparams["model"], hparams["input_shape"], len(hparams["output_names"]), hparams["mean"],
+                              hparams["std"], task.output_layer(), **(hparams.get("model_options") or {}))  # fmt: skip
         network.load_state_dict(weights)
     except (TypeError, KeyError, ValueError, RuntimeError) as error:
         raise UserError(f"{flag}: {path} does not fit this project's models ({str(error).splitlines()[0]})") from error
-    return network.eval(), input_spec(hparams)
+    return torch.nn.Sequential(network, task.serve()).eval(), input_spec(hparams)
 
 
 def check_compatible(path: Path, checkpoint: dict[str, Any], datamodule: Any) -> None:
     """A checkpoint trained on other data cannot be tested on this data: say so instead of a shape error."""
     hparams = checkpoint["hyper_parameters"]
-    trained = (list(hparams.get("input_shape", [])), len(hparams.get("class_names", [])))
-    wanted = (list(datamodule.input_shape), len(datamodule.class_names))
+    trained = (hparams.get("task"), list(hparams.get("input_shape", [])), len(hparams.get("output_names", [])))
+    wanted = (datamodule.task, list(datamodule.input_shape), len(datamodule.output_names))
     if trained != wanted:
         raise UserError(
-            f"{path} was trained on inputs {trained[0]} with {trained[1]} classes, but --dataset gives {wanted[0]} "
-            f"with {wanted[1]}: pass the --dataset (and --image-size) it was trained with"
+            f"{path} was trained for {trained[0]} on inputs {trained[1]} with {trained[2]} outputs, but --dataset "
+            f"gives {wanted[0]} on {wanted[1]} with {wanted[2]}: pass the --dataset (and --image-size) it was trained "
+            "with"
         )
 
 

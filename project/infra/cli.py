@@ -55,6 +55,13 @@ def name(text: str) -> str:
     return text
 
 
+def monitor(text: str) -> str:
+    """train/<metric> or val/<metric>; which metrics a task logs is checked once its data is known."""
+    if not re.fullmatch(r"(train|val)/[A-Za-z0-9_]+", text):
+        raise ValueError
+    return text
+
+
 def tag(text: str) -> str:
     """KEY=VALUE, with a key every tracker accepts: letters, digits, '_', '-', '.', '/'."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text):
@@ -88,6 +95,7 @@ for _type, _description in [
     (positive_float, "positive number"),
     (fraction, "fraction (between 0 and 1)"),
     (name, "name (letters, digits, '_', '-', '.'; no '/' or '..')"),
+    (monitor, "metric (train/NAME or val/NAME)"),
     (tag, "name=value tag"),
     (devices, "device count ('auto', a positive count, or indices like 0,1)"),
 ]:

@@ -42,7 +42,7 @@ except ImportError:  # Windows: no flock; runs there are not locked
 # Rank 0 names the run directory here; Lightning's DDP launcher starts the other processes with its environment.
 RUN_DIR_ENV = "PROJECT_RUN_DIR"
 # The test report goes on screen too while it fits there (with the summary); beyond this, only into its file.
-MAX_CLASSES_ON_SCREEN = 20
+MAX_REPORT_LINES_ON_SCREEN = 40
 
 
 def is_global_zero() -> bool:
@@ -53,9 +53,12 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0 and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def open_run(args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None) -> Run:
-    """The run directory (new, or the one `resume_from` belongs to), locked, with its loggers and checkpoint callbacks;
-    config.yaml and manifest.json are written when the Trainer starts (Run.setup)."""
+def open_run(
+    args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None, task: Any
+) -> Run:
+    """The run directory (new, or the one `resume_from` belongs to), locked, with its loggers and checkpoint callbacks
+    (the best checkpoint by --monitor, in the direction the `task` says is better); config.yaml and manifest.json are
+    written when the Trainer starts (Run.setup)."""
     zero = is_global_zero()
     continued = runs.run_of(resume_from) if resume_from is not None else None
     if continued is not None:
@@ -77,10 +80,10 @@ def open_run(args: argparse.Namespace, config: dict[str, Any], trackers: Tracker
         run.abandon()
         raise
     if not args.only_test:
-        last = run.last_checkpoint
+        last, mode = run.last_checkpoint, "max" if task.higher_is_better(args.monitor) else "min"
         run.callbacks += [
-            ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}", monitor=args.monitor,
-                            mode="min" if args.monitor.endswith("loss") else "max", auto_insert_metric_name=False),
+            ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}", monitor=args.monitor, mode=mode,
+                            auto_insert_metric_name=False),
             ModelCheckpoint(dirpath=last.parent, filename=last.stem, enable_version_counter=False),
         ]  # fmt: skip
     return run
@@ -102,6 +105,7 @@ class Run(pl.Callback):
         self.previous: dict[str, Any] = {}
         self.manifest: dict[str, Any] = {}
         self.started = self.closed = False
+        self.test_record: dict[str, Any] | None = None  # test_metrics.json, once written
 
     @property
     def loggers(self) -> list[Any]:
@@ -169,49 +173,38 @@ class Run(pl.Callback):
         if self.zero and checkpoint is not None:
             self.trackers.log_model(checkpoint)
 
-    def finish(self, trainer: pl.Trainer, solver: Any, datamodule: Any, tested: Path | None) -> None:
-        """Test report, test_metrics.json, plots, the trackers' copies, then the summary on screen."""
+    def finish(self, trainer: pl.Trainer, solver: Any, tested: Path | None) -> None:
+        """Test report, test_metrics.json and the task's figures, the curves, the trackers' copies, then the summary
+        on screen."""
         if not (self.zero and trainer.is_global_zero):
             return
-        scores = (
-            self.write_test_records(solver, datamodule, tested, trainer) if solver.test_confusion is not None else None
-        )
+        report = solver.task.report(solver.test_state) if solver.test_state is not None else None
+        written = self.write_test_records(report, tested, trainer) if report is not None else []
         best = self.best_score(trainer)
         best_epoch = read_checkpoint_epoch(tested) if tested is not None and not self.args.only_test else None
-        curves = self.directory / runs.CURVES
-        write_file(
-            curves, lambda path: plots.save_curves(self.directory / runs.METRICS, path, best_epoch, self.args.monitor)
-        )
-        records = [runs.CONFIG, runs.CURVES, runs.CONFUSION, runs.REPORT, runs.TEST_METRICS, runs.METRICS]
-        self.trackers.finish(self.directory, [self.directory / name for name in records], scores)
+        curves, metric = self.directory / runs.CURVES, solver.task.metric_names()[1:2]
+        write_file(curves, lambda path: plots.save_curves(self.directory / runs.METRICS, path, best_epoch,
+                                                          self.args.monitor, *metric))  # fmt: skip
+        records = [runs.CONFIG, runs.CURVES, *written, runs.METRICS]
+        self.trackers.finish(self.directory, [self.directory / name for name in records], self.test_record)
         problems = self.close("finished")
-        if scores is not None and len(scores["per_class"]) <= MAX_CLASSES_ON_SCREEN:
-            print((self.directory / runs.REPORT).read_text(), end="")
-        print(self.summary(scores, tested, best, problems))
+        if report is not None and report.text.count("\n") < MAX_REPORT_LINES_ON_SCREEN:
+            print(report.text)
+        print(self.summary(report, tested, best, problems))
 
-    def write_test_records(self, solver: Any, datamodule: Any, tested: Path | None, trainer: pl.Trainer) -> dict:
-        from project.metrics import format_report, per_class_scores, summarize
-
-        confusion, names = solver.test_confusion, [str(n) for n in datamodule.class_names]
-        scores, per_class = summarize(confusion), per_class_scores(confusion)
+    def write_test_records(self, report: Any, tested: Path | None, trainer: pl.Trainer) -> list[str]:
+        """test_report.txt, test_metrics.json and the task's figures; returns their names."""
         loss = trainer.callback_metrics.get("test/loss")
         epoch = read_checkpoint_epoch(tested) if tested is not None else None
-        record = {
-            **scores,
-            "loss": float(loss) if loss is not None else None,
-            "per_class": {name: {key: float(per_class[key][i]) for key in ("precision", "recall", "f1")}
-                          | {"support": int(per_class["support"][i])} for i, name in enumerate(names)},
-            "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
-            "checkpoint": str(tested) if tested else None,
-            "checkpoint_epoch": epoch,
-        }  # fmt: skip
-        write_text(self.directory / runs.REPORT, format_report(confusion, names) + "\n")
-        write_text(self.directory / runs.TEST_METRICS, json.dumps(record, indent=2) + "\n")
-        write_file(
-            self.directory / runs.CONFUSION, lambda path: plots.save_confusion_matrix(confusion.numpy(), names, path)
-        )
-        self.manifest["test"] = {**scores, "checkpoint": record["checkpoint"], "checkpoint_epoch": epoch}
-        return record
+        where = {"checkpoint": str(tested) if tested else None, "checkpoint_epoch": epoch}
+        self.test_record = {**report.scores, "loss": float(loss) if loss is not None else None, **report.details,
+                            **where}  # fmt: skip
+        write_text(self.directory / runs.REPORT, report.text + "\n")
+        write_text(self.directory / runs.TEST_METRICS, json.dumps(self.test_record, indent=2) + "\n")
+        for name, draw in report.figures.items():
+            write_file(self.directory / name, draw)
+        self.manifest["test"] = {**report.scores, **where}
+        return [runs.REPORT, runs.TEST_METRICS, *report.figures]
 
     # --- the end, however it comes --------------------------------------------------------------------------------
 
@@ -264,16 +257,15 @@ class Run(pl.Callback):
     def write_manifest(self) -> None:
         write_text(self.directory / runs.MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")
 
-    def summary(self, scores: dict | None, tested: Path | None, best: float | None, problems: list[str]) -> str:
+    def summary(self, report: Any, tested: Path | None, best: float | None, problems: list[str]) -> str:
         lines = ["", f"Run directory: {self.directory}"]
-        if tested is not None and scores is not None:
+        if tested is not None and report is not None:
             where = tested.relative_to(self.directory) if tested.is_relative_to(self.directory) else tested
             value = f" ({self.args.monitor} {best:.4f})" if best is not None and not self.args.only_test else ""
-            lines.append(f"Best epoch:    {scores['checkpoint_epoch']}{value}, tested from {where}")
-        if scores is not None:
-            lines.append(f"Test accuracy: {scores['acc']:.4f}")
-            lines.append(f"Test macro:    precision {scores['precision']:.4f}  recall {scores['recall']:.4f}  "
-                         f"f1 {scores['f1']:.4f}   (per class: {runs.REPORT}, {runs.CONFUSION})")  # fmt: skip
+            lines.append(f"Best epoch:    {self.test_record['checkpoint_epoch']}{value}, tested from {where}")
+        if report is not None:
+            scores = "  ".join(f"{name} {value:.4f}" for name, value in report.scores.items())
+            lines.append(f"Test scores:   {scores}   (details: {', '.join([runs.REPORT, *report.figures])})")
         for i, line in enumerate(self.trackers.how_to_open() or [f"{self.directory / runs.METRICS} (no tracker)"]):
             lines.append(f"{'Tracker:' if i == 0 else '':<15}{line}")
         lines.extend(f"warning: {problem}" for problem in problems)

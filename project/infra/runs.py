@@ -6,10 +6,10 @@ checkpoint belongs to. Paths only (no torch), so the command line can find a run
         manifest.json         command, user, host, times, exit status, git, versions, hardware, data, trackers
         checkpoints/          best-epochNNN.ckpt (by --monitor) and last.ckpt
         metrics.csv           every logged value with its step and epoch
-        curves.png            loss (log scale), accuracy and learning rate against epoch; the best epoch marked
-        confusion_matrix.png  the test set, labelled with class names
-        test_report.txt       the confusion matrix and per-class precision, recall and F1 as text
-        test_metrics.json     the test scores, overall and per class
+        curves.png            loss, the task's first metric and learning rate against epoch; the best epoch marked
+        test_report.txt       the task's test report (classification: confusion matrix, per-class scores)
+        test_metrics.json     the test scores and the task's details (per class, per output)
+        *.png                 the task's figures (classification: confusion_matrix.png)
         tensorboard/, wandb/  when --logger chooses them
 """
 
@@ -23,7 +23,6 @@ CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
 CURVES = "curves.png"
-CONFUSION = "confusion_matrix.png"
 REPORT = "test_report.txt"
 TEST_METRICS = "test_metrics.json"
 CHECKPOINT_DIR = "checkpoints"
