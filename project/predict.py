@@ -265,7 +265,7 @@ def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterat
             yield str(path), image.float() * scale
         else:
             for index in range(len(array)):
-                yield f"{path}[{index}]", torch.from_numpy(np.asarray(array[index], dtype=np.float32))
+                yield f"{path}[{index}]", torch.from_numpy(np.array(array[index], dtype=np.float32))
 
 
 def batches(samples: Iterator[tuple[str, Any]], batch_size: int) -> Iterator[tuple[list[str], Any]]:

@@ -246,7 +246,7 @@ def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
     from project.solver import Solver
     from project.tasks import TASKS
 
-    return Solver(
+    settings = dict(
         task=datamodule.task,
         output_names=list(datamodule.output_names),
         task_options=TASKS[datamodule.task].options_of(datamodule),
@@ -261,6 +261,10 @@ def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
         channels_last=args.model == "cnn" and hardware.resolve(args).accelerator != "cpu",
         compile=args.compile,
     )
+    try:
+        return Solver(**settings)
+    except (TypeError, ValueError) as error:  # a backbone that does not fit the data, or its options
+        raise UserError(f"--model {args.model}: {str(error).splitlines()[0]}") from error
 
 
 def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] = ()) -> Any:

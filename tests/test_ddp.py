@@ -52,6 +52,19 @@ def test_two_processes_evaluate_exactly_like_one(tmp_path, dataset):
         assert two[key] == one[key], key
 
 
+def test_two_processes_evaluate_a_regression_like_one(tmp_path):
+    exp_dir = tmp_path / "experiments"
+    data = ("--dataset", "diabetes")
+    trained = run_cli("--max-epochs", "2", "--exp-dir", str(exp_dir), "--exp-name", "train", *data, *QUICK)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint = next((only_run_dir(exp_dir, "train") / "checkpoints").glob("best-*.ckpt"))
+    one = evaluate(checkpoint, exp_dir, "one", ONE_PROCESS, *data)
+    two = evaluate(checkpoint, exp_dir, "two", TWO_PROCESSES, *data)
+    for key in ("mae", "rmse", "r2", "loss"):  # float64 sums, added in another order: equal to rounding
+        assert two[key] == pytest.approx(one[key], rel=1e-12), key
+    assert two["per_output"].keys() == one["per_output"].keys() == {"progression"}
+
+
 def test_two_process_training_converges_with_one_set_of_records(tmp_path):
     exp_dir = tmp_path / "experiments"
     result = run_cli("--max-epochs", "10", "--learning-rate", "0.01", "--model", "mlp", "--hidden-dim", "64",

@@ -104,3 +104,36 @@ def test_report_names_classes_and_scores():
     report = format_report(cm, ["cat", "dog"])
     assert "cat" in report and "dog" in report
     assert "0.9000" in report  # accuracy 9/10
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_regression_errors_over_uneven_batches_equal_scikit_learns(outputs):
+    from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
+
+    from project.metrics import RegressionErrors
+    from project.tasks import Regression
+
+    rng = np.random.default_rng(outputs)
+    metric, targets, predictions = RegressionErrors(outputs), [], []
+    for size in rng.integers(1, 30, size=15):
+        target = rng.normal(150, 70, size=(size, outputs)).astype(np.float32)
+        predicted = (target + rng.normal(0, 40, size=(size, outputs))).astype(np.float32)
+        metric.update(torch.from_numpy(predicted), torch.from_numpy(target.squeeze(1) if outputs == 1 else target))
+        targets.append(target)
+        predictions.append(predicted)
+    y, p = np.concatenate(targets).astype(np.float64), np.concatenate(predictions).astype(np.float64)
+    scores = Regression([f"y{i}" for i in range(outputs)]).scores(metric.compute())
+    assert scores["mae"] == pytest.approx(mean_absolute_error(y, p), rel=1e-12)
+    assert scores["rmse"] == pytest.approx(root_mean_squared_error(y, p), rel=1e-12)
+    assert scores["r2"] == pytest.approx(r2_score(y, p), rel=1e-12)
+
+
+def test_r2_of_a_constant_target_is_finite_as_in_scikit_learn():
+    from sklearn.metrics import r2_score
+
+    from project.metrics import RegressionErrors
+
+    for predicted in ([5.0, 5.0], [5.0, 6.0]):
+        metric = RegressionErrors(1)
+        metric.update(torch.tensor(predicted), torch.tensor([5.0, 5.0]))
+        assert float(metric.compute()["r2"]) == r2_score([5.0, 5.0], predicted)

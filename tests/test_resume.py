@@ -260,3 +260,28 @@ def test_extending_a_finished_run_follows_the_longer_schedule_from_its_first_new
                                    ((0, 2), (1, 2), (2, 4), (3, 4))])  # fmt: skip
     val_loss = [float(row["val/loss"]) for row in rows if row.get("val/loss")]
     assert len(val_loss) == 4 and val_loss[2] != val_loss[1] and val_loss[3] != val_loss[2]
+
+
+# Regression on the diabetes data: 353 training rows in batches of 32, 12 steps an epoch; last.ckpt after steps 5,
+# 10, 12 (end of epoch 0), 15, 20, ...
+DIABETES = (
+    "--dataset", "diabetes", "--batch-size", "32", "--max-epochs", "3", "--logger", "none", "--deterministic",
+    "--checkpoint-every-n-steps", "5",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "resumes_from_step"), [(("kill-train", "1", "8"), 20), (("kill-val", "1"), 24)])
+def test_regression_run_killed_then_resumed_ends_bit_identical(
+    fault: tuple[str, ...], resumes_from_step: int, tmp_path: Path
+) -> None:
+    reference = run_cli(*DIABETES, "--exp-dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    exp_dir = tmp_path / "killed"
+    killed = run_cli(*fault, "--", *DIABETES, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    assert last_step(run_dir) == resumes_from_step
+    resumed = run_cli(*DIABETES, "--exp-dir", str(exp_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(only_run_dir(tmp_path / "reference"), run_dir)
