@@ -292,7 +292,9 @@ def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] =
         # Checkpoints written atomically and read weights-only, also when Lightning resumes from one.
         plugins=[safety.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=run.directory,
-        use_distributed_sampler=False,  # our loaders shard by rank themselves (evaluation without padding)
+        # Lightning shards a plain DataLoader (a user's own LightningDataModule) with a DistributedSampler; it leaves
+        # our loaders alone (they are not DataLoaders): they shard by rank themselves, evaluation without padding.
+        use_distributed_sampler=True,
         log_every_n_steps=LOG_EVERY_N_STEPS,
         enable_model_summary=False,
     )

@@ -64,10 +64,35 @@ def run_cli(
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
 
 
+def run_dirs(exp_dir: Path, exp_name: str = "debug") -> list[Path]:
+    """The run directories of an experiment, oldest first (their names start with the start time)."""
+    return sorted(p for p in (exp_dir / exp_name).iterdir() if p.is_dir())
+
+
 def only_run_dir(exp_dir: Path, exp_name: str = "debug") -> Path:
-    runs = [p for p in (exp_dir / exp_name).iterdir() if p.is_dir()]
+    runs = run_dirs(exp_dir, exp_name)
     assert len(runs) == 1, runs
     return runs[0]
+
+
+class Payload:
+    """A pickle that creates `marker` when it is loaded: the file appears if, and only if, the pickle ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def wait_for(condition, process: subprocess.Popen | None, what: str, seconds: float = 240) -> None:
+    """Poll `condition` until it holds; fail if `process` ends first or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if process is not None:
+            assert process.poll() is None, f"ended before {what}: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.2)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

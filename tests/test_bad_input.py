@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder, write_mnist_like
+from conftest import Payload, only_run_dir, run_cli, write_image_folder, write_mnist_like
 
 # Short runs; the finished run below uses the default tracker, so its MLflow store is part of what must not change.
 QUICK = ("--num-workers", "0", "--max-epochs", "1", "--model", "mlp", "--hidden-dim", "16")
@@ -36,21 +36,6 @@ def snapshot(root: Path) -> dict[str, str]:
     }
 
 
-def run_dir(exp_dir: Path, name: str = "good") -> Path:
-    (found,) = (exp_dir / name).iterdir()
-    return found
-
-
-class Payload:
-    """A pickle that creates a file when loaded: nothing may ever run it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (Path.touch, (self.marker,))
-
-
 def hostile_checkpoint(tmp: Path) -> Path:
     import torch
 
@@ -64,8 +49,8 @@ def hostile_checkpoint(tmp: Path) -> Path:
 def copy_of_run(exp_dir: Path, tmp: Path, edit: Callable[[Path], None]) -> tuple[Path, list[str]]:
     """A copy of the finished run in an exp-dir of its own, edited by `edit`: (the copied run, --resume argv). That
     exp-dir may gain an MLflow store (opened while the command starts); the run's own files may not change."""
-    copy = tmp / "copy" / "good" / run_dir(exp_dir).name
-    shutil.copytree(run_dir(exp_dir), copy)
+    copy = tmp / "copy" / "good" / only_run_dir(exp_dir, "good").name
+    shutil.copytree(only_run_dir(exp_dir, "good"), copy)
     edit(copy)
     return copy, ["--resume", "--exp-dir", str(tmp / "copy"), "--exp-name", "good"]
 
@@ -131,8 +116,8 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
     module, guarded = "project.run", exp_dir
     good = ["--exp-dir", str(exp_dir), "--exp-name", "good"]  # for the cases about the finished run
     fresh = ["--exp-dir", str(tmp / "fresh")]  # the others: a case that wrongly succeeded would not touch it
-    last = run_dir(exp_dir) / "checkpoints" / "last.ckpt"
-    best = next((run_dir(exp_dir) / "checkpoints").glob("best-*.ckpt"))
+    last = only_run_dir(exp_dir, "good") / "checkpoints" / "last.ckpt"
+    best = next((only_run_dir(exp_dir, "good") / "checkpoints").glob("best-*.ckpt"))
     if case.startswith("checkpoint with a pickle payload"):
         evil = str(hostile_checkpoint(tmp))
         module = {"predict": "project.predict", "export": "project.export"}.get(case.split("(")[1][:-1], module)
@@ -185,7 +170,7 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         copy, argv = copy_of_run(exp_dir, tmp, lambda run: (run / "manifest.json").write_text("[1, 2"))
         return module, [*argv, "--max-epochs", "3"], copy
     if case == "resume a run another process holds":
-        holder = open(run_dir(exp_dir) / ".lock", "a")  # noqa: SIM115 (held for the rest of the test process)
+        holder = open(only_run_dir(exp_dir, "good") / ".lock", "a")  # noqa: SIM115 (held for the rest of the test process)
         fcntl.flock(holder, fcntl.LOCK_EX)
         HELD.append(holder)
         return module, [*resume, "--max-epochs", "3"], guarded

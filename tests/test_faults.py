@@ -21,22 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, only_run_dir, run_cli
+from conftest import ROOT, Payload, cli_env, only_run_dir, run_cli, wait_for
 
 from project.infra import callbacks, checkpoints
 from project.infra.errors import UserError
 
 DIGITS = ("--model", "mlp", "--hidden-dim", "32", "--batch-size", "64", "--logger", "none")
-
-
-class Payload:
-    """Unpickles as `open(marker, "w")`: the file appears if, and only if, the payload ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return open, (str(self.marker), "w")
 
 
 def write_hostile_checkpoint(path: Path, marker: Path) -> None:
@@ -217,14 +207,6 @@ def start(args: list[str], *, module: str = "project.run", env: dict | None = No
     command = [sys.executable, "-m", module, *args]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     return subprocess.Popen(command, cwd=ROOT, env=env or cli_env(), text=True, start_new_session=True, **pipes)
-
-
-def wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert process.poll() is None, f"ended before {what}: {process.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ applied to a copy of the project and trained for an epoch."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -57,30 +58,47 @@ def test_the_use_commands_run_in_order_as_written(tmp_path: Path) -> None:
 
 
 def patched_project(tmp_path: Path) -> Path:
-    """A copy of the project with the README's extension examples applied where the README says."""
+    """A copy of the project (code, tests, benchmarks, README, pyproject.toml) with the README's extension examples applied where the
+    README says, as a user would paste them."""
     root = tmp_path / "copy"
-    shutil.copytree(ROOT / "project", root / "project", ignore=shutil.ignore_patterns("__pycache__"))
+    ignore = shutil.ignore_patterns("__pycache__")
+    for part in ("project", "tests", "benchmarks"):
+        shutil.copytree(ROOT / part, root / part, ignore=ignore)
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, root)
     blocks = code_blocks(section("Your own data and model"), "python")
     model_code = [b for b in blocks if "MODELS[" in b]
     data_code = [b for b in blocks if "DATASETS[" in b]
+    (task_file,) = [b for b in blocks if "(Task):" in b]
+    (task_import,) = [b.strip() for b in blocks if b.startswith("from project.tasks.")]
+    (tasks_line,) = [b.strip() for b in blocks if b.startswith("TASKS:")]
     (names_line,) = [b.strip() for b in blocks if b.startswith("MODEL_NAMES =")]
     (datasets_line,) = [b.strip() for b in blocks if b.startswith("DATASET_NAMES =")]
     (option_line,) = [b.rstrip("\n") for b in blocks if b.strip().startswith('add("--')]
-    assert len(model_code) == 2 and len(data_code) == 1
-    (root / "project" / "model.py").write_text(
-        (ROOT / "project" / "model.py").read_text() + "\n\n" + "\n\n".join(model_code)
-    )
-    (root / "project" / "data.py").write_text((ROOT / "project" / "data.py").read_text() + "\n\n" + data_code[0])
-    run_py = (ROOT / "project" / "run.py").read_text()
+    assert len(model_code) == 2 and len(data_code) == 2
+    append(root / "project" / "model.py", model_code)
+    append(root / "project" / "data.py", data_code)
+    (root / "project" / "tasks" / "multilabel.py").write_text(task_file)
+    tasks = (root / "project" / "tasks" / "__init__.py").read_text()
+    tasks = re.sub(r"^TASKS: .*$", tasks_line, tasks, count=1, flags=re.M)
+    imports = re.findall(r"^from project\.tasks\.\w+ import \w+$", tasks, flags=re.M)
+    tasks = tasks.replace("\n".join(imports), "\n".join(sorted([*imports, task_import])))  # beside the others
+    (root / "project" / "tasks" / "__init__.py").write_text(tasks)
+    run_py = (root / "project" / "run.py").read_text()
     run_py = re.sub(r"^MODEL_NAMES = .*$", names_line, run_py, count=1, flags=re.M)
     run_py = run_py.replace(
         'MODEL_NAMES = ("mlp", "cnn", "mlp-dropout")', 'MODEL_NAMES = ("mlp", "cnn", "mlp-dropout", "resnet18")'
     )
     run_py = re.sub(r"^DATASET_NAMES = .*$", datasets_line, run_py, count=1, flags=re.M)
+    run_py = run_py.replace('"npz")', '"npz", "digit-traits")')
     marker = re.search(r"^ *# Backbone options.*\n", run_py, flags=re.M)
     run_py = run_py[: marker.end()] + option_line + "\n" + run_py[marker.end() :]
     (root / "project" / "run.py").write_text(run_py)
     return root
+
+
+def append(path: Path, blocks: list[str]) -> None:
+    path.write_text(path.read_text() + "\n\n" + "\n\n".join(blocks))
 
 
 def train_in(root: Path, exp_dir: Path, *flags: str) -> Path:
@@ -114,3 +132,28 @@ def test_the_extension_examples_work_as_the_readme_shows(tmp_path: Path) -> None
     run = train_in(root, tmp_path / "npz", "--dataset", "npz", "--data-dir", str(data_dir))
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert list(metrics["per_class"]) == ["no", "yes"] and metrics["acc"] >= 0.9
+
+    # The task of one's own: the best checkpoint by the highest val/f1, its scores, predict's columns.
+    run = train_in(root, tmp_path / "traits", "--dataset", "digit-traits", "--monitor", "val/f1", "--max-epochs", "3")
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert set(metrics) >= {"f1", "exact_match", "loss"} and metrics["f1"] > 0.8
+    with open(run / "metrics.csv", newline="") as file:
+        val_f1 = {int(float(r["epoch"])): float(r["val/f1"]) for r in csv.DictReader(file) if r.get("val/f1")}
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert best.name == f"best-epoch{max(val_f1, key=val_f1.get):03d}.ckpt"
+    np.save(tmp_path / "rows.npy", digits.images[:4][:, None])
+    env = {**cli_env(), "PYTHONPATH": str(root)}
+    done = shell(f"python -m project.predict --checkpoint {best} {tmp_path / 'rows.npy'} --output -", root, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[0] == "input,labels,prob_even,prob_above_4"
+    assert done.stdout.splitlines()[1].split(",")[1] == "even"  # digit 0: even, not above 4
+
+    # The changed copy still passes the project's own tests and its linters; no machinery file was touched.
+    for command in ("python -m pytest -q -x -p no:cacheprovider", "ruff format --check .", "ruff check ."):
+        done = shell(command, root, env, timeout=900)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
+    changed = [path.relative_to(root).as_posix() for path in (root / "project").rglob("*.py")
+               if not (ROOT / path.relative_to(root)).is_file() or (ROOT / path.relative_to(root)).read_bytes()
+               != path.read_bytes()]  # fmt: skip
+    assert sorted(changed) == ["project/data.py", "project/model.py", "project/run.py", "project/tasks/__init__.py",
+                               "project/tasks/multilabel.py"]  # fmt: skip

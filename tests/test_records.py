@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli, run_dirs
 
 from project.run import build_parser, config_of, parse_args
 from project.tasks import Classification
@@ -42,10 +42,6 @@ def launch(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
 def finish(process: subprocess.Popen, timeout: float = 300) -> SimpleNamespace:
     stdout, stderr = process.communicate(timeout=timeout)
     return SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr)
-
-
-def run_dirs(exp_dir: Path, exp_name: str = "debug") -> list[Path]:
-    return sorted(p for p in (exp_dir / exp_name).iterdir() if p.is_dir())
 
 
 def mlflow_client(exp_dir: Path):
