@@ -58,8 +58,8 @@ def test_the_use_commands_run_in_order_as_written(tmp_path: Path) -> None:
 
 
 def patched_project(tmp_path: Path) -> Path:
-    """A copy of the project (code, tests, benchmarks, README, pyproject.toml) with the README's extension examples applied where the
-    README says, as a user would paste them."""
+    """A copy of the project (code, tests, benchmarks, README, pyproject.toml) with the README's extension examples
+    applied where the README says, as a user would paste them."""
     root = tmp_path / "copy"
     ignore = shutil.ignore_patterns("__pycache__")
     for part in ("project", "tests", "benchmarks"):
