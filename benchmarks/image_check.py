@@ -1,5 +1,6 @@
-"""How long `--dataset image-folder` spends before training on listing and decoding every image
-(project/infra/images.py), with its thread pool and with one thread, on JPEGs it writes to a temporary folder.
+"""How long `--dataset image-folder` spends before training (project/infra/images.py: listing the folder and reading
+every file's header, no pixel decoded), beside a full decode of every image (what it did before), on JPEGs it writes
+to a temporary folder.
 
     python benchmarks/image_check.py                       # 2,000 JPEGs of 64 x 64 pixels in 10 classes
     python benchmarks/image_check.py --count 2000 --size 256 --repeats 3
@@ -35,13 +36,6 @@ def write_jpegs(root: Path, count: int, size: int, classes: int = 10) -> None:
         Image.fromarray(coarse).resize((size, size), Image.BILINEAR).save(folder / f"{i}.jpg", quality=90)
 
 
-def pil_verify(path: str) -> None:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.verify()
-
-
 def best_of(repeats: int, action) -> float:
     times = []
     for _ in range(repeats):
@@ -62,20 +56,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_jpegs(root, args.count, args.size)
-        paths = [path for path, _ in images.scan_image_folder(root)["all"].samples]
-        images.check_images(paths, shape)  # untimed: the page cache
-        scan = best_of(args.repeats, lambda: images.scan_image_folder(root))
-        pooled = best_of(args.repeats, lambda: images.check_images(paths, shape))
-        single = best_of(args.repeats, lambda: images.check_images(paths, shape, workers=1))
-        verify = best_of(args.repeats, lambda: [pil_verify(path) for path in paths])
+        images.open_image_folder(root, shape)  # untimed: the page cache
+        opened = best_of(args.repeats, lambda: images.open_image_folder(root, shape))
+        paths = [path for path, _ in images.open_image_folder(root, shape)["all"].samples]
+        decode = best_of(args.repeats, lambda: [images.read_image(path, shape) for path in paths])
     what = f"{args.count} JPEGs of {args.size}x{args.size}, read as {args.image_size}x{args.image_size}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{what}, {cores} cores, best of {args.repeats}:")
-    print(f"  scan (list, links, hidden):   {scan:.3f} s")
-    print(f"  decode all, thread pool:      {pooled:.3f} s  ({args.count / pooled:,.0f} images/s)")
-    print(f"  decode all, one thread:       {single:.3f} s  ({args.count / single:,.0f} images/s)")
-    print(f"  thread pool speed-up:         {single / pooled:.2f}x")
-    print(f"  (before: PIL verify(), which passes truncated JPEGs, one thread: {verify:.3f} s)")
+    print(f"  before training (list, headers): {opened:.3f} s  ({args.count / opened:,.0f} images/s)")
+    print(f"  full decode, one thread:         {decode:.3f} s  ({args.count / decode:,.0f} images/s)")
     if hasattr(os, "getloadavg"):
         print(
             f"  load average while measuring: {os.getloadavg()[0]:.2f} (other work on the machine slows every figure)"

@@ -199,8 +199,8 @@ class ImageFolderData(DataModule):
 
     Layouts: <data-dir>/<class>/<image> (split 80/10/10, stratified, fixed by --seed), or <data-dir>/train/<class>/...
     with optional val/ and test/ beside it (a missing one is split off train). Images are converted to RGB and resized
-    to --image-size squared. Hidden entries are skipped, links to folders refused, and every image is decoded before
-    training starts (infra/images.py).
+    to --image-size squared. Hidden entries are skipped, links to folders refused, every file's header is checked
+    before training starts and its pixels when training first reads it (infra/images.py).
     """
 
     augment = True
@@ -209,17 +209,13 @@ class ImageFolderData(DataModule):
     def __init__(self, image_size: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.input_shape = (3, image_size, image_size)
-        listings = images.scan_image_folder(self.data_dir)
-        base = "train" if "train" in listings else "all"
-        self.output_names = list(listings[base].classes)
+        self.folders = images.open_image_folder(self.data_dir, self.input_shape)
+        base = "train" if "train" in self.folders else "all"
+        self.output_names = list(self.folders[base].classes)
         # What setup() splits off the base folder, in order: test then val (80/10/10), or whichever is missing.
-        given = [name for name in ("val", "test") if name in listings]
         self.held_out = [("test", 0.1), ("val", 1 / 9)] if base == "all" else [
-            (name, self.val_fraction) for name in ("val", "test") if name not in given]  # fmt: skip
-        # Every problem fails now, in one line, before the run starts: too few images, an unreadable one.
-        images.require_splittable(listings[base], self.held_out)
-        images.check_images([path for listing in listings.values() for path, _ in listing.samples], self.input_shape)
-        self.folders = {name: images.ListedImageFolder(listing, self.input_shape) for name, listing in listings.items()}
+            (name, self.val_fraction) for name in ("val", "test") if name not in self.folders]  # fmt: skip
+        images.require_splittable(self.folders[base], self.held_out)
         self.subsets: dict[str, Any] = {}
 
     @property

@@ -1,6 +1,7 @@
 """Reading images safely (project/infra/images.py): CIFAR-10 files are unpickled only when they match their
 checksums, and an image folder is read as a person sees it: hidden entries skipped, links never followed
-out of it or into a loop, every file counted once, every problem one line before training starts."""
+out of it or into a loop, every file counted once, only decoders that run no interpreter, and every problem one
+line: before training starts, or (an image that does not decode) when training first reads it."""
 
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ def test_a_broken_link_is_named(tmp_path):
     write_image_folder(tmp_path / "pets")
     (tmp_path / "pets" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     message = one_line_error(lambda: open_folder(tmp_path / "pets"))
-    assert str(tmp_path / "pets" / "dog" / "gone.png") in message and "link to nothing" in message
+    assert str(tmp_path / "pets" / "dog" / "gone.png") in message and "not a regular file, nor a link to one" in message
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
@@ -247,14 +248,9 @@ def test_a_link_given_as_data_dir_is_read(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, why",
-    [
-        ({}, "it is empty"),
-        ({".0.png": "image", ".thumbs": "folder"}, "it holds only hidden files"),
-        ({"notes.txt": b"cats"}, "none of its 1 file(s) ends in .jpg"),
-    ],
+    "content", [{}, {".0.png": "image", ".thumbs": "folder"}, {"notes.txt": b"cats"}], ids=["empty", "hidden", "text"]
 )
-def test_a_class_folder_without_images_is_one_line(tmp_path, content, why):
+def test_a_class_folder_without_images_is_one_line(tmp_path, content):
     root = tmp_path / "pets"
     write_image_folder(root, classes=("cat", "dog"))
     (root / "emu").mkdir()
@@ -266,10 +262,11 @@ def test_a_class_folder_without_images_is_one_line(tmp_path, content, why):
         else:
             (root / "emu" / name).write_bytes(what)
     message = one_line_error(lambda: open_folder(root))
-    assert f"class folder {root / 'emu'} has no images: {why}" in message
+    assert f"class folder {root / 'emu'} has no images: no file whose name ends in .jpg" in message
+    assert "names starting with '.' are skipped" in message
 
 
-def test_a_truncated_jpeg_is_named_before_training(tmp_path):
+def test_a_truncated_jpeg_is_named_when_first_read_not_decoded_up_front(tmp_path):
     from PIL import Image
 
     root = tmp_path / "pets"
@@ -277,22 +274,110 @@ def test_a_truncated_jpeg_is_named_before_training(tmp_path):
     jpeg = write_jpeg(root / "dog" / "photo.jpg")
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size * 2 // 3])
     with Image.open(jpeg) as image:
-        image.verify()  # the check the template used to rely on lets it through
-    message = one_line_error(lambda: open_folder(root))
-    assert f"cannot read image {jpeg} (OSError: image file is truncated" in message
+        image.verify()  # PIL's own check lets it through; so does reading its header, before training
+    folder = open_folder(root).folders["all"]
+    index = folder.samples.index((str(jpeg), 1))
+    message = one_line_error(lambda: folder[index])
+    assert message.startswith(f"image-folder: cannot read image {jpeg} (OSError: image file is truncated")
+    assert message.endswith("); remove or replace it")
 
 
-def test_unreadable_images_are_one_line_naming_the_first_and_counting_all(tmp_path):
+def test_files_that_are_not_images_are_one_line_naming_the_first_and_counting_the_rest(tmp_path):
     root = tmp_path / "pets"
     write_image_folder(root)
-    (root / "cat" / "a.png").write_bytes(b"not a png at all")
-    message = one_line_error(lambda: open_folder(root))
     bad = root / "cat" / "a.png"
-    assert message == f"image-folder: cannot read image {bad} (not an image PIL can identify); remove or replace it"
+    bad.write_bytes(b"not a png at all")
+    message = one_line_error(lambda: open_folder(root))
+    formats = "BMP, GIF, JPEG, PNG, PPM, TIFF, WEBP"
+    assert message == f"image-folder: cannot read image {bad} (not a {formats} image); remove or replace it"
     (root / "dog" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     (root / "dog" / "c.tif").write_bytes(b"")
     message = one_line_error(lambda: open_folder(root))
-    assert message.startswith(f"image-folder: cannot read 3 images, the first {bad} (")
+    assert message.startswith(f"image-folder: cannot read image {bad} (")
+    assert message.endswith("(2 more images cannot be read)")
+
+
+def corrupt_jpeg(path: Path) -> None:
+    """A JPEG whose header reads but whose Huffman table is zeroed: PIL fails only when it decodes the pixels."""
+    data = write_jpeg(path).read_bytes()
+    table = data.index(b"\xff\xc4") + 5  # after the marker, the length and the table's class and id
+    path.write_bytes(data[:table] + bytes(16) + data[table + 16 :])
+
+
+def truncated_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+BAD_FILES = {  # name: (how to write it, when it is found, what the line says)
+    "corrupt.jpg": (corrupt_jpeg, "first read", "(OSError: broken data stream when reading image file)"),
+    "truncated.png": (truncated_png, "first read", "(OSError: image file is truncated"),
+    "text.png": (lambda path: path.write_text("a note, not a picture\n"), "before training", "(not a BMP, GIF"),
+    "postscript.png": (lambda path: path.write_bytes(EPS), "before training", "(not a BMP, GIF"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_bad_image_is_one_line_and_no_interpreter_runs(tmp_path, monkeypatch, name):
+    from PIL import EpsImagePlugin, Image
+
+    opened_as_eps = []
+    original = EpsImagePlugin.EpsImageFile.__init__
+
+    def recording(self, *args, **kwargs):
+        opened_as_eps.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "__init__", recording)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: pytest.fail("Ghostscript ran"))
+    write, when, why = BAD_FILES[name]
+    root = tmp_path / "pets"
+    write_image_folder(root)
+    bad = root / "dog" / name
+    write(bad)
+
+    def read_every_image():
+        for folder in open_folder(root).folders.values():
+            for index in range(len(folder)):
+                folder[index]
+
+    message = one_line_error(read_every_image)
+    assert message.startswith(f"image-folder: cannot read image {bad} {why}"), message
+    if when == "before training":
+        one_line_error(lambda: open_folder(root))
+    else:
+        open_folder(root)  # its header reads: it is found when training first decodes it
+    assert not opened_as_eps, "Pillow's EPS plugin was used"
+    if name == "postscript.png":  # the file is EPS to a Pillow left to guess: `formats` alone kept its plugin out
+        with Image.open(bad):
+            assert opened_as_eps
+
+
+@pytest.mark.parametrize("name", ["corrupt.jpg", "truncated.png"])
+def test_an_image_that_fails_in_a_dataloader_worker_is_still_one_line(tmp_path, name):
+    from torch.utils.data import DataLoader
+
+    root = tmp_path / "pets"
+    write_image_folder(root)
+    BAD_FILES[name][0](root / "cat" / name)
+    folder = open_folder(root).folders["all"]
+    message = one_line_error(lambda: list(DataLoader(folder, batch_size=4, num_workers=1)))
+    assert message.startswith(f"image-folder: cannot read image {root / 'cat' / name} {BAD_FILES[name][2]}")
+
+
+def test_a_class_folder_named_in_bytes_that_are_not_utf8_is_one_line(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root)
+    try:
+        os.rename(root / "dog", os.fsencode(root) + b"/d\xf6g")  # Latin-1, as an old archive may name it
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    message = one_line_error(lambda: open_folder(root))
+    assert "class folder 'd\\udcf6g'" in message and "is not named in UTF-8; rename it" in message
+    message.encode("utf-8")  # printable as it stands
 
 
 @pytest.mark.parametrize(
@@ -338,21 +423,25 @@ def test_presplit_folders_must_share_their_classes(tmp_path):
 
 
 @pytest.mark.slow
-def test_image_folder_through_the_cli_skips_hidden_and_refuses_a_truncated_jpeg_before_any_run(tmp_path):
+def test_image_folder_through_the_cli_skips_hidden_and_stops_at_an_image_that_no_longer_decodes(tmp_path):
+    """Nothing is decoded before training, at a start or a --resume: an image damaged after the first epoch is named
+    in one line when the resumed run reads it, and the run stops with exit 2, its last checkpoint as it was."""
     root = tmp_path / "pets"
     write_image_folder(root, per_class=10, size=16)
     write_image_folder(root / ".ipynb_checkpoints", classes=("cat",), per_class=1)
     (root / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")
     quick = ["--dataset", "image-folder", "--data-dir", str(root), "--image-size", "16", "--model", "mlp"]
     quick += ["--hidden-dim", "8", "--max-epochs", "1", "--logger", "none", "--num-workers", "1"]
-    good = run_cli(*quick, "--exp-dir", str(tmp_path / "good"))
+    good = run_cli(*quick, "--exp-dir", str(tmp_path / "runs"))
     assert good.returncode == 0, good.stderr[-2000:]
-    only_run_dir(tmp_path / "good")
+    last = only_run_dir(tmp_path / "runs") / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
 
-    jpeg = write_jpeg(root / "cat" / "photo.jpg")
-    jpeg.write_bytes(jpeg.read_bytes()[:200])
-    bad = run_cli(*quick, "--exp-dir", str(tmp_path / "bad"))
+    for png in (root / "cat").glob("*.png"):  # every split holds some: the first read of any one fails
+        png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])  # the header still reads
+    bad = run_cli("--resume", str(last), "--max-epochs", "2")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     errors = [line for line in bad.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and str(jpeg) in errors[0], bad.stderr[-2000:]
-    assert not (tmp_path / "bad").exists(), "a run directory was made before the images were checked"
+    assert len(errors) == 1, bad.stderr[-2000:]
+    assert f"cannot read image {root / 'cat'}" in errors[0] and "image file is truncated" in errors[0], errors[0]
+    assert last.read_bytes() == saved

@@ -1,42 +1,35 @@
 """Reading image files safely: what trains is what a person sees in the folder, and no data file runs code.
 
-Image folders (`scan_image_folder`, `check_images`, `ListedImageFolder`). torchvision's ImageFolder lists
-hidden folders as classes and follows every link, so a `.ipynb_checkpoints/` becomes a class and a link
-`cat/loop -> ..` reads every image again, labelled cat. Here:
+Image folders: torchvision's ImageFolder, whose own walk lists hidden folders as classes and follows every link
+(`cat/loop -> ..` reads every image again, as cat). Its documented `find_classes` and `make_dataset` are overridden
+to skip names starting with '.' at any depth, refuse links to folders, and read a link to a file only inside
+--data-dir and only if its file is not counted elsewhere, so no image is in two splits. Pillow may use only the
+decoders in FORMATS, which run no interpreter (EPS would run Ghostscript). Before training, each file's header is read
+(no pixel is decoded); an image that does not decode is named in one line when training first reads it.
 
-- entries whose name starts with '.' are skipped, at any depth (`.ipynb_checkpoints/`, the AppleDouble
-  files macOS leaves beside each image);
-- a link to a folder is refused, naming it: it can loop or pull in another class's images;
-- a link to a file is read only when it resolves inside --data-dir, and a file is counted once however
-  many names it has (a file present directly keeps its own place; then the first link in path order),
-  so no image is in two splits through a link; a link out of --data-dir is refused, naming it;
-- every image is decoded in full, as training will read it, before training starts: a truncated JPEG
-  (which PIL's `verify()` passes) is named in one line instead of failing in a worker mid-epoch;
-- an empty class folder, one with only hidden files, and a folder too small to split each get one line.
-
-CIFAR-10 (`verify_cifar10`): its files are Python pickles, and unpickling runs whatever
-code a file names. torchvision's stock reader checks each file's MD5 against the official one before it
-unpickles it; we keep those checks on and turn a mismatch into one line.
+CIFAR-10's files are Python pickles, which can run code: `verify_cifar10` checks their official MD5s first.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
+from PIL import Image, UnidentifiedImageError  # torchvision imports Pillow already
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import check_integrity
 
 from project.infra.errors import UserError
 
+FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")  # the decoders Pillow may run
 SPLITS = ("train", "val", "test")
 
 
@@ -44,281 +37,151 @@ def read_image(path: str | Path, input_shape: tuple[int, int, int]) -> torch.Ten
     """An image file as a model of `input_shape` (C, H, W) takes it: uint8 (C, H, W), converted to RGB
     (grayscale for one channel) and resized to H x W. Image-folder training and project.predict both
     read images here, so a prediction sees exactly the pixels training saw."""
-    from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
     channels, height, width = input_shape
-    with Image.open(path) as image:
+    with Image.open(path, formats=FORMATS) as image:
         converted = image.convert("RGB" if channels == 3 else "L")
     return TF.pil_to_tensor(TF.resize(converted, [height, width]))
 
 
-@dataclass(frozen=True)
-class FolderListing:
-    """One folder of class sub-folders as it will be read: class names, and (image path, class index)."""
-
-    root: Path
-    classes: tuple[str, ...]
-    samples: tuple[tuple[str, int], ...]
+def unreadable(path: str, error: Exception) -> str:
+    """One line naming `path` and why it cannot be read (UnidentifiedImageError's text only repeats the path)."""
+    why = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    why = f"not a {', '.join(FORMATS)} image" if isinstance(error, UnidentifiedImageError) else why
+    return f"image-folder: cannot read image {path} ({why}); remove or replace it"
 
 
-@dataclass
-class _ClassFiles:
-    """What one class folder holds, before links are resolved."""
-
-    folder: Path
-    direct: list[Path] = field(default_factory=list)  # regular files with an image suffix
-    links: list[Path] = field(default_factory=list)  # links to files, with an image suffix
-    hidden: int = 0
-    other: int = 0  # files without an image suffix
-
-
-def scan_image_folder(data_dir: Path) -> dict[str, FolderListing]:
-    """The images under `data_dir`, by split: {"all": ...} for <data_dir>/<class>/<image...>, or
-    {"train": ..., "val": ..., "test": ...} (val and test when present) for <data_dir>/train/<class>/...
-    Sub-folders of a class folder belong to that class. Raises UserError, in one line, for anything the
-    module docstring lists."""
-    if not data_dir.is_dir():
-        raise UserError(f"image-folder: {data_dir} is not a folder; pass --data-dir with one folder per class")
-    root = data_dir.resolve()  # --data-dir itself may be a link: the user named it
-    presplit = _is_real_folder(root / "train")
-    split_roots = {name: root / name for name in SPLITS if _is_real_folder(root / name)} if presplit else {"all": root}
-
-    found: dict[str, dict[str, _ClassFiles]] = {}
-    for split, split_root in split_roots.items():
-        classes = sorted(_folders(split_root))
-        if split in ("all", "train") and len(classes) < 2:
-            raise UserError(
-                f"image-folder: {split_root} holds {len(classes)} class folder(s); "
-                "a classifier needs at least 2 (one sub-folder of images per class)"
-            )
-        expected = sorted(found["train"]) if found else classes
-        if classes != expected:
-            raise UserError(f"image-folder: {split_root} has classes {classes}, expected {expected} (as in train/)")
-        found[split] = {name: _walk(split_root / name) for name in classes}
-
-    # A file counts once, however many names it has. Files present directly come first; links to them
-    # add nothing. Splits are visited train, val, test, so a link never puts a training image in test.
-    counted = {path for classes in found.values() for files in classes.values() for path in files.direct}
-    listings = {}
-    for split, classes in found.items():
-        samples = []
-        for index, files in enumerate(classes.values()):
-            linked = []
-            for link in sorted(files.links, key=str):
-                target = _link_target(link, root)
-                if target not in counted:
-                    counted.add(target)
-                    linked.append(target)
-            # In torchvision's order (folder, then file name), so a --seed splits a folder as it used to.
-            paths = sorted([*files.direct, *linked], key=lambda path: (str(path.parent), path.name))
-            if not paths:
-                raise UserError(
-                    f"image-folder: class folder {files.folder} has no images: {_why_empty(files)}; "
-                    "add images or remove the folder"
-                )
-            samples += [(str(path), index) for path in paths]
-        listings[split] = FolderListing(split_roots[split], tuple(classes), tuple(samples))
-    return listings
-
-
-def _is_real_folder(path: Path) -> bool:
-    if path.is_symlink() and path.is_dir():
-        raise _folder_link(path)
-    return path.is_dir()
-
-
-def _folders(path: Path) -> list[str]:
-    """The visible, real sub-folders of `path`; a link to a folder is an error."""
-    names = []
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_symlink() and entry.is_dir():
-                raise _folder_link(Path(entry.path))
-            if entry.is_dir(follow_symlinks=False):
-                names.append(entry.name)
-    return names
-
-
-def _walk(folder: Path) -> _ClassFiles:
-    """Every file under a class folder, without following links or entering hidden folders."""
-    files = _ClassFiles(folder)
-    pending = [folder]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                path = Path(entry.path)
-                image_suffix = path.suffix.lower() in IMG_EXTENSIONS
-                if entry.name.startswith("."):
-                    files.hidden += 1
-                elif entry.is_symlink():
-                    if entry.is_dir():
-                        raise _folder_link(path)
-                    if image_suffix:
-                        files.links.append(path)
-                    else:
-                        files.other += 1
-                elif entry.is_dir(follow_symlinks=False):
-                    pending.append(path)
-                elif not image_suffix:
-                    files.other += 1
-                elif entry.is_file(follow_symlinks=False):
-                    files.direct.append(path)
-                else:  # a pipe or device named like an image would block or stream forever when opened
-                    raise UserError(f"image-folder: {path} is not a regular file; remove it")
-    return files
-
-
-def _folder_link(path: Path) -> UserError:
-    return UserError(
-        f"image-folder: {path} is a link to a folder, and links to folders are not followed (one can loop or "
-        "bring in another class's images); put the folder itself there, or remove the link"
-    )
-
-
-def _link_target(link: Path, root: Path) -> Path:
-    """The real file a link names, if it is a regular file inside `root`."""
-    target = Path(os.path.realpath(link))
-    if not target.exists():  # also a loop of links, which realpath leaves unresolved
-        raise UserError(f"image-folder: {link} is a link to nothing ({target} does not exist); remove it")
-    if not target.is_relative_to(root):
-        raise UserError(
-            f"image-folder: {link} links to {target}, outside {root}; links out of --data-dir are not followed: "
-            "copy the file in, or pass a --data-dir that holds both"
-        )
-    if not target.is_file():
-        raise UserError(f"image-folder: {link} links to {target}, which is not a regular file; remove it")
-    return target
-
-
-def _why_empty(files: _ClassFiles) -> str:
-    if files.links:
-        return "it holds only links to images already counted elsewhere"
-    if files.other:
-        return f"none of its {files.other} file(s) ends in {', '.join(IMG_EXTENSIONS)}"
-    if files.hidden:
-        return "it holds only hidden files, whose names start with '.' and are skipped"
-    return "it is empty"
-
-
-def _splits(count: int, fractions: Sequence[float]) -> bool:
-    for fraction in fractions:
-        # scikit-learn's train_test_split holds out ceil(f * n), at least 1, and keeps floor((1 - f) * n).
-        count = math.floor((1 - fraction) * count)
-        if count < 1:
-            return False
-    return True
-
-
-def smallest_splittable(fractions: Sequence[float]) -> int:
-    """The fewest samples that leave at least one in every split when each fraction in turn is held out
-    of what remains, by scikit-learn's arithmetic. What is kept only grows with the count, so the answer
-    is found by doubling, then bisecting."""
-    high = 1
-    while not _splits(high, fractions):  # ends: every fraction is below 1
-        high *= 2
-    low = high // 2  # 0, or a count that does not split
-    while high - low > 1:
-        middle = (low + high) // 2
-        if _splits(middle, fractions):
-            high = middle
-        else:
-            low = middle
-    return high
-
-
-def require_splittable(listing: FolderListing, held_out: Sequence[tuple[str, float]]) -> None:
-    """One line, instead of scikit-learn's error, when `listing` has too few images for every split
-    (train and each of `held_out`, split off in order) to get at least one."""
-    needed = smallest_splittable([fraction for _, fraction in held_out])
-    count = len(listing.samples)
-    if count < needed:
-        names = ", ".join(["train", *(name for name, _ in held_out)])
-        raise UserError(
-            f"image-folder: {listing.root} holds {count} image(s), too few to split into {names}: "
-            f"that needs at least {needed}; add images, or split them yourself into train/, val/ and test/ folders"
-        )
-
-
-def check_images(paths: Sequence[str], input_shape: tuple[int, int, int], workers: int | None = None) -> None:
-    """Read every image exactly as training will (`read_image`: a full decode, then convert and resize),
-    so that an unreadable one stops the run before it starts, named in one line. Threads run in parallel
-    here: PIL releases the GIL while it decodes and resizes. `workers`: threads (None: Python's default)."""
-    read = functools.partial(_problem, input_shape=input_shape)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = [(path, problem) for path, problem in zip(paths, pool.map(read, paths), strict=True) if problem]
-    if len(problems) == 1:
-        path, problem = problems[0]
-        raise UserError(f"image-folder: cannot read image {path} ({problem}); remove or replace it")
-    if problems:
-        path, problem = problems[0]
-        raise UserError(
-            f"image-folder: cannot read {len(problems)} images, the first {path} ({problem}); remove or replace them"
-        )
-
-
-def _problem(path: str, input_shape: tuple[int, int, int]) -> str | None:
-    """Why `path` cannot be read as training reads it, in a few words; None when it can."""
-    from PIL import UnidentifiedImageError
-
+def header_problem(path: str) -> str | None:
     try:
-        read_image(path, input_shape)
-    except UnidentifiedImageError:  # its message repeats the path
-        return "not an image PIL can identify"
-    except Exception as error:  # PIL fails on foreign bytes in many ways (OSError, SyntaxError, ValueError, ...)
-        return f"{type(error).__name__}: {' '.join(str(error).split())}"
+        Image.open(path, formats=FORMATS).close()  # reads the header; pixels are decoded only by load()
+    except Exception as error:
+        return unreadable(path, error)
     return None
 
 
-class ListedImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder over a FolderListing: `find_classes` and `make_dataset`, the methods
-    torchvision documents for overriding, return the listing instead of listing the folder again their way
-    (which would show hidden folders and follow links). Samples are read with `read_image`."""
+class UnreadableImage(UserError):
+    """A DataLoader worker's exception reaches the training process as `type(error)(text)`, the text ending with the
+    worker's traceback, whose last line holds the original message: one line is kept."""
 
-    def __init__(self, listing: FolderListing, input_shape: tuple[int, int, int]) -> None:
-        self.listing = listing
-        super().__init__(str(listing.root), loader=functools.partial(read_image, input_shape=input_shape))
+    def __init__(self, message: str) -> None:
+        super().__init__(message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def is_folder(path: Path) -> bool:
+    """A visible folder; a link to a folder is an error."""
+    if path.is_symlink() and path.is_dir():
+        raise UserError(f"image-folder: {path} is a link to a folder; links to folders are not followed (they loop)")
+    return path.is_dir() and not path.name.startswith(".")
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """<root>/<split> (<root> itself for split ""); `linked`: the files read through links, shared by all splits."""
+
+    def __init__(self, root: Path, split: str, input_shape: tuple[int, int, int], linked: set[Path]) -> None:
+        self.data_root, self.presplit, self.linked = root, bool(split), linked
+        super().__init__(str(root / split), loader=functools.partial(read_image, input_shape=input_shape))
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        try:
+            return super().__getitem__(index)
+        except Exception as error:
+            raise UnreadableImage(unreadable(self.samples[index][0], error)) from error
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        return list(self.listing.classes), {name: index for index, name in enumerate(self.listing.classes)}
+        classes = sorted(name for name in os.listdir(directory) if is_folder(Path(directory, name)))
+        if not all(name.isprintable() for name in classes):  # bytes that are not UTF-8 come as lone surrogates
+            bad = ", ".join(ascii(name) for name in classes if not name.isprintable())
+            raise UserError(f"image-folder: class folder {bad} in {directory} is not named in UTF-8; rename it")
+        return classes, {name: index for index, name in enumerate(classes)}
 
-    def make_dataset(  # type: ignore[override]  # torchvision's is a staticmethod; it is called on the instance
-        self, directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
-    ) -> list[tuple[str, int]]:
-        return list(self.listing.samples)
+    def make_dataset(self, directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
+        samples = []
+        for name, index in class_to_idx.items():
+            found = []
+            for folder, folders, files in os.walk(Path(directory, name)):  # a link to a folder is listed, not entered
+                folders[:] = [child for child in folders if is_folder(Path(folder, child))]
+                found += [path for file in files if (path := self.image(Path(folder, file)))]
+            if not found:
+                raise UserError(
+                    f"image-folder: class folder {Path(directory, name)} has no images: no file whose name ends in "
+                    f"{', '.join(IMG_EXTENSIONS)} (names starting with '.' are skipped)"
+                )
+            # torchvision's order (folder, then file name), so a --seed splits a folder as torchvision's would
+            samples += [(str(path), index) for path in sorted(found, key=lambda path: (str(path.parent), path.name))]
+        return samples
+
+    def image(self, path: Path) -> Path | None:
+        """The file to read for `path`, if it is a visible image not counted elsewhere."""
+        if path.name.startswith(".") or not path.name.lower().endswith(IMG_EXTENSIONS):
+            return None
+        target = Path(os.path.realpath(path)) if path.is_symlink() else path
+        if not target.is_file():  # a pipe would block forever when opened; a broken link or a loop of links
+            raise UserError(f"image-folder: {path} is not a regular file, nor a link to one; remove it")
+        if not target.is_relative_to(self.data_root):
+            raise UserError(f"image-folder: {path} links to {target}, outside --data-dir {self.data_root}; copy it in")
+        if target == path:
+            return path
+        # A link counts when its file is not listed in its own place (hidden, or outside the class folders) and no
+        # earlier link counted it: splits are listed train, val, test, so test never gets a training image.
+        parts = target.relative_to(self.data_root).parts
+        listed = target.name.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in parts)
+        listed &= len(parts) >= 3 and parts[0] in SPLITS if self.presplit else len(parts) >= 2
+        if listed or target in self.linked:
+            return None
+        self.linked.add(target)
+        return target
 
 
-def cifar10_mismatches(data_dir: Path) -> list[str]:
-    """The CIFAR-10 files in <data_dir>/cifar-10-batches-py/ whose MD5 differs from the one torchvision's
-    CIFAR10 class lists (its public `train_list`, `test_list` and `meta`), missing files included."""
-    cifar = torchvision.datasets.CIFAR10
-    folder = data_dir / cifar.base_folder
-    expected = [*cifar.train_list, *cifar.test_list, [cifar.meta["filename"], cifar.meta["md5"]]]
-    mismatches = []
-    for name, md5 in expected:
-        try:
-            matches = check_integrity(str(folder / name), md5)
-        except OSError as error:  # unreadable: permissions, a folder in the file's place, ...
-            raise UserError(f"cifar10: cannot read {folder / name} ({error.strerror or error})") from error
-        if not matches:
-            mismatches.append(name)
-    return mismatches
+def open_image_folder(data_dir: Path, input_shape: tuple[int, int, int]) -> dict[str, ImageFolder]:
+    """{"all": ...} for <data_dir>/<class>/<image...>, or {"train": ..., "val": ..., "test": ...} (val and test when
+    present) for <data_dir>/train/<class>/...; any problem, a file that is not an image included, is one line."""
+    if not data_dir.is_dir():
+        raise UserError(f"image-folder: {data_dir} is not a folder; pass --data-dir with one folder per class")
+    root, linked = data_dir.resolve(), set()  # --data-dir itself may be a link: the user named it
+    splits = [name for name in SPLITS if is_folder(root / name)] if is_folder(root / "train") else [""]
+    folders = {split or "all": ImageFolder(root, split, input_shape, linked) for split in splits}
+    base = folders.get("train") or folders["all"]
+    if len(base.classes) < 2:
+        raise UserError(f"image-folder: {base.root} holds {len(base.classes)} class folder(s); a classifier needs at "
+                        "least 2 (one sub-folder of images per class)")  # fmt: skip
+    for folder in folders.values():
+        if folder.classes != base.classes:
+            raise UserError(f"image-folder: {folder.root} has classes {folder.classes}, expected {base.classes}")
+    with ThreadPoolExecutor() as pool:  # reading headers mostly waits for the disk
+        problems = [*filter(None, pool.map(header_problem, [path for f in folders.values() for path, _ in f.samples]))]
+    if problems:
+        raise UserError(problems[0] + (f" ({len(problems) - 1} more images cannot be read)" if problems[1:] else ""))
+    return folders
 
 
-def _mismatch_error(data_dir: Path, names: list[str]) -> UserError:
-    folder = data_dir / torchvision.datasets.CIFAR10.base_folder
-    which = ", ".join(names) or "a file changed while being read"
-    return UserError(
-        f"cifar10: the files in {folder} do not match the official CIFAR-10 checksums ({which}), so they are not "
-        "read (they are Python pickles, which can run code); delete them and let the dataset download again, "
-        "or put the official files there"
-    )
+def smallest_splittable(fractions: Sequence[float]) -> int:
+    """The fewest samples that leave at least one in every split when each fraction in turn is held out of what
+    remains, by scikit-learn's arithmetic: it holds out ceil(f * n), at least 1, and keeps floor((1 - f) * n)."""
+    # kept(n): what is left of n samples once each fraction in turn is held out
+    kept = functools.partial(functools.reduce, lambda count, fraction: math.floor((1 - fraction) * count), fractions)
+    return next(count for count in itertools.count(1) if kept(count) >= 1)
+
+
+def require_splittable(folder: ImageFolder, held_out: Sequence[tuple[str, float]]) -> None:
+    """One line, instead of scikit-learn's error, when `folder` is too small for train and `held_out` (in order)."""
+    needed, names = smallest_splittable([fraction for _, fraction in held_out]), ["train", *dict(held_out)]
+    if len(folder) < needed:
+        raise UserError(f"image-folder: {folder.root} holds {len(folder)} image(s), too few to split into "
+                        f"{', '.join(names)}: that needs at least {needed}; add images, or split them yourself into "
+                        "train/, val/ and test/ folders")  # fmt: skip
 
 
 def verify_cifar10(data_dir: Path) -> None:
-    """Raise UserError unless every CIFAR-10 file matches its official checksum (hashing ~170 MB: ~0.3 s)."""
-    names = cifar10_mismatches(data_dir)
-    if names:
-        raise _mismatch_error(data_dir, names)
+    """Raise UserError unless every CIFAR-10 file matches the MD5 torchvision's CIFAR10 lists (~0.3 s)."""
+    cifar = torchvision.datasets.CIFAR10
+    folder = data_dir / cifar.base_folder
+    expected = [*cifar.train_list, *cifar.test_list, [cifar.meta["filename"], cifar.meta["md5"]]]
+    try:
+        wrong = [name for name, md5 in expected if not check_integrity(str(folder / name), md5)]
+    except OSError as error:  # unreadable: permissions, a folder in a file's place, ...
+        raise UserError(f"cifar10: cannot read {error.filename or folder} ({error.strerror or error})") from error
+    if wrong:
+        raise UserError(f"cifar10: the files in {folder} do not match the official CIFAR-10 checksums "
+                        f"({', '.join(wrong)}), so they are not read (they are Python pickles, which can run code); "
+                        "delete them and let the dataset download again, or put the official files there")  # fmt: skip
