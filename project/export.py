@@ -1,8 +1,7 @@
 """Export a trained model for serving: `python -m project.export --help`.
 
-The network as served (checkpoints.read_model): raw inputs (N, *input_shape) in, the task's served outputs out, any
-batch size; its spec inside (ONNX metadata `project`, TorchScript extra file `project.json`). The file is kept only if
-it agrees with PyTorch on several batch sizes.
+The network as served (checkpoints.read_model), for any batch size, with its spec inside (ONNX metadata `project`,
+TorchScript extra file `project.json`); the file is kept only if it agrees with PyTorch on several batch sizes.
 """
 
 from __future__ import annotations
@@ -69,8 +68,7 @@ def export(args: argparse.Namespace) -> None:
     output = (args.output or checkpoint.with_suffix(FORMATS[args.format])).expanduser()
     write_file(output, write, flag="--output: ")
     sizes = ", ".join(map(str, PARITY_BATCH_SIZES))
-    print(f"Wrote {output}: raw inputs (N, {', '.join(map(str, spec['input_shape']))}) in, {spec['task']} outputs out")
-    print(f"Checked against PyTorch on batches of {sizes}: max difference {differences[0]:.1e} of the outputs' scale")
+    print(f"Wrote {output}; checked against PyTorch on batches of {sizes}: max difference {differences[0]:.1e}")
 
 
 def require_export_extra() -> None:

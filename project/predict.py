@@ -1,9 +1,7 @@
 """Predict with a trained model: `python -m project.predict --help`.
 
-A checkpoint, a file project.export wrote (ONNX, TorchScript) or the MLflow model a run logged: each carries its spec
-(checkpoints.input_spec), so inputs are read as training read them: image files through images.read_image, scaled to
-the dataset's pixel range; `.npy` arrays as raw inputs. The task writes the CSV, one row per input, in input order. On
-a GPU when there is one (CUDA_VISIBLE_DEVICES picks one, or hides them all).
+Every model form carries its spec (checkpoints.input_spec), so inputs are read as training read them (images through
+images.read_image); the task writes the CSV. On a GPU when there is one (CUDA_VISIBLE_DEVICES picks or hides them).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def onnx_file(digits_run: dict) -> Path:
     output = digits_run["exp_dir"].parent / "digits.onnx"
     result = run_cli("--checkpoint", str(digits_run["checkpoint"]), "--output", str(output), module="project.export")
     assert result.returncode == 0, result.stderr
-    assert "Checked against PyTorch on batches of 1, 4, 16" in result.stdout  # the command checks its own file too
+    assert "checked against PyTorch on batches of 1, 4, 16" in result.stdout  # the command checks its own file too
     return output
 
 
