@@ -1,8 +1,7 @@
 """One configuration over several seeds: `python -m project.seeds --seeds 0,1,2 [project.run options]`.
 
-Each seed is a normal project.run run (its config.yaml reruns exactly that seed); at the end every test metric the runs
-report is summarised as mean ± sample std, printed and saved as seeds-<time>.json in the experiment folder. A sibling
-of project.run rather than a flag on it, so that a run stays one run, and its config.yaml one seed.
+Each seed is a normal project.run run (its config.yaml reruns that seed: a run stays one run); at the end each test
+metric of the runs is reported as mean ± sample std, printed and saved as seeds-<time>.json in the experiment folder.
 """
 
 from __future__ import annotations
@@ -51,17 +50,15 @@ def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> N
         print(f"\n--- seed {seed} ({number} of {len(seeds)})", flush=True)
         result = run.train_and_test(run.parse_args([*run_argv, "--seed", str(seed)]))
         results.append({"seed": seed, "run_dir": str(result.directory), **result.test_metrics})
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()), flush=True)
-    names = sorted(name for name in results[0] if name.startswith("test/") and all(name in r for r in results))
+    names = [name for name in results[0] if name.startswith("test/") and all(name in r for r in results)]
     values = {name: [r[name] for r in results] for name in names}
     summary = {name: {"mean": statistics.mean(v), "std": statistics.stdev(v)} for name, v in values.items()}
     path = runs.experiment_dir(base.exp_dir, base.exp_name) / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(
-        json.dumps({"seeds": seeds, "config": run.config_of(base), "runs": results, "summary": summary}, indent=2)
-    )
-    print(f"\nOver seeds {','.join(map(str, seeds))}, mean ± std (sample std): saved in {path}")
-    for name, stats in summary.items():
-        print(f"{name:>16} {stats['mean']:.4f} ± {stats['std']:.4f}")
+    record = {"seeds": seeds, "config": run.config_of(base), "runs": results, "summary": summary}
+    path.write_text(json.dumps(record, indent=2))
+    print(f"\nTest metrics over seeds {','.join(map(str, seeds))}, mean ± std (sample std); saved in {path}")
+    for name, value in summary.items():
+        print(f"{name:>16}  {value['mean']:.4f} ± {value['std']:.4f}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--n-trials", type=cli.positive_int, required=True, help="finished trials the study should have")
     add("--storage", help="database URL (default: sqlite:///<exp-dir>/optuna.db), e.g. postgresql://... for a team")
     add("--prune-after-trials", type=cli.non_negative_int, default=5, help="trials before pruning starts (default: 5)")
-    add("--prune-after-epochs", type=cli.non_negative_int, default=1, help="epochs before a trial can be pruned (1)")
+    add("--prune-after-epochs", type=cli.non_negative_int, default=1, help="epochs before pruning a trial (default: 1)")
     args, run_argv = parser.parse_known_args(argv)
     if cli.refused_continuing(run_argv, "sweep"):
         return 2
@@ -65,8 +65,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     if base.exp_name not in ("debug", args.study):
         raise UserError(f"--exp-name: a sweep's trials are grouped under --study {args.study}; drop --exp-name")
     if base.gpus not in (None, 1) or str(base.devices) != "1" or base.num_nodes != 1:
-        raise UserError("a sweep runs each trial on one device (--devices 1); for several GPUs, run one sweep per GPU "
-                        "(CUDA_VISIBLE_DEVICES=i) against a shared --storage")  # fmt: skip
+        raise UserError("a sweep runs each trial on one device: for more, run one sweep per GPU with a --storage")
     import optuna
     from filelock import FileLock, Timeout
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -92,16 +91,15 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
             if sqlite:
                 held.enter_context(FileLock(f"{url.removeprefix('sqlite:///')}.{args.study}.lock", timeout=0))
         except Timeout:
-            raise UserError(f"study {args.study} is being run by another sweep; wait for it, or run parallel "
-                            "workers against a server database (--storage postgresql://...)") from None  # fmt: skip
+            raise UserError(f"study {args.study} is being run by another sweep (parallel workers need a server "
+                            "--storage, e.g. postgresql://...)") from None  # fmt: skip
         direction = "maximize" if task.higher_is_better(base.monitor) else "minimize"
         pruner = optuna.pruners.MedianPruner(args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
         study = optuna.create_study(storage=storage, study_name=args.study, direction=direction, pruner=pruner,
                                     load_if_exists=True)  # fmt: skip
         monitor = study.user_attrs.get("monitor", base.monitor)
         if monitor != base.monitor or study.direction.name.lower() != direction:
-            raise UserError(f"study {args.study} {study.direction.name.lower()}s --monitor {monitor}; "
-                            "continue it with that --monitor, or start a new --study")  # fmt: skip
+            raise UserError(f"study {args.study} is of --monitor {monitor}: continue it with that --monitor")
         study.set_user_attr("monitor", monitor)
         if sqlite:  # we hold the lock: a trial still running was left by a dead sweep
             requeue(study, retry, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
