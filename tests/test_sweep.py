@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, run_cli
 
 from project import run, sweep
 
@@ -185,6 +185,20 @@ def test_signal_during_training_saves_queues_the_trial_again_and_exits(signum: i
     trials = load_study(exp_dir, "stopped").trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # exactly N = 1 finished: the retry
     assert retried_number(trials[1]) == 0 and trials[1].params == trials[0].params
+
+
+@pytest.mark.slow
+def test_a_regression_sweep_minimises_the_error_its_task_says_is_lower_better(tmp_path: Path) -> None:
+    """The direction comes from the task (regression: val/mae, lower is better), not from the metric's name."""
+    exp_dir = tmp_path / "experiments"
+    result = run_cli("--study", "mae", "--n-trials", "2", "--dataset", "diabetes", "--monitor", "val/mae", *TINY,
+                     "--exp-dir", str(exp_dir), module="project.sweep")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load_study(exp_dir, "mae")
+    values = [t.value for t in study.trials if t.state.name == "COMPLETE"]
+    assert study.direction.name == "MINIMIZE" and len(values) == 2
+    assert study.best_value == min(values)
+    assert yaml.safe_load((exp_dir / "mae" / "sweep" / "best.yaml").read_text())["dataset"] == "diabetes"
 
 
 # Runs the real CLI after arranging for one signal to arrive outside a training step: while the first
