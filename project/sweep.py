@@ -66,7 +66,11 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
         raise UserError(f"--exp-name: a sweep's trials are grouped under --study {args.study}; drop --exp-name")
     if base.gpus not in (None, 1) or str(base.devices) != "1" or base.num_nodes != 1:
         raise UserError("a sweep runs each trial on one device: for more, run one sweep per GPU with a --storage")
-    import optuna
+    try:
+        import optuna
+        import optuna_integration  # noqa: F401 (the pruning callback, imported per trial)
+    except ImportError as error:
+        raise UserError(f"project.sweep needs {error.name}: pip install -e '.[sweep]'") from error
     from filelock import FileLock, Timeout
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
