@@ -12,23 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import only_run_dir, register_cifar10_like, run_cli, write_cifar10_like, write_image_folder
+from conftest import Payload, only_run_dir, register_cifar10_like, run_cli, write_cifar10_like, write_image_folder
 
 from project.data import DATASETS, stratified_split
 from project.infra import images
 from project.infra.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Payload:
-    """Unpickles as `marker.touch()`: the file appears if, and only if, the pickle ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def plant_payload(data_dir: Path, name: str, marker: Path) -> None:
