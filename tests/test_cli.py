@@ -146,7 +146,8 @@ def test_bad_values_are_at_most_three_lines(argv, named):
     "content, named",
     [(b"learning_rate: [1, 2\n", "not valid YAML at line 2"), (b"lerning_rate: 0.1\n", "did you mean learning_rate"),
      (b"batch_size: -4\n", "--batch-size"), (b"- a list\n", "mapping"), (b"fast_dev_run: 3\n", "true or false"),
-     (b"resume: last\n", "unknown option 'resume'"), (b"\xff\xfe not text\n", "not UTF-8")],
+     (b"resume: last\n", "'resume' is given on the command line only (--resume)"),
+     (b"\xff\xfe not text\n", "not UTF-8")],
 )  # fmt: skip
 def test_bad_config_files_are_one_line(tmp_path, content, named):
     config = tmp_path / "bad.yaml"
