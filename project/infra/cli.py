@@ -162,11 +162,11 @@ def load_config(path: Path) -> dict[Any, Any]:
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds option: value lines")
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read it: {getattr(error, 'strerror', None) or 'not UTF-8 text'}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds option: value lines")
     try:
         depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built yet
