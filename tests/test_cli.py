@@ -240,3 +240,45 @@ def test_command_only_options_in_a_config_file_say_so(tmp_path, capsys, content,
     assert exit_info.value.code == 2 and len(error) == 2, error
     assert error[1].endswith(f"'{key}' is given on the command line only ({flag})"), error
     assert "did you mean" not in error[1]
+
+
+def c_locale_env(utf8_mode: bool) -> dict[str, str]:
+    """LC_ALL=C without PYTHONIOENCODING: Python's UTF-8 mode, or (PYTHONUTF8=0) ASCII for argv, files and output."""
+    env = {k: v for k, v in cli_env(LC_ALL="C").items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8")}
+    return env if utf8_mode else {**env, "PYTHONUTF8": "0"}
+
+
+def one_line_or_success(result, *, ascii_says: str = "") -> None:
+    assert "Traceback" not in result.stderr and "UnicodeEncodeError" not in result.stderr, result.stderr
+    if result.returncode:
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) <= 3 and "error: " in lines[-1], lines
+        assert ascii_says in lines[-1], lines
+
+
+@pytest.mark.parametrize("utf8_mode", [True, False])
+@pytest.mark.parametrize(
+    "argv, config",
+    [(["--exp-name", "é"], ""), (["--lerning-ré", "1"], ""), (["--data-dir", "données", "--seed", "-1"], ""),
+     (["--tag", "note=café", "--batch-size", "0"], ""), ([], "exp_name: é\n"), ([], "lérning_rate: 1\n"),
+     ([], "data_dir: données\nbatch_size: 0\n"), ([], "# ünïcode comment\nbatch_size: 0\n")],
+)  # fmt: skip
+def test_a_non_utf8_locale_with_non_ascii_input_is_one_line(tmp_path, utf8_mode, argv, config):
+    if config:
+        (tmp_path / "c.yaml").write_text(config, encoding="utf-8")
+        argv = [*argv, "--config", str(tmp_path / "c.yaml")]
+    one_line_or_success(run_cli(*argv, env=c_locale_env(utf8_mode)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("utf8_mode", [True, False])
+@pytest.mark.parametrize("where", ["argv", "config"])
+def test_a_non_utf8_locale_runs_non_ascii_values_or_says_why_not(tmp_path, utf8_mode, where):
+    (tmp_path / "c.yaml").write_text("data_dir: données\n", encoding="utf-8")
+    values = (
+        ["--data-dir", "données", "--tag", "note=café"] if where == "argv" else ["--config", str(tmp_path / "c.yaml")]
+    )
+    result = run_cli("--exp-dir", str(tmp_path / "exp"), "--fast-dev-run", "--logger", "csv", "--num-workers", "0",
+                     *values, env=c_locale_env(utf8_mode))  # fmt: skip
+    one_line_or_success(result, ascii_says="--data-dir: not text in this locale's encoding (ascii)")
+    assert (result.returncode == 0) == utf8_mode, result.stderr
