@@ -49,20 +49,15 @@ monitor = checked("metric (train/NAME or val/NAME)", str, lambda text: re.fullma
 # A key every tracker accepts: letters, digits, '_', '-', '.', '/'.
 tag = checked("name=value tag", str, lambda text: re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text))
 # `auto`, a count (`2`), or device indices (`0,1`), as Lightning's Trainer takes them.
-devices = checked(
-    "device count ('auto', a positive count, or indices like 0,1)",
-    lambda text: text if text == "auto" or re.fullmatch(r"\d+(,\d+)+,?", text) else positive_int(text),
-)
-
-NEPTUNE_GONE = (
-    "neptune.ai ended its service in March 2026 and Lightning 2.6.4 removed NeptuneLogger; use --logger mlflow "
-    "(the default): neptune-exporter moves runs you exported from Neptune into MLflow"
-)
+devices = checked("device count ('auto', a positive count, or indices like 0,1)",
+                  lambda t: t if t == "auto" or re.fullmatch(r"\d+(,\d+)+,?", t) else positive_int(t))  # fmt: skip
 
 
 def tracker(text: str) -> str:
     if text == "neptune":  # the original template's tracker: say where it went rather than "invalid choice"
-        raise argparse.ArgumentTypeError(NEPTUNE_GONE)
+        raise argparse.ArgumentTypeError("neptune.ai ended its service in March 2026 and Lightning 2.6.4 removed "
+                                         "NeptuneLogger; use --logger mlflow (the default): neptune-exporter moves "
+                                         "runs you exported from Neptune into MLflow")  # fmt: skip
     return text
 
 
@@ -140,9 +135,9 @@ class Parser(argparse.ArgumentParser):
                     raise ValueError(f"unknown option '{key}'" + (f"; did you mean {close[0]}?" if close else ""))
                 if dest in self.switches and not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
+                if isinstance(value, dict):
+                    raise ValueError(f"{key} must be a value or a list of values")
                 for item in value if isinstance(value, list) else [value]:
-                    if isinstance(item, dict):
-                        raise ValueError(f"{key} must be a value or a list of values")
                     if isinstance(item, bool):
                         tokens.append(self.flags[dest] if item else f"--no-{self.flags[dest][2:]}")
                     elif item is not None:

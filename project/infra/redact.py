@@ -1,9 +1,6 @@
-"""What must never be written down or printed: the values of secrets. A name with KEY, TOKEN, SECRET, PASSWORD or
-CREDENTIAL names a secret, in the environment, a config entry, a `--tag` or an option; so does a URL's password. Every
-record of a run and every line a command prints about its input passes through `redact_text` (or `redact`, which
-calls it), whatever form the secret came in: `--api-key X`, `--api-key=X`, `--tag db_token=X`, `note=token: X`,
-`dsn=host=db password=X`, `postgresql://bob:X@host/db`, or X itself when a secret-named environment variable holds it.
-No torch, no tracker imports.
+"""What must never be written down or printed: a secret. A name with KEY, TOKEN, SECRET, PASSWORD or CREDENTIAL
+names one (an environment variable, a config entry, a `--tag`, an option, `name=X` or `name: X` inside a value), and so
+does a URL's password. Every record of a run and every line about its input passes through `redact_text`. No torch.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 REDACTED = "[redacted]"
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(OR)?D|CREDENTIAL", re.IGNORECASE)
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL", re.IGNORECASE)
 # NAME=value, NAME = value, NAME: value, NAME='a b', anywhere in a text; a value ends at a space, quote, ',', ';', '&'.
 ASSIGNMENT = re.compile(rf"([\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|:)\s*)('[^']*'|\"[^\"]*\"|[^\s'\",;&]+)",
                         re.IGNORECASE)  # fmt: skip
