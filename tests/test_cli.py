@@ -146,7 +146,8 @@ def test_bad_values_are_at_most_three_lines(argv, named):
     "content, named",
     [(b"learning_rate: [1, 2\n", "not valid YAML at line 2"), (b"lerning_rate: 0.1\n", "did you mean learning_rate"),
      (b"batch_size: -4\n", "--batch-size"), (b"- a list\n", "mapping"), (b"fast_dev_run: 3\n", "true or false"),
-     (b"resume: last\n", "unknown option 'resume'"), (b"\xff\xfe not text\n", "not UTF-8")],
+     (b"resume: last\n", "'resume' is given on the command line only (--resume)"),
+     (b"\xff\xfe not text\n", "not UTF-8")],
 )  # fmt: skip
 def test_bad_config_files_are_one_line(tmp_path, content, named):
     config = tmp_path / "bad.yaml"
@@ -174,3 +175,110 @@ def test_help_shows_each_default_once_and_only_choices_that_work():
     assert "(default: 128)" in help_text and "(default: mlflow)" in help_text
     assert "(default: None)" not in help_text and help_text.count("(default:") == help_text.count("default:")
     assert "neptune" not in help_text
+
+
+def alias_bomb(option: str = "") -> bytes:
+    """Under 400 bytes that hold a list of 9**9 (387 million) items, nine levels of aliases deep: as keys a..i, or
+    inside one option's value (where str() of it took 27 s and 3 GB, then a MemoryError traceback)."""
+    lists = [f"[{', '.join('x' * 9)}]"] + [f"[{', '.join(['*' + name] * 9)}]" for name in "abcdefgh"]
+    named = list(zip("abcdefghi", lists, strict=True))
+    if option:
+        return f"{option}: [{', '.join(f'&{name} {items}' for name, items in named)}]".encode()
+    return "\n".join(f"{name}: &{name} {items}" for name, items in named).encode()
+
+
+@pytest.mark.parametrize(
+    "content, named",
+    [(alias_bomb(), "aliases"), (alias_bomb("learning_rate"), "nested too deeply"),
+     (alias_bomb("logger"), "nested too deeply"),
+     (b"learning_rate: &lr 0.1\nmax_epochs: *lr\n", "aliases"),
+     (b"learning_rate: 0.1\n" * 100_000, "larger than 64 KiB"), (b"#" * 70_000, "larger than 64 KiB"),
+     (b"learning_rate: " + b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+     (b"logger: {a: {b: {c: 1}}}\n", "nested too deeply"), (b"logger: [[csv]]\n", "nested too deeply"),
+     (b"data_dir: {a: 1}\n", "data_dir must be a value or a list of values"),
+     (b"- a list\n", "mapping"), (b"just text\n", "mapping"), (b"42\n", "mapping"), (b"[1, 2]\n", "mapping")],
+)  # fmt: skip
+def test_config_files_that_would_explode_are_one_line_before_any_work(tmp_path, capsys, content, named):
+    import time
+    import tracemalloc
+
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(content)
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(config)])
+    seconds, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 2 and named in error[1], error
+    assert error[1].startswith(f"python -m project.run: error: --config {config}: "), error
+    assert seconds < 1 and peak < 50 * 2**20, (seconds, peak)
+
+
+def test_a_huge_sparse_config_file_is_not_read(tmp_path):
+    config = tmp_path / "huge.yaml"
+    with open(config, "wb") as file:
+        file.truncate(2**40)  # a terabyte, sparse
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2 and "larger than 64 KiB" in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize(
+    "content, flag",
+    [("resume: true", "--resume"), ("resume: last", "--resume"), ("only_test: true", "--only-test"),
+     ("only-test: true", "--only-test"), ("checkpoint: best", "--checkpoint"), ("config: other.yaml", "--config"),
+     ("debug: true", "--debug"), ("tag: [study=lr]", "--tag"), ("tag: study=lr", "--tag")],
+)  # fmt: skip
+def test_command_only_options_in_a_config_file_say_so(tmp_path, capsys, content, flag):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"learning_rate: 0.01\n{content}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(config)])
+    error = capsys.readouterr().err.strip().splitlines()
+    key = content.split(":")[0]
+    assert exit_info.value.code == 2 and len(error) == 2, error
+    assert error[1].endswith(f"'{key}' is given on the command line only ({flag})"), error
+    assert "did you mean" not in error[1]
+
+
+def c_locale_env(utf8_mode: bool) -> dict[str, str]:
+    """LC_ALL=C without PYTHONIOENCODING: Python's UTF-8 mode, or (PYTHONUTF8=0) ASCII for argv, files and output."""
+    env = {k: v for k, v in cli_env(LC_ALL="C").items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8")}
+    return env if utf8_mode else {**env, "PYTHONUTF8": "0"}
+
+
+def one_line_or_success(result, *, ascii_says: str = "") -> None:
+    assert "Traceback" not in result.stderr and "UnicodeEncodeError" not in result.stderr, result.stderr
+    if result.returncode:
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) <= 3 and "error: " in lines[-1], lines
+        assert ascii_says in lines[-1], lines
+
+
+@pytest.mark.parametrize("utf8_mode", [True, False])
+@pytest.mark.parametrize(
+    "argv, config",
+    [(["--exp-name", "é"], ""), (["--lerning-ré", "1"], ""), (["--data-dir", "données", "--seed", "-1"], ""),
+     (["--tag", "note=café", "--batch-size", "0"], ""), ([], "exp_name: é\n"), ([], "lérning_rate: 1\n"),
+     ([], "data_dir: données\nbatch_size: 0\n"), ([], "# ünïcode comment\nbatch_size: 0\n")],
+)  # fmt: skip
+def test_a_non_utf8_locale_with_non_ascii_input_is_one_line(tmp_path, utf8_mode, argv, config):
+    if config:
+        (tmp_path / "c.yaml").write_text(config, encoding="utf-8")
+        argv = [*argv, "--config", str(tmp_path / "c.yaml")]
+    one_line_or_success(run_cli(*argv, env=c_locale_env(utf8_mode)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("utf8_mode", [True, False])
+@pytest.mark.parametrize("where", ["argv", "config"])
+def test_a_non_utf8_locale_runs_non_ascii_values_or_says_why_not(tmp_path, utf8_mode, where):
+    (tmp_path / "c.yaml").write_text("data_dir: données\n", encoding="utf-8")
+    values = (
+        ["--data-dir", "données", "--tag", "note=café"] if where == "argv" else ["--config", str(tmp_path / "c.yaml")]
+    )
+    result = run_cli("--exp-dir", str(tmp_path / "exp"), "--fast-dev-run", "--logger", "csv", "--num-workers", "0",
+                     *values, env=c_locale_env(utf8_mode))  # fmt: skip
+    one_line_or_success(result, ascii_says="--data-dir: not text in this locale's encoding (ascii)")
+    assert (result.returncode == 0) == utf8_mode, result.stderr

@@ -307,3 +307,56 @@ def test_other_ranks_create_and_write_nothing(tmp_path, monkeypatch):
     assert [type(logger).__name__ for logger in run.loggers] == ["AppendingCsvLogger"]  # no tracker runs
     run.close("finished")
     assert not exp_dir.exists()
+
+
+# Secrets inside values: each form hides the planted value X, wherever it is written or printed.
+SECRET_FORMS = [
+    "host=db user=bob password={}", "token: {}", "api_key = {}", "password='{}' port=5432",
+    "postgresql://bob:{}@db.example.org/runs", "sqlite+pysqlcipher://:{}@/runs.db", "mysql://bob:{}@db:3306/x?ssl=1",
+    "https://example.org/data?access_token={}&page=2", "/data/run password={}/images",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_one_redaction_hides_a_secret_inside_any_value(form):
+    from project.infra.redact import redact, redact_argv, redact_text
+
+    secret = "x" + secrets.token_hex(8)
+    value = form.format(secret)
+    hidden = [redact_text(value), redact({"tags": {"dsn": value}, "data_dir": value, "logger": [value]}),
+              redact_argv(["--tag", f"note={value}", f"--data-dir={value}", "--data-dir", value])]  # fmt: skip
+    assert secret not in repr(hidden) and "[redacted]" in repr(hidden)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--batch-size", "password={}"], ["--exp-name", "db password={}"], ["--monitor", "token: {}"],
+     ["--devices", "postgresql://bob:{}@host/db"], ["--tag", "dsn=host=db password={}", "--seed", "-1"],
+     ["--config", "{}"]],
+)  # fmt: skip
+def test_a_rejected_value_with_a_secret_inside_is_not_echoed(tmp_path, argv):
+    secret = "x" + secrets.token_hex(8)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"batch_size: 'sqlite+pysqlcipher://:{secret}@/runs.db'\n")
+    result = run_cli(*[str(config) if arg == "{}" else arg.format(secret) for arg in argv])
+    assert result.returncode == 2 and "error:" in result.stderr and secret not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_secrets_inside_values_are_written_and_printed_nowhere(tmp_path):
+    planted = {form: "x" + secrets.token_hex(8) for form in SECRET_FORMS}
+    tags = [arg for i, (form, secret) in enumerate(planted.items()) for arg in ("--tag", f"t{i}={form.format(secret)}")]
+    data_dir = f"data password={planted[SECRET_FORMS[0]]}"
+    exp_dir = tmp_path / "experiments"
+    result = run_cli("--exp-dir", str(exp_dir), "--max-epochs", "1", *TINY, "--logger", "mlflow", *tags,
+                     "--data-dir", data_dir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(exp_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["tags"]["t0"] == "host=db user=bob password=[redacted]"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_dir"] == "data password=[redacted]"
+    everything = [path for path in exp_dir.rglob("*") if path.is_file()]  # the lock file and mlflow.db among them
+    assert any(path.name == "mlflow.db" for path in everything) and len(everything) > 10
+    for secret in planted.values():
+        assert not any(secret.encode() in path.read_bytes() for path in everything), secret
+        assert secret not in result.stdout + result.stderr, secret

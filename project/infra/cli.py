@@ -7,99 +7,58 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
+import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from project.infra.redact import redact_text
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError
-    return value
+# A config file holds option: value lines (a run's config.yaml is about 1 kB); a bigger or deeper one is refused
+# before PyYAML builds it, and so are aliases, which let a few hundred bytes expand to gigabytes.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_DEPTH = 2  # a mapping of option: value or option: [values]
 
 
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:  # numpy's seeds are 32-bit
-        raise ValueError
-    return value
+def checked(description: str, convert: Callable[[str], Any], ok: Callable[[Any], Any] = lambda _: True) -> Any:
+    """An argparse type: `convert(text)`, refused unless `ok` of it; argparse's error names it by `description`."""
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if not ok(value):
+            raise ValueError
+        return value
+
+    parse.__name__ = description
+    return parse
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise ValueError
-    return value
-
-
-def name(text: str) -> str:
-    """A name that stays one folder inside --exp-dir: no separators, no '..', nothing hidden."""
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", text) or ".." in text:
-        raise ValueError
-    return text
-
-
-def monitor(text: str) -> str:
-    """train/<metric> or val/<metric>; which metrics a task logs is checked once its data is known."""
-    if not re.fullmatch(r"(train|val)/[A-Za-z0-9_]+", text):
-        raise ValueError
-    return text
-
-
-def tag(text: str) -> str:
-    """KEY=VALUE, with a key every tracker accepts: letters, digits, '_', '-', '.', '/'."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text):
-        raise ValueError
-    return text
-
-
-NEPTUNE_GONE = (
-    "neptune.ai ended its service in March 2026 and Lightning 2.6.4 removed NeptuneLogger; use --logger mlflow "
-    "(the default): neptune-exporter moves runs you exported from Neptune into MLflow"
-)
+positive_int = checked("positive integer", int, lambda value: value > 0)
+non_negative_int = checked("non-negative integer", int, lambda value: value >= 0)
+seed = checked("seed (an integer from 0 to 2**32 - 1)", int, lambda value: 0 <= value < 2**32)  # numpy's are 32-bit
+positive_float = checked("positive number", float, lambda value: 0 < value < math.inf)
+fraction = checked("fraction (between 0 and 1)", float, lambda value: 0 < value < 1)
+# A name stays one folder inside --exp-dir: no separators, no '..', nothing hidden.
+name = checked("name (letters, digits, '_', '-', '.'; no '/' or '..')", str,
+               lambda text: re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", text) and ".." not in text)  # fmt: skip
+# Which metrics a task logs is checked once its data is known.
+monitor = checked("metric (train/NAME or val/NAME)", str, lambda text: re.fullmatch(r"(train|val)/[A-Za-z0-9_]+", text))
+# A key every tracker accepts: letters, digits, '_', '-', '.', '/'.
+tag = checked("name=value tag", str, lambda text: re.fullmatch(r"[A-Za-z0-9_.\-/]{1,250}=.*", text))
+# `auto`, a count (`2`), or device indices (`0,1`), as Lightning's Trainer takes them.
+devices = checked("device count ('auto', a positive count, or indices like 0,1)",
+                  lambda t: t if t == "auto" or re.fullmatch(r"\d+(,\d+)+,?", t) else positive_int(t))  # fmt: skip
 
 
 def tracker(text: str) -> str:
     if text == "neptune":  # the original template's tracker: say where it went rather than "invalid choice"
-        raise argparse.ArgumentTypeError(NEPTUNE_GONE)
+        raise argparse.ArgumentTypeError("neptune.ai ended its service in March 2026 and Lightning 2.6.4 removed "
+                                         "NeptuneLogger; use --logger mlflow (the default): neptune-exporter moves "
+                                         "runs you exported from Neptune into MLflow")  # fmt: skip
     return text
-
-
-def devices(text: str) -> str | int:
-    """`auto`, a count (`2`), or device indices (`0,1`), as Lightning's Trainer takes them."""
-    if text == "auto" or re.fullmatch(r"\d+(,\d+)+,?", text):
-        return text
-    return positive_int(text)
-
-
-for _type, _description in [
-    (positive_int, "positive integer"),
-    (non_negative_int, "non-negative integer"),
-    (seed, "seed (an integer from 0 to 2**32 - 1)"),
-    (positive_float, "positive number"),
-    (fraction, "fraction (between 0 and 1)"),
-    (name, "name (letters, digits, '_', '-', '.'; no '/' or '..')"),
-    (monitor, "metric (train/NAME or val/NAME)"),
-    (tag, "name=value tag"),
-    (devices, "device count ('auto', a positive count, or indices like 0,1)"),
-]:
-    _type.__name__ = _description  # argparse names the type in its error message
 
 
 class Repeatable(argparse.Action):
@@ -119,7 +78,7 @@ class Parser(argparse.ArgumentParser):
         self.flags: dict[str, str] = {}  # dest -> its flag, for config files and suggestions
         self.switches: set[str] = set()  # dests of on/off flags
         self.command_only: set[str] = set()  # what to do with a run (--resume, ...), never in a config file
-        self.source = ""  # set while a config file is parsed, to say where a bad value came from
+        self.source = ""  # set while a config file is read, to say where a mistake came from
 
     def add(self, flag: str, *, default: Any = None, help: str, command_only: bool = False, **kwargs: Any) -> None:
         dest = flag[2:].replace("-", "_")
@@ -137,53 +96,87 @@ class Parser(argparse.ArgumentParser):
         self.add_argument(flag, default=default, help=help, **kwargs)
         self.flags[dest] = flag
 
-    def error(self, message: str) -> NoReturn:
-        unknown = re.match(r"unrecognized arguments: (--?[\w-]+)", message)
-        if unknown:
-            close = difflib.get_close_matches(unknown.group(1).split("=")[0], self.flags.values(), n=1, cutoff=0.6)
-            message = f"unknown option {unknown.group(1)}" + (f"; did you mean {close[0]}?" if close else "")
-        from project.infra.redact import redact_text  # a rejected value may be a secret: never echo one
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        """Refuses a value this locale cannot write (a file name, a record, a printed line) before anything uses it."""
+        args = list(sys.argv[1:] if args is None else args)
+        encoding = sys.getfilesystemencoding()
+        for previous, arg in itertools.pairwise(["argument", *args]):
+            try:
+                arg.encode(encoding)
+            except UnicodeEncodeError:
+                option = (arg if arg.startswith("-") else previous).partition("=")[0]
+                self.error(f"{option}: not text in this locale's encoding ({encoding}); use a UTF-8 locale "
+                           "(e.g. LC_ALL=C.UTF-8)")  # fmt: skip
+        return super().parse_known_args(args, namespace)
 
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (-[^\s=]+)", message)
+        if unknown:
+            close = difflib.get_close_matches(unknown.group(1), self.flags.values(), n=1, cutoff=0.6)
+            message = f"unknown option {unknown.group(1)}" + (f"; did you mean {close[0]}?" if close else "")
+        # A rejected value may be a secret: never echo one.
         print(f"usage: {self.usage}\n{self.prog}: error: {redact_text(self.source + message)}", file=sys.stderr)
         raise SystemExit(2)
 
     def read_config(self, path: Path) -> dict[str, Any]:
         """The values of a YAML config file (`learning_rate: 0.01` or `learning-rate: 0.01`), converted and checked
         by this parser exactly as the same flags would be; usable as defaults under the command line's flags."""
-        import yaml
-
+        self.source = f"--config {path}: "  # a mistake says where it came from
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as error:
-            self.error(f"--config: cannot read {path}: {getattr(error, 'strerror', None) or 'not UTF-8 text'}")
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            self.error(f"--config: {path} is not valid YAML" + (f" at line {mark.line + 1}" if mark else ""))
-        if values is None:
-            return {}
-        if not isinstance(values, dict):
-            self.error(f"--config: {path} must hold a mapping of option: value")
-        tokens = []
-        for key, value in values.items():
-            dest = str(key).replace("-", "_")
-            if dest not in self.flags or dest in self.command_only:
-                close = difflib.get_close_matches(dest, self.flags, n=1, cutoff=0.6)
-                self.error(
-                    f"--config: {path}: unknown option '{key}'" + (f"; did you mean {close[0]}?" if close else "")
-                )
-            if dest in self.switches and not isinstance(value, bool):
-                self.error(f"--config: {path}: {key} must be true or false")
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, bool):
-                    tokens.append(self.flags[dest] if item else f"--no-{self.flags[dest][2:]}")
-                elif item is not None:
-                    tokens += [self.flags[dest], str(item)]
-        self.source = f"--config {path}: "
-        try:
+            values = load_config(path)
+            options = [dest for dest in self.flags if dest not in self.command_only]
+            tokens = []
+            for key, value in values.items():
+                dest = str(key).replace("-", "_")
+                if dest in self.command_only:
+                    raise ValueError(f"'{key}' is given on the command line only ({self.flags[dest]})")
+                if dest not in self.flags:
+                    close = difflib.get_close_matches(dest, options, n=1, cutoff=0.6)
+                    raise ValueError(f"unknown option '{key}'" + (f"; did you mean {close[0]}?" if close else ""))
+                if dest in self.switches and not isinstance(value, bool):
+                    raise ValueError(f"{key} must be true or false")
+                if isinstance(value, dict):
+                    raise ValueError(f"{key} must be a value or a list of values")
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, bool):
+                        tokens.append(self.flags[dest] if item else f"--no-{self.flags[dest][2:]}")
+                    elif item is not None:
+                        tokens += [self.flags[dest], str(item)]
             parsed = vars(self.parse_args(tokens))
+        except ValueError as error:
+            self.error(str(error))
         finally:
             self.source = ""
         return {dest: parsed[dest] for dest in (str(key).replace("-", "_") for key in values)}
+
+
+def load_config(path: Path) -> dict[Any, Any]:
+    """A config file's mapping, or a one-line ValueError, before PyYAML builds anything big."""
+    import yaml
+
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds option: value lines")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read it: {getattr(error, 'strerror', None) or 'not UTF-8 text'}") from None
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built yet
+            if isinstance(event, yaml.AliasEvent):
+                raise ValueError("YAML aliases (*name) are not allowed in a config file")
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_CONFIG_DEPTH:
+                raise ValueError("nested too deeply: a config file holds option: value or option: [values]")
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise ValueError("not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    if not isinstance(values, (dict, type(None))):
+        raise ValueError("must hold a mapping of option: value")
+    return values or {}
 
 
 def add_model_options(parser: Parser, formats: str) -> None:

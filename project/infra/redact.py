@@ -1,24 +1,24 @@
-"""What must never be written down: the values of secrets.
-
-Anything whose name says KEY, TOKEN, SECRET, PASSWORD or CREDENTIAL is a secret, whether it is an
-environment variable, a config entry, a `--tag`, or a flag on the command line; so is the password in
-a URL (`https://user:password@host`). Every record of a run (config.yaml, manifest.json, the tracker's
-params and tags) and every line a command prints about its input passes through here first, in whatever form the
-secret came: `--api-key X`, `--api-key=X`, `--tag db_token=X`, `--tag=db_token=X`, `DB_TOKEN=X`, or X itself when an
-environment variable with a secret's name holds it. Lightweight on purpose: no torch, no tracker imports.
+"""What must never be written down or printed: a secret. A name with KEY, TOKEN, SECRET, PASSWORD or CREDENTIAL
+names one (an environment variable, a config entry, a `--tag`, an option, `name=X` or `name: X` inside a value), and so
+does a URL's password. Every record of a run and every line about its input passes through `redact_text`. No torch.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 REDACTED = "[redacted]"
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(OR)?D|CREDENTIAL", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
-# Shorter values ("1", "true") are not secrets, and scrubbing them would mangle ordinary text.
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL", re.IGNORECASE)
+# NAME=value, NAME = value, NAME: value, NAME='a b', anywhere in a text; a value ends at a space, quote, ',', ';', '&'.
+ASSIGNMENT = re.compile(rf"([\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|:)\s*)('[^']*'|\"[^\"]*\"|[^\s'\",;&]+)",
+                        re.IGNORECASE)  # fmt: skip
+# scheme://user:password@host, the user possibly empty (sqlite+pysqlcipher://:password@/runs.db).
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
+# Shorter environment values ("1", "true") are not secrets, and scrubbing them would mangle ordinary text.
 MIN_SECRET_LENGTH = 6
 
 
@@ -26,18 +26,16 @@ def is_secret(name: str) -> bool:
     return bool(SECRET_NAME.search(name))
 
 
-def secret_values() -> list[str]:
-    """Values of the secret-named environment variables, longest first (so no secret is half-scrubbed)."""
+def redact_text(text: str) -> str:
+    """`text` without URL passwords, secret-named values, or the value of any secret in the environment."""
+    text = ASSIGNMENT.sub(rf"\1{REDACTED}", URL_PASSWORD.sub(rf"\1{REDACTED}@", text))
     values = {v for k, v in os.environ.items() if is_secret(k) and len(v) >= MIN_SECRET_LENGTH}
-    return sorted(values, key=len, reverse=True)
-
-
-def scrub(text: str) -> str:
-    """`text` without the password of any URL in it and without the value of any secret in the environment."""
-    text = URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
-    for value in secret_values():
+    for value in sorted(values, key=len, reverse=True):  # longest first, so that no secret is half-scrubbed
         text = text.replace(value, REDACTED)
     return text
+
+
+scrub = redact_text  # the name the tracker code calls it by
 
 
 def redact(value: Any, name: str = "") -> Any:
@@ -48,43 +46,12 @@ def redact(value: Any, name: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
-    if isinstance(value, str):
-        return _redact_assignment(scrub(value))
-    return value
+    return redact_text(value) if isinstance(value, str) else value
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """A command line that is safe to write down: `--api-key X`, `--api-key=X`, `--tag NAME_TOKEN=X`,
-    `--tag=NAME_TOKEN=X` and `NAME_TOKEN=X` lose X."""
-    safe: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            safe.append(REDACTED)
-            hide_next = False
-            continue
-        flag, equals, value = arg.partition("=")
-        if arg.startswith("-") and is_secret(flag):
-            safe.append(f"{flag}={REDACTED}" if equals else arg)
-            hide_next = not equals
-        elif arg.startswith("-") and equals:
-            safe.append(f"{flag}={_redact_assignment(scrub(value))}")
-        else:
-            safe.append(_redact_assignment(scrub(arg)))
-    return safe
-
-
-SECRET_ASSIGNMENT = re.compile(r"([\w.\-/]*(?:KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL)[\w.\-/]*)=([^\s'\",]+)", re.I)
-
-
-def redact_text(text: str) -> str:
-    """A line of text (an error message that quotes the command line) with every secret in it hidden."""
-    return SECRET_ASSIGNMENT.sub(rf"\1={REDACTED}", scrub(text))
-
-
-def _redact_assignment(text: str) -> str:
-    """`NAME=value` (a --tag, an environment assignment) with a secret NAME keeps only the name."""
-    name, equals, _ = text.partition("=")
-    if equals and re.fullmatch(r"[\w.\-/]+", name) and is_secret(name):
-        return f"{name}={REDACTED}"
-    return text
+    """A command line that is safe to write down; the argument after a secret-named flag (`--api-key X`) is hidden."""
+    pairs = itertools.pairwise(["", *argv])
+    return [
+        REDACTED if flag[:1] == "-" and "=" not in flag and is_secret(flag) else redact_text(arg) for flag, arg in pairs
+    ]
