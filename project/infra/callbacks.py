@@ -72,9 +72,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         finally:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)  # after a failure: no half-written file left behind
-        with contextlib.suppress(
-            OSError
-        ):  # the rename survives a power loss once the folder is synced, where it can be
+        # The rename itself survives a power loss once the folder is synced (where a file system can).
+        with contextlib.suppress(OSError):
             folder = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(folder)

@@ -92,8 +92,8 @@ def load_solver(path: Path, datamodule: Any = None) -> Any:
         wanted = (datamodule.task, list(datamodule.input_shape), len(datamodule.output_names))
         if trained != wanted:
             raise UserError(
-                f"{path} was trained for {trained[0]} on inputs {trained[1]} with {trained[2]} outputs, but --dataset "
-                f"gives {wanted[0]} on {wanted[1]} with {wanted[2]}: pass the --dataset (and --image-size) it was "
+                f"{path} was trained on inputs {trained[1]} with {trained[2]} outputs ({trained[0]}), but --dataset "
+                f"gives {wanted[1]} with {wanted[2]} ({wanted[0]}): pass the --dataset (and --image-size) it was "
                 "trained with"
             )
     try:
