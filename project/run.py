@@ -258,7 +258,7 @@ def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
         pixel_max=datamodule.pixel_max,
         learning_rate=args.learning_rate,
         max_epochs=args.max_epochs,
-        channels_last=args.model == "cnn" and hardware.resolve(args).accelerator != "cpu",
+        channels_last=args.model == "cnn" and hardware.resolve(args)["accelerator"] != "cpu",
         compile=args.compile,
     )
     try:
@@ -275,13 +275,8 @@ def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] =
     from project.infra import callbacks as safety
     from project.infra import hardware
 
-    machine = hardware.resolve(args)  # checked against this machine before anything was written
     settings = dict(
-        accelerator=machine.accelerator,
-        devices=machine.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        precision=machine.precision,
+        **hardware.resolve(args),  # accelerator, devices, num_nodes, strategy, precision: checked, in one line if wrong
         max_epochs=args.max_epochs,
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic or None,
@@ -298,11 +293,7 @@ def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] =
         log_every_n_steps=LOG_EVERY_N_STEPS,
         enable_model_summary=False,
     )
-    try:
-        return pl.Trainer(**settings)
-    except (ValueError, TypeError, ModuleNotFoundError) as error:  # MisconfigurationException is a ValueError
-        first_sentence = str(error).split(". ")[0].splitlines()[0]
-        raise UserError(f"--accelerator/--devices/--strategy/--precision: {first_sentence}") from error
+    return pl.Trainer(**settings)
 
 
 if __name__ == "__main__":

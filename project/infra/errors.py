@@ -1,9 +1,7 @@
 """How a command ends: a mistake the user can fix (one line, exit 2), a run stopped on purpose (a signal or a
 diverging loss: the message says what was kept and how to go on), or a signal outside training (exit 128 + signal).
-
-Every entry point (run, predict, export, sweep, seeds) runs its work through `run_command`, so all of them answer
-SIGTERM (schedulers, `kill`) and SIGINT (Ctrl-C, which reaches the whole process group) the same way.
-"""
+Every entry point runs its work through `run_command`, so all answer SIGTERM (schedulers, `kill`) and SIGINT
+(Ctrl-C, which reaches the whole process group) alike."""
 
 from __future__ import annotations
 
@@ -21,8 +19,7 @@ class UserError(Exception):
 
 
 class RunStopped(Exception):
-    """Training stopped before its end on purpose (a signal, a diverging loss); the message says what was kept
-    and how to go on."""
+    """Training stopped on purpose (a signal, a diverging loss); the message says what was kept and how to go on."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -30,12 +27,12 @@ class RunStopped(Exception):
 
 
 class NothingToDo(Exception):
-    """The command has nothing to do (a resumed run that already reached --max-epochs): say so, change nothing."""
+    """Nothing to do (a resumed run already at --max-epochs): say so, change nothing."""
 
 
 class Interrupted(BaseException):
-    """SIGTERM or SIGINT outside a training step. A BaseException, like KeyboardInterrupt, so that no `except
-    Exception` on the way swallows it; not a KeyboardInterrupt, which Lightning turns into `sys.exit(1)`."""
+    """SIGTERM or SIGINT outside a training step: a BaseException, so no `except Exception` swallows it, and not a
+    KeyboardInterrupt, which Lightning turns into `sys.exit(1)`."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -43,24 +40,22 @@ class Interrupted(BaseException):
 
 
 class StopSignals:
-    """What the process-wide SIGTERM/SIGINT handler knows. Outside training a signal raises Interrupted at once;
-    while training (callbacks.GracefulStop sets `deferred`) it is only recorded, and the run stops after the
-    current step with a checkpoint. A second signal never waits."""
+    """The process-wide SIGTERM/SIGINT handler. Outside training a signal raises Interrupted at once; while training
+    (callbacks.GracefulStop sets `deferred`) it is recorded and the run stops after the step. A second never waits."""
 
     received: int | None = None
     deferred = False
 
     @classmethod
     def handle(cls, signum: int, frame: Any) -> None:
-        first = cls.received is None
-        cls.received = signum
+        first, cls.received = cls.received is None, signum
         if not cls.deferred or not first:
             raise Interrupted(signum)
 
 
 def run_command(action: Callable[[], Any], debug: bool = False) -> int:
-    """Run a command's work and return its exit status: 0 when it succeeds, 2 for a UserError (one line on stderr;
-    the traceback only with --debug), the stop's own status for a RunStopped, 128 + signal for Interrupted."""
+    """Run a command's work; its exit status: 0, 2 for a UserError (one line; the traceback only with --debug), a
+    RunStopped's own, or 128 + signal."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.signal(signum, StopSignals.handle) for signum in STOP_SIGNALS} if on_main_thread else {}
     StopSignals.received, StopSignals.deferred = None, False
