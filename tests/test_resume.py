@@ -271,7 +271,7 @@ DIABETES = (
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("fault", "resumes_from_step"), [(("kill-train", "1", "8"), 20), (("kill-val", "1"), 24)])
+@pytest.mark.parametrize(("fault", "resumes_from_step"), [(("kill-train", "1", "8"), 20), (("kill-val", "1"), 20)])
 def test_regression_run_killed_then_resumed_ends_bit_identical(
     fault: tuple[str, ...], resumes_from_step: int, tmp_path: Path
 ) -> None:
