@@ -3,7 +3,7 @@
 Checkpoints are read with `weights_only=True`, by us and by Lightning when it resumes (callbacks.SafeCheckpointIO):
 a file that carries a pickled program is refused before any of it runs. Everything the Solver and our callbacks
 save is tensors and plain values, so their own checkpoints always load. No Lightning here: predict, export and the
-MLflow worker rebuild a network from a checkpoint without it.
+tracker that logs the MLflow model rebuild a network from a checkpoint without it.
 """
 
 from __future__ import annotations
