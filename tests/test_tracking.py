@@ -439,6 +439,27 @@ def test_a_failed_start_leaves_no_running_run_and_a_deleted_one_is_not_resumed(l
     second.abandon()
 
 
+def test_runs_one_after_another_in_one_process_each_use_their_own_store(tmp_path, empty_store, monkeypatch):
+    """As project.sweep and project.seeds run them (MLflow's set_tracking_uri exports its URI to the environment)."""
+    import shutil
+
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        shutil.copyfile(empty_store, tmp_path / name / "mlflow.db")
+        trackers = open_trackers(tmp_path / name, "run")
+        trackers.start({"lr": 0.1})
+        assert trackers.close(tmp_path / "none.json", "finished") == []
+        described = trackers.describe()["mlflow"]
+        assert described["tracking_uri"] == local_store(tmp_path / name)
+        assert mlflow.MlflowClient(local_store(tmp_path / name)).get_run(described["run_id"]).info.status == "FINISHED"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
 def test_a_server_that_cannot_be_reached_is_one_line_quickly(tmp_path, monkeypatch):
     from project.infra.errors import UserError
 

@@ -192,8 +192,10 @@ class MLflowRun:
         # them in ./mlruns of whatever the working directory is: they stay under --exp-dir instead.
         served = self.uri.startswith(("http://", "https://", "databricks"))
         artifacts = Path(args.exp_dir).expanduser().resolve() / "mlflow-artifacts" / args.exp_name
+        # Two runs that start together must not both create the store or the experiment. MLflow's set_tracking_uri,
+        # which Lightning's logger calls, exports its URI to the environment: a next run in this process would take it.
         try:
-            with store_lock(self.uri):  # two runs that start together must not both create the store or experiment
+            with store_lock(self.uri), keep_environment("MLFLOW_TRACKING_URI"):
                 self.client = mlflow.MlflowClient(self.uri)
                 reopen = self.find(previous)
                 self.logger = mlflow_logger(self, experiment_name=args.exp_name, run_name=directory.name,
@@ -359,6 +361,18 @@ def mlflow_logger(run: MLflowRun, **options: Any) -> Any:
             pass
 
     return RunLogger(**options)
+
+
+@contextlib.contextmanager
+def keep_environment(name: str) -> Any:
+    value = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def store_lock(uri: str) -> Any:
