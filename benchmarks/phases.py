@@ -45,6 +45,7 @@ def main() -> int:
     stopwatch(records, "open_run", "open run (trackers)")
     stopwatch(pl.Trainer, "fit", "fit")
     stopwatch(callbacks.SafeCheckpointIO, "save_checkpoint", "of which checkpoint writes")
+    stopwatch(records.Run, "log_model", "log the model (trackers)")
     stopwatch(pl.Trainer, "test", "test")
     stopwatch(records.Run, "finish", "records at the end")
     imported = time.perf_counter()

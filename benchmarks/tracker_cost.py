@@ -1,18 +1,16 @@
 """What the default tracker costs: the default job (`python -m project.run`: digits, CNN, 20 epochs) with
-MLflow against the same job with `--logger csv`, each job a fresh process with its own fresh --exp-dir.
+`--logger mlflow` (the default) against the same job with `--logger csv`, each job a fresh process with its
+own fresh --exp-dir.
 
-    python benchmarks/tracker_cost.py                        # default tracker vs csv, 3 interleaved rounds
-    python benchmarks/tracker_cost.py --existing-store       # each tracker job into a store made beforehand
-    python benchmarks/tracker_cost.py --variants csv,default,stock --rounds 3
-    python benchmarks/tracker_cost.py --server-dies          # one job per tracker variant against a local
-                                                             # `mlflow server` killed after the first epoch
+    python benchmarks/tracker_cost.py                        # mlflow vs csv, 3 interleaved rounds
+    python benchmarks/tracker_cost.py --existing-store       # each mlflow job into a store made beforehand
+    python benchmarks/tracker_cost.py --rounds 5 -- --max-epochs 20
+    python benchmarks/tracker_cost.py --server-dies          # one mlflow job against a local `mlflow server`
+                                                             # killed after the first epoch
 
-Variants: `csv` (--logger csv), `default` (whatever --logger mlflow does in this checkout), `stock`
-(Lightning's own MLFlowLogger(synchronous=False): MLflow's async logging, with the project's short HTTP
-retries; the candidate that MLflow's own features offer). Rounds run the variants in rotated order, so
-that a machine that slows down over time does not favour one of them. Prints per-job wall and CPU
-seconds (the job and every process it waited for: MLflow's worker included) and test accuracy, then
-the medians and each variant's ratio to csv.
+Rounds run the variants in rotated order, so that a machine that slows down over time does not favour one
+of them. Prints per-job wall and CPU seconds (the job and every process it started) and test accuracy, then
+the medians, each variant's ratio to csv and its difference from csv.
 """
 
 from __future__ import annotations
@@ -33,17 +31,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("csv", "default", "stock", "nomodel")
+VARIANTS = ("csv", "mlflow")
 SAMPLE_SECONDS = 0.2
 
 
 def job_command(variant: str, exp_dir: Path, extra: list[str]) -> list[str]:
-    args = ["--exp-dir", str(exp_dir), *extra]
-    if variant == "csv":
-        return [sys.executable, "-m", "project.run", *args, "--logger", "csv"]
-    if variant == "default":
-        return [sys.executable, "-m", "project.run", *args]
-    return [sys.executable, str(Path(__file__).resolve()), f"--{variant}-job", *args]
+    return [sys.executable, "-m", "project.run", "--exp-dir", str(exp_dir), *extra, "--logger", variant]
 
 
 def job_env() -> dict[str, str]:
@@ -72,8 +65,8 @@ def wait_until_idle(limit: float, timeout: float = 900) -> None:
 
 def run_job(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     """One job: its wall seconds (until it exits: when the prompt would return), the CPU seconds of it and of
-    every process it started, also those that outlive it (MLflow's worker exits on its own after its last
-    answer), its exit status, and the CPU seconds other processes on the machine took meanwhile."""
+    every process it started, also any that outlive it, its exit status, and the CPU seconds other processes on
+    the machine took meanwhile."""
     machine_before = cpu_seconds_busy()
     start = time.perf_counter()
     # A session of its own: its process group holds the job and whatever it starts.
@@ -212,49 +205,16 @@ def measure(args: argparse.Namespace) -> int:
             )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     base = statistics.median(r["wall"] for r in results["csv"]) if results.get("csv") else None
-    print("\nvariant   jobs   median wall   median cpu   wall / csv")
+    print("\nvariant   jobs   median wall   median cpu   wall / csv   wall - csv")
     for variant, rows in results.items():
         if not rows:
             print(f"{variant:<9} no undisturbed job")
             continue
         wall = statistics.median(r["wall"] for r in rows)
         cpu = statistics.median(r["cpu"] for r in rows)
-        ratio = f"{wall / base:.2f}x" if base else "-"
-        print(f"{variant:<9} {len(rows):4d} {wall:9.2f} s  {cpu:9.2f} s   {ratio}")
+        ratio, extra = (f"{wall / base:.2f}x", f"{wall - base:+.2f} s") if base else ("-", "-")
+        print(f"{variant:<9} {len(rows):4d} {wall:9.2f} s  {cpu:9.2f} s   {ratio:>10}   {extra:>10}")
     return 0
-
-
-# --- the stock variant: Lightning's MLFlowLogger(synchronous=False) in place of the project's ------------------
-
-
-def stock_job(argv: list[str]) -> int:
-    """`python -m project.run ARGV` with Lightning's own MLFlowLogger (MLflow's async logging) as the tracker, opened
-    where the project opens its own, in this process; Lightning's finalize sets its status (the project's close,
-    describe and artifact calls do not know it, so it logs no files and manifest.json names no run)."""
-    sys.path.insert(0, str(ROOT))
-    from project.infra import tracking
-    from project.infra.mlflow_worker import HTTP_DEFAULTS
-
-    def open_stock(self: Any, directory: Path, args: Any, previous: Any, tags: Any) -> None:
-        for name, value in HTTP_DEFAULTS.items():  # the project's short retries, the user's values first
-            os.environ.setdefault(name, value)
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        exp_dir = Path(args.exp_dir).expanduser().resolve()
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(exp_dir)
-        served = uri.startswith(("http://", "https://"))
-        artifacts = None if served else (exp_dir / "mlflow-artifacts" / args.exp_name).as_uri()
-        logger = MLFlowLogger(experiment_name=args.exp_name, run_name=directory.name, tracking_uri=uri,
-                              tags=dict(tags), artifact_location=artifacts, synchronous=False)  # fmt: skip
-        _ = logger.run_id  # the run starts now, in the foreground, as the project's own does
-        self.loggers = [tracking.csv_logger(directory / "metrics.csv"), logger]
-
-    tracking.Trackers.open = open_stock
-    tracking.Trackers.start = lambda self, params: [logger.log_hyperparams(params) for logger in self.loggers]
-    tracking.start = lambda args: tracking.Trackers([])  # no worker
-    from project.run import main
-
-    return main(argv)
 
 
 # --- a server that dies mid-run ------------------------------------------------------------------------------------
@@ -338,29 +298,10 @@ def _first_epoch_logged(exp_dir: Path) -> bool:
     return any(row.get("val/acc") for row in _rows(exp_dir))
 
 
-def nomodel_job(argv: list[str]) -> int:
-    """`python -m project.run ARGV` with the project's MLflow worker, but no model logged (and none prepared):
-    what the worker costs for metrics, params and files alone."""
-    sys.path.insert(0, str(ROOT))
-    from project.infra import tracking
-    from project.infra.mlflow_worker import MLflowWorkerClient
-
-    start = MLflowWorkerClient.start.__func__
-    MLflowWorkerClient.start = classmethod(lambda cls, uri, root=None: start(cls, uri, root, prepare_model=False))
-    tracking.Trackers.log_model = lambda self, checkpoint: None
-    from project.run import main
-
-    return main(argv)
-
-
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--stock-job":
-        return stock_job(sys.argv[2:])
-    if len(sys.argv) > 1 and sys.argv[1] == "--nomodel-job":
-        return nomodel_job(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one job per variant each)")
-    parser.add_argument("--variants", default="csv,default", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="csv,mlflow", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--existing-store", action="store_true", help="tracker jobs log into a store made beforehand")
     parser.add_argument("--server-dies", action="store_true", help="one job per tracker variant, server killed")
     parser.add_argument("--idle-below", type=float, default=0.3, help="start a job when others use fewer cores")

@@ -172,7 +172,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     """One run; `callbacks` join the Trainer's (a sweep reports validation metrics through one)."""
     from project.infra import tracking
 
-    trackers = tracking.start(args)  # MLflow starts in its own process now, while Lightning loads here
+    trackers = tracking.start(args)  # a tracker that is not installed: one line, before Lightning loads
 
     import lightning.pytorch as pl
     import torch
@@ -210,7 +210,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         if not args.only_test:
             trainer.fit(solver, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
             checkpoint = run.best_checkpoint(trainer)
-        run.log_model(checkpoint)  # MLflow stores it as a model while the test runs
+        run.log_model(checkpoint)  # the weights about to be tested, as an MLflow model
         tested = None if args.only_test else checkpoint
         trainer.test(solver, datamodule=datamodule, ckpt_path=tested, verbose=False, weights_only=True)
 

@@ -223,7 +223,7 @@ def pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "signum, attempt", [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 1), (signal.SIGINT, 2)]
 )
 def test_a_signal_to_the_whole_process_group_with_workers_saves_and_exits(signum, attempt, pets, exp_dir) -> None:
-    """DataLoader workers (and MLflow's process) leave the signal to the main process, which finishes its step,
+    """DataLoader workers leave the signal to the main process, which finishes its step,
     saves last.ckpt and exits 128 + signal: no worker's death is taken for a crash."""
     process = start(["--dataset", "image-folder", "--data-dir", str(pets), "--image-size", "16", "--model", "mlp",
                      "--hidden-dim", "16", "--batch-size", "8", "--num-workers", "2", "--max-epochs", "500",

@@ -1,6 +1,7 @@
-"""Trackers used for real, offline: a real `mlflow server` on a loopback port (read back with MlflowClient, then
-killed mid-run), TensorBoard event files, W&B offline files when installed; neptune and missing extras as
-one-line errors; what secret redaction hides."""
+"""Trackers used for real, offline: MLflow through `Trackers` as records.py drives it, into a local SQLite store and
+a real `mlflow server` on a loopback port (read back with MlflowClient, then killed mid-run), and through the command
+line; TensorBoard event files, W&B offline files when installed; neptune and missing extras as one-line errors; what
+secret redaction hides."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, stderr
-    assert "warning: MLflow stopped answering" in stderr and "Traceback" not in stderr
+    assert stderr.count("warning: MLflow stopped answering") == 1 and "Traceback" not in stderr
     run_dir = the_run_dir(exp_dir)
     rows = rows_of(run_dir / "metrics.csv")
     assert sorted(int(r["epoch"]) for r in rows if r["val/acc"]) == list(range(epochs))
@@ -236,3 +237,280 @@ def test_predict_takes_the_mlflow_model_the_run_logged(exp_dir, tmp_path):
         assert [float(ours[k]) for k in ours if k.startswith("prob_")] == pytest.approx(
             [float(theirs[k]) for k in theirs if k.startswith("prob_")], abs=1e-5
         )
+
+
+# --- MLflow through Trackers, as records.py drives it, in this process ---------------------------------------------
+
+TAGS = {"user": "tester", "study": "trackers"}
+
+
+def mlflow_args(exp_dir: Path):
+    import argparse
+
+    return argparse.Namespace(exp_dir=str(exp_dir), exp_name="exp")
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """A new store's tables take MLflow a second or more to create: made once, copied into each test."""
+    from mlflow.tracking import MlflowClient
+
+    from project.infra.tracking import local_store
+
+    root = tmp_path_factory.mktemp("empty-store")
+    MlflowClient(local_store(root)).search_experiments()
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def local(tmp_path, empty_store, monkeypatch) -> Path:
+    """An --exp-dir with an (empty) local store and no MLFLOW_TRACKING_URI: the default."""
+    import shutil
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    exp_dir = tmp_path / "exp-dir"
+    exp_dir.mkdir()
+    shutil.copyfile(empty_store, exp_dir / "mlflow.db")
+    return exp_dir
+
+
+def open_trackers(exp_dir: Path, name: str, previous: dict | None = None):
+    from project.infra.tracking import Trackers
+
+    directory = exp_dir / "exp" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    trackers = Trackers(["mlflow"])
+    trackers.open(directory, mlflow_args(exp_dir), {"mlflow": previous} if previous else {}, TAGS)
+    return trackers
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """A checkpoint as the Solver writes it (weights and plain hyperparameters), for read_model."""
+    import torch
+
+    from project.model import build_model
+
+    hparams = {"model": "cnn", "input_shape": [1, 8, 8], "class_names": list("abc"), "mean": [4.0], "std": [6.0],
+               "pixel_max": 16, "model_options": {"hidden_dim": 16}}  # fmt: skip
+    network = build_model("cnn", (1, 8, 8), 3, mean=[4.0], std=[6.0], hidden_dim=16)
+    torch.save({"hyper_parameters": hparams, "state_dict": {f"model.{k}": v for k, v in network.state_dict().items()}},
+               path)  # fmt: skip
+    return path
+
+
+def test_a_run_in_the_default_local_store_has_what_was_logged_and_the_tested_model(local, tmp_path, capsys):
+    import mlflow
+    import numpy as np
+    import torch
+
+    from project.export import example_input
+    from project.infra.checkpoints import read_model
+    from project.infra.tracking import local_store
+
+    trackers = open_trackers(local, "run-1")
+    trackers.start({"lr": 0.1, "model": "cnn", "command": "python -m project.run " + "x" * 300})
+    logged = [(step, {"train/loss": 1.0 / (step + 1), "epoch": float(step // 10)}) for step in range(0, 300, 10)]
+    started = time.perf_counter()
+    for step, values in logged:
+        for logger in trackers.loggers[1:]:
+            logger.log_metrics(values, step)
+    assert time.perf_counter() - started < 1.0  # 30 calls: none waits for the store
+    checkpoint = tiny_checkpoint(tmp_path / "best.ckpt")
+    trackers.log_model(checkpoint)
+    run_dir = local / "exp" / "run-1"
+    (run_dir / "config.yaml").write_text("lr: 0.1\n")
+    (run_dir / "manifest.json").write_text("{}\n")
+    trackers.finish(run_dir, [run_dir / "config.yaml", run_dir / "missing.png"], None)
+    assert trackers.close(run_dir / "manifest.json", "finished") == []
+    assert capsys.readouterr().err == ""  # MLflow's chatter reaches no terminal
+
+    uri = local_store(local)
+    described = trackers.describe()["mlflow"]
+    assert uri == f"sqlite:///{(local / 'mlflow.db').resolve()}" and described["tracking_uri"] == uri
+    assert described["complete"] is True and described["model_uri"].startswith("models:/")
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(described["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run-1"
+    assert (
+        client.get_experiment(run.info.experiment_id).name == "exp"
+        and described["experiment_id"] == run.info.experiment_id
+    )
+    assert run.info.artifact_uri.startswith((local / "mlflow-artifacts" / "exp").resolve().as_uri())
+    assert run.data.params["lr"] == "0.1" and run.data.params["command"].endswith("x" * 300)  # not cut at 250
+    assert run.data.tags["study"] == "trackers" and run.data.tags["mlflow.runName"] == "run-1"
+    assert history(client, run.info.run_id, "train/loss") == [(step, v["train/loss"]) for step, v in logged]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "manifest.json"}
+    assert "missing.png" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    line = trackers.how_to_open()[0]
+    assert line.startswith(f"mlflow ui --backend-store-uri {uri}")
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in line
+
+    # The model: the network of the checkpoint, its spec as metadata["project"], a signature and an input example.
+    network, spec = read_model(checkpoint)
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info(described["model_uri"])
+    assert info.metadata["project"] == spec and info.saved_input_example_info is not None
+    assert [s.shape for s in info.signature.inputs.inputs] == [(-1, 1, 8, 8)]
+    assert [s.shape for s in info.signature.outputs.inputs] == [(-1, 3)]
+    assert [output.model_id for output in run.outputs.model_outputs] == [info.model_id]
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")  # as project.predict loads it
+    for batch in (1, 3):  # the batch axis is dynamic, a batch of 1 included
+        x = example_input(spec, batch, seed=batch)
+        with torch.no_grad():
+            np.testing.assert_allclose(model.predict(x.numpy()), network(x).numpy(), atol=1e-5)
+
+
+def test_each_way_a_run_ends_is_its_mlflow_status(local):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    client = mlflow.MlflowClient(local_store(local))
+    for status, expected in (("finished", "FINISHED"), ("interrupted", "KILLED"), ("pruned", "KILLED"),
+                             ("failed: ValueError", "FAILED")):  # fmt: skip
+        trackers = open_trackers(local, status.split(":")[0])
+        trackers.start({"lr": 0.1})
+        assert trackers.close(local / "no-manifest.json", status) == []
+        assert client.get_run(trackers.describe()["mlflow"]["run_id"]).info.status == expected, status
+
+
+def test_resuming_reopens_the_run_untouched_until_training_starts(local):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    client = mlflow.MlflowClient(local_store(local))
+    first = open_trackers(local, "run-1")
+    first.start({"max_epochs": 2, "lr": 0.1})
+    first.loggers[1].log_metrics({"val/loss": 0.5}, step=10)
+    first.close(local / "none.json", "interrupted")
+    previous = first.describe()["mlflow"]
+    run_id = previous["run_id"]
+
+    # Reopened, then abandoned before training (a bad option, a checkpoint that does not fit): nothing changes.
+    untouched = open_trackers(local, "run-1", previous)
+    assert untouched.describe()["mlflow"]["run_id"] == run_id
+    untouched.abandon()
+    run = client.get_run(run_id)
+    assert (
+        run.info.status == "KILLED"
+        and run.info.lifecycle_stage == "active"
+        and "resumed.max_epochs" not in run.data.tags
+    )
+
+    second = open_trackers(local, "run-1", previous)
+    assert client.get_run(run_id).info.status == "KILLED"  # until training starts
+    second.start({"max_epochs": 4, "lr": 0.1, "note": "new"})
+    assert client.get_run(run_id).info.status == "RUNNING"
+    second.loggers[1].log_metrics({"val/loss": 0.25}, step=20)
+    assert second.close(local / "none.json", "finished") == []
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and second.describe()["mlflow"]["run_id"] == run_id
+    # MLflow refuses to change a param: the new value is a tag.
+    assert run.data.params["max_epochs"] == "2" and run.data.tags["resumed.max_epochs"] == "4"
+    assert run.data.params["note"] == "new" and "resumed.lr" not in run.data.tags
+    assert history(client, run_id, "val/loss") == [(10, 0.5), (20, 0.25)]
+
+
+def test_a_failed_start_leaves_no_running_run_and_a_deleted_one_is_not_resumed(local, capsys):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    client = mlflow.MlflowClient(local_store(local))
+    abandoned = open_trackers(local, "never-started")
+    run_id = abandoned.describe()["mlflow"]["run_id"]
+    abandoned.abandon()  # the run failed before training: its new tracker run is removed (MLflow can restore it)
+    assert client.get_run(run_id).info.lifecycle_stage == "deleted"
+
+    first = open_trackers(local, "run-1")
+    first.start({})
+    first.close(local / "none.json", "finished")
+    client.delete_run(first.describe()["mlflow"]["run_id"])
+    capsys.readouterr()
+    second = open_trackers(local, "run-1", first.describe()["mlflow"])
+    assert second.describe()["mlflow"]["run_id"] != first.describe()["mlflow"]["run_id"]
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert first.describe()["mlflow"]["run_id"] in warning and "new MLflow run" in warning
+    second.abandon()
+
+
+def test_runs_one_after_another_in_one_process_each_use_their_own_store(tmp_path, empty_store, monkeypatch):
+    """As project.sweep and project.seeds run them (MLflow's set_tracking_uri exports its URI to the environment)."""
+    import shutil
+
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        shutil.copyfile(empty_store, tmp_path / name / "mlflow.db")
+        trackers = open_trackers(tmp_path / name, "run")
+        trackers.start({"lr": 0.1})
+        assert trackers.close(tmp_path / "none.json", "finished") == []
+        described = trackers.describe()["mlflow"]
+        assert described["tracking_uri"] == local_store(tmp_path / name)
+        assert mlflow.MlflowClient(local_store(tmp_path / name)).get_run(described["run_id"]).info.status == "FINISHED"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_a_server_that_cannot_be_reached_is_one_line_quickly(tmp_path, monkeypatch):
+    from project.infra.errors import UserError
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    started = time.monotonic()
+    with pytest.raises(UserError) as raised:
+        open_trackers(tmp_path, "r")
+    message = str(raised.value)
+    assert message.startswith(f"MLflow at {url} cannot be used (no answer from {url}")
+    assert "MLFLOW_TRACKING_URI" in message and "\n" not in message
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_costs_one_warning_and_no_waiting(mlflow_server, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    trackers = open_trackers(tmp_path, "run")
+    logger = trackers.loggers[1]
+    trackers.start({"lr": 0.1})
+    for step in range(5):
+        logger.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    run_id = trackers.describe()["mlflow"]["run_id"]
+    client = mlflow.MlflowClient(mlflow_server.url)
+    deadline = time.monotonic() + 30
+    while len(client.get_metric_history(run_id, "loss")) < 5:
+        assert time.monotonic() < deadline, "the server never got the metrics"
+        time.sleep(0.2)
+
+    mlflow_server.kill()
+    slowest, step = 0.0, 5
+    deadline = time.monotonic() + 120
+    while trackers.describe()["mlflow"]["complete"]:  # training goes on: calls keep returning at once
+        assert time.monotonic() < deadline, "the dead server was never noticed"
+        started = time.perf_counter()
+        logger.log_metrics({"loss": 0.1}, step)
+        slowest = max(slowest, time.perf_counter() - started)
+        step += 1
+        time.sleep(0.05)
+    for _ in range(20):  # after the failure, calls are dropped
+        started = time.perf_counter()
+        logger.log_metrics({"loss": 0.1}, step)
+        trackers.log_model(tmp_path / "not-even-read.ckpt")
+        slowest = max(slowest, time.perf_counter() - started)
+    assert slowest < 0.05
+    started = time.monotonic()
+    (problem,) = trackers.close(tmp_path / "manifest.json", "finished")
+    assert time.monotonic() - started < 5  # nothing more is sent to a dead server
+    assert problem.startswith("MLflow: records stop where the server stopped answering (no answer from")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: MLflow stopped answering (no answer from")
+    assert f"{tmp_path / 'exp' / 'run'} keeps the complete records" in lines[0]

@@ -6,9 +6,8 @@ model or the training step (those are project/data.py, model.py, solver.py).
     runs.py           where runs live on disk, and finding one (latest, best, last) without importing torch
     records.py        one run's directory, lock, config.yaml, manifest.json, reports and summary
     files.py          files that appear whole or not at all
-    tracking.py       the experiment trackers (--logger): MLflow, TensorBoard, W&B, and metrics.csv
-    mlflow_worker.py  MLflow in a process of its own (started before Lightning loads), and its client
-    mlflow_logger.py  that worker as a Lightning logger
+    tracking.py       the experiment trackers (--logger): MLflow (Lightning's MLFlowLogger), TensorBoard, W&B, and
+                      metrics.csv
     redact.py         secrets kept out of every record and printed line
     plots.py          curves.png and confusion_matrix.png
     checkpoints.py    reading checkpoints (weights only) and checking they fit the data and the run

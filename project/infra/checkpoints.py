@@ -1,6 +1,7 @@
 """Reading checkpoints weights-only, and checking that one fits what it is asked to do (test this data, continue this
 run). Lightning's resume reads through `read` too (callbacks.SafeCheckpointIO): a file that carries a pickled program
-is refused before any of it runs. No Lightning here: predict, export and the MLflow worker rebuild networks without it.
+is refused before any of it runs. No Lightning here: predict, export and the tracker that logs the MLflow model
+rebuild networks without it.
 """
 
 from __future__ import annotations

@@ -370,7 +370,7 @@ def versions() -> dict[str, str]:
 
     found = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
              "torchmetrics": torchmetrics.__version__, "platform": platform.platform()}  # fmt: skip
-    for tracker in ("wandb", "tensorboard"):  # the ones this run imported (MLflow runs in its own process)
+    for tracker in ("mlflow", "wandb", "tensorboard"):  # the ones this run imported
         if tracker in sys.modules:
             found[tracker] = getattr(sys.modules[tracker], "__version__", "unknown")
     return found

@@ -1,13 +1,13 @@
 """The experiment trackers a run logs to (`--logger`), as Lightning loggers:
 
-- mlflow (the default): a local SQLite store under --exp-dir, or the team server in MLFLOW_TRACKING_URI; it runs in a
-  process of its own (mlflow_worker.py), started before Lightning loads, so its start-up costs the run nothing;
+- mlflow (the default): Lightning's MLFlowLogger with MLflow's own asynchronous logging, into a local SQLite store
+  under --exp-dir or the team server in MLFLOW_TRACKING_URI; the tested model goes in as an MLflow model;
 - tensorboard: event files in the run directory; wandb: the hosted service, or offline files (an optional extra);
 - csv: metrics.csv in the run directory, written for every run whatever --logger says.
 
 A tracker is a convenience on top of the run directory, never a reason to lose a run: a tracker server that stops
 answering mid-run gets one warning, and training goes on with the local records complete. Heavy imports (Lightning,
-W&B, TensorBoard) happen inside functions, after the command line is parsed.
+MLflow, W&B, TensorBoard) happen inside functions, after the command line is parsed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import argparse
 import contextlib
 import csv
 import importlib
+import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,18 +26,26 @@ from typing import Any
 
 from project.infra import runs
 from project.infra.errors import UserError
-from project.infra.redact import redact_argv
+from project.infra.redact import redact_argv, scrub
 
 # --logger name -> modules that provide it (any one will do), and the pip extra that installs them.
 OPTIONAL_TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}
 DISTRIBUTION = "deep-learning-project-template"  # pyproject.toml's [project] name
 LOCAL_STORE = "mlflow.db"
-CLOSE_SECONDS = 45.0  # how long the end of a run waits for a tracker to take what is still queued (a slow server)
+# MLflow's client retries a dead server for minutes by default; a run only needs to find out that it is gone (a
+# server that cannot be reached at the start is an error within seconds). The user's own settings win.
+# MLflow's asynchronous logging, unbuffered, polls its queue every second: the run's end (a flush) and the
+# interpreter's exit each wait for that poll. Buffered, it waits on an event that the flush sets, and sends what a
+# second gathered in one batch.
+MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}  # fmt: skip
+LOCK_SECONDS = 300.0  # how long a run waits for another that is creating the same local store
+EXAMPLE_BATCH = 2  # torch.export makes a batch of 1 a constant: the example batch keeps the axis dynamic
+ASYNC_LOGGER = "mlflow.utils.async_logging.async_logging_queue"  # where MLflow reports a batch it could not log
 
 
 def start(args: argparse.Namespace) -> Trackers:
-    """The trackers of this run, checked to be installed (one line, before anything is written); MLflow's process is
-    started now, so that it imports MLflow and opens its store while this process imports Lightning."""
+    """The trackers of this run, checked to be installed (one line, before anything is written)."""
     names = [name for name in dict.fromkeys(args.logger) if name not in ("csv", "none")]
     for name in names:
         modules, extra = OPTIONAL_TRACKERS.get(name, ((), ""))
@@ -45,17 +55,7 @@ def start(args: argparse.Namespace) -> Trackers:
     rank_zero = all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
     if args.fast_dev_run or not rank_zero:  # Lightning gives a fast dev run a dummy logger; trackers are rank 0's
         return Trackers([])
-    mlflow = None
-    if "mlflow" in names:
-        from project.infra.mlflow_worker import MLflowWorkerClient
-
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or local_store(args.exp_dir)
-        served = uri.startswith(("http://", "https://", "databricks"))
-        # A server keeps artifacts where its --artifacts-destination says; straight into a database, MLflow would put
-        # them in ./mlruns of whatever the working directory is: they stay under --exp-dir instead.
-        artifacts = None if served else (Path(args.exp_dir).expanduser().resolve() / "mlflow-artifacts").as_uri()
-        mlflow = MLflowWorkerClient.start(uri, artifacts)
-    return Trackers(names, mlflow)
+    return Trackers(names)
 
 
 def importable(module: str) -> bool:
@@ -73,10 +73,10 @@ def local_store(exp_dir: str | Path) -> str:
 class Trackers:
     """The Lightning loggers of one run (metrics.csv first, always) and what the records ask of them."""
 
-    def __init__(self, names: list[str], mlflow: Any = None) -> None:
-        self.names, self.mlflow_worker = names, mlflow
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
         self.loggers: list[Any] = []
-        self.mlflow: Any = None  # the MLflow logger, once open
+        self.mlflow: MLflowRun | None = None  # once open
 
     def open(
         self, directory: Path, args: argparse.Namespace, previous: Mapping[str, Any], tags: dict[str, str]
@@ -86,11 +86,8 @@ class Trackers:
         self.loggers = [csv_logger(directory / runs.METRICS)]
         for name in self.names:
             if name == "mlflow":
-                from project.infra.mlflow_logger import MLflowLogger
-
-                self.mlflow = MLflowLogger(self.mlflow_worker, directory)
-                self.mlflow.open_run(args.exp_name, directory.name, tags, previous.get("mlflow"))
-                self.loggers.append(self.mlflow)
+                self.mlflow = MLflowRun(directory, args, previous.get("mlflow"), tags)
+                self.loggers.append(self.mlflow.logger)
             elif name == "tensorboard":
                 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -114,29 +111,27 @@ class Trackers:
         """Copies of the run's records (plots, config, reports) for each tracker; TensorBoard gets the plots as images
         and the hyperparameters beside the test scores (its HPARAMS tab)."""
         files = [path for path in files if path.is_file()]
+        if self.mlflow is not None:
+            self.mlflow.log_files(files)
         for logger in self.loggers:
-            kind = type(logger).__name__
-            if logger is self.mlflow:
-                logger.log_files(files)
-            elif kind == "WandbLogger":
+            if type(logger).__name__ == "WandbLogger":
                 for path in files:
                     logger.experiment.save(str(path), base_path=str(directory), policy="now")
-            elif kind == "TensorBoardLogger":
+            elif type(logger).__name__ == "TensorBoardLogger":
                 tensorboard_summary(logger, directory, files, scores)
 
     def close(self, manifest: Path, status: str) -> list[str]:
         """End the tracker runs with a status ("finished", "interrupted", "failed: ..."); returns what went wrong."""
         problems = []
+        if self.mlflow is not None:
+            self.mlflow.log_files([manifest])
+            ended = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}.get(status, "FAILED")
+            problems += filter(None, [self.mlflow.close(ended)])
         for logger in self.loggers:
-            if logger is self.mlflow:
-                logger.log_files([manifest])
-                ended = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}.get(status, "FAILED")
-                problem = logger.close(ended, CLOSE_SECONDS)
-                problems += [problem] if problem else []
-            elif type(logger).__name__ == "WandbLogger":
+            if type(logger).__name__ == "WandbLogger":
                 with contextlib.suppress(Exception):  # W&B keeps its own offline copy when its service fails
                     logger.experiment.finish(exit_code=0 if status == "finished" else 1)
-            else:
+            elif self.mlflow is None or logger is not self.mlflow.logger:
                 logger.finalize("success" if status == "finished" else "failed")
         return problems
 
@@ -144,39 +139,267 @@ class Trackers:
         """The run never started: end the tracker runs this command opened, without marking anything."""
         if self.mlflow is not None:
             self.mlflow.abandon()
-        elif self.mlflow_worker is not None:
-            self.mlflow_worker.stop()
 
     def describe(self) -> dict[str, Any]:
         """What manifest.json keeps about each tracker run: enough to find it again and to resume it."""
-        found: dict[str, Any] = {}
+        found: dict[str, Any] = {"mlflow": self.mlflow.describe()} if self.mlflow is not None else {}
         for logger in self.loggers:
             kind = type(logger).__name__
-            if logger is self.mlflow:
-                found["mlflow"] = logger.describe()
-            elif kind == "WandbLogger":
-                found["wandb"] = {
-                    "id": logger.version,
-                    "project": logger.name,
-                    "url": getattr(logger.experiment, "url", None),
-                }
+            if kind == "WandbLogger":
+                url = getattr(logger.experiment, "url", None)
+                found["wandb"] = {"id": logger.version, "project": logger.name, "url": url}
             elif kind == "TensorBoardLogger":
                 found["tensorboard"] = {"log_dir": logger.log_dir}
         return found
 
     def how_to_open(self) -> list[str]:
         """One line per tracker: the command or address that shows this run."""
-        lines = []
+        lines = [self.mlflow.how_to_open()] if self.mlflow is not None else []
         for logger in self.loggers:
             kind = type(logger).__name__
-            if logger is self.mlflow:
-                lines.append(logger.how_to_open())
-            elif kind == "TensorBoardLogger":
+            if kind == "TensorBoardLogger":
                 lines.append(f"tensorboard --logdir {logger.log_dir}")
             elif kind == "WandbLogger":
                 url = getattr(logger.experiment, "url", None)
                 lines.append(url or f"wandb sync {Path(logger.experiment.dir).parent}  (an offline run: uploads it)")
         return lines
+
+
+class MLflowRun:
+    """One MLflow run: Lightning's MLFlowLogger logs metrics and params (MLflow's asynchronous logging: a step never
+    waits for the store), MLflow's client the run's status, files and model. The first call that fails ends tracking:
+    one warning, and every later call is dropped."""
+
+    def __init__(self, directory: Path, args: argparse.Namespace, previous: Mapping | None, tags: dict) -> None:
+        import mlflow
+
+        for name, value in MLFLOW_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
+        logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)  # "Creating" the experiment
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
+        # MLflow's asynchronous logging reports a batch it could not log only to its logger, from its own thread: the
+        # first is the run's failure (the training thread prints it), and none reaches the terminal.
+        logging.getLogger(ASYNC_LOGGER).filters = [
+            lambda record: record.levelno < logging.ERROR or self.fail(reason(record.getMessage()))
+        ]
+        self.directory, self.uri = directory, os.environ.get("MLFLOW_TRACKING_URI") or local_store(args.exp_dir)
+        self.failure: str | None = None
+        self.problem: str | None = None  # why the model was not logged (the rest of the run was)
+        self.model_uri: str | None = None
+        self.run_id, self.reopened, self.warned = None, False, False
+        # A server keeps artifacts where its --artifacts-destination says; straight into a database, MLflow would put
+        # them in ./mlruns of whatever the working directory is: they stay under --exp-dir instead.
+        served = self.uri.startswith(("http://", "https://", "databricks"))
+        artifacts = Path(args.exp_dir).expanduser().resolve() / "mlflow-artifacts" / args.exp_name
+        # Two runs that start together must not both create the store or the experiment. MLflow's set_tracking_uri,
+        # which Lightning's logger calls, exports its URI to the environment: a next run in this process would take it.
+        try:
+            with store_lock(self.uri), keep_environment("MLFLOW_TRACKING_URI"):
+                self.client = mlflow.MlflowClient(self.uri)
+                reopen = self.find(previous)
+                self.logger = mlflow_logger(self, experiment_name=args.exp_name, run_name=directory.name,
+                                            tracking_uri=self.uri, tags=dict(tags), run_id=reopen, synchronous=False,
+                                            artifact_location=None if served else artifacts.as_uri())  # fmt: skip
+                self.experiment_id, self.run_id = self.logger.experiment_id, self.logger.run_id
+        except Exception as error:
+            local = self.uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI")
+            advice = "check --exp-dir" if local else "start the server or fix MLFLOW_TRACKING_URI"
+            raise UserError(f"MLflow at {scrub(self.uri)} cannot be used ({reason(error)}): {advice}, "
+                            "or choose another --logger") from None  # fmt: skip
+
+    def find(self, previous: Mapping | None) -> str | None:
+        """The id of the run being resumed if it is in this store and not deleted; else None (a new run), and why."""
+        if not previous:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        where, run = previous.get("tracking_uri"), None
+        if where == scrub(self.uri):
+            try:
+                run = self.client.get_run(previous["run_id"])
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+        if run is None or run.info.lifecycle_stage == "deleted":
+            gone = f"MLflow run {previous.get('run_id')} is gone (deleted?)" if where == scrub(self.uri) else (
+                f"the resumed run was tracked at {where}, not {scrub(self.uri)}")  # fmt: skip
+            print(f"warning: {gone}; this run's metrics go to a new MLflow run", file=sys.stderr)
+            return None
+        self.reopened = True  # left exactly as it was until training starts (mark_running)
+        return run.info.run_id
+
+    def call(self, method: Any, *args: Any) -> None:
+        """`method(*args)` unless tracking has stopped; the first failure stops it, with one warning line, printed by
+        the training thread (MLflow's logging thread would write into whatever this process is printing)."""
+        if self.failure is None:
+            try:
+                method(*args)
+            except Exception as error:
+                self.fail(reason(error))
+        self.warn()
+
+    def warn(self) -> None:
+        if self.failure is not None and not self.warned:
+            self.warned = True
+            print(f"warning: MLflow stopped answering ({self.failure}); training goes on without it, and "
+                  f"{self.directory} keeps the complete records of this run", file=sys.stderr, flush=True)  # fmt: skip
+
+    def fail(self, why: str) -> bool:
+        self.failure = self.failure or why
+        return False  # as a logging filter: the record goes no further
+
+    def mark_running(self) -> None:
+        if self.reopened:
+            self.call(self.client.update_run, self.run_id, "RUNNING")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Values cut at MLflow's limit. MLflow refuses to change a param: a resumed run that runs with another value
+        records it as the tag `resumed.<key>`."""
+        from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        def log() -> None:
+            held = self.client.get_run(self.run_id).data.params if self.reopened else {}
+            flat = {str(key): str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
+            changed = [RunTag(f"resumed.{k}", v) for k, v in flat.items() if held.get(k, v) != v]
+            self.client.log_batch(
+                self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in held], tags=changed
+            )
+
+        self.call(log)
+
+    def log_files(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.is_file():
+                self.call(self.client.log_artifact, self.run_id, str(path))
+
+    def log_model(self, checkpoint: Path) -> None:
+        """The network of `checkpoint` as an MLflow model, in torch.export's pt2 format (MLflow's default: loading it
+        runs no pickle and needs neither this project nor Lightning), with a signature and an example of raw pixels;
+        metadata["project"] holds what project.predict needs to feed it."""
+        import importlib.metadata
+
+        # mlflow.pytorch imports pytorch_lightning, if installed, for an autologging callback this run never uses
+        # (2 s, and its log lines); a None entry in sys.modules makes that import fail, which mlflow.pytorch allows.
+        sys.modules.setdefault("pytorch_lightning", None)
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        from project.export import example_input
+        from project.infra.checkpoints import read_model
+
+        def log() -> None:
+            network, spec = read_model(checkpoint)  # weights only: a checkpoint may come from anyone
+            example = example_input(spec, EXAMPLE_BATCH).numpy()
+            # MLflow files a logged model under the fluent API's current experiment (else "Default"), not its run's.
+            mlflow.set_experiment(experiment_id=self.experiment_id)
+            with torch.no_grad():
+                signature = infer_signature(example, network(torch.from_numpy(example)).numpy())
+                self.model_uri = mlflow.pytorch.log_model(
+                    network, name="model", run_id=self.run_id, input_example=example, signature=signature,
+                    metadata={"project": spec},
+                    # explicit: inferring them loads the model in another process (seconds)
+                    pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
+                    validate_serving_input=False,  # tests load the logged model and predict with it instead
+                ).model_uri  # fmt: skip
+
+        if self.failure is None:
+            try:
+                log()
+            except Exception as error:
+                if unreachable(error):
+                    self.fail(reason(error))
+                else:
+                    self.problem = f"the model was not logged ({reason(error)})"
+        self.warn()
+
+    def close(self, status: str) -> str | None:
+        """Wait for the metrics still queued, then set the run's status (FINISHED, FAILED or KILLED); returns what
+        went wrong, as one line, or None."""
+        import mlflow
+
+        self.call(mlflow.flush_async_logging)  # Lightning's logger set MLflow's tracking URI to this store
+        self.call(self.client.set_terminated, self.run_id, status)
+        if self.failure:
+            return f"MLflow: records stop where the server stopped answering ({self.failure})"
+        return f"MLflow: {self.problem}" if self.problem else None
+
+    def abandon(self) -> None:
+        """The run never started: a new MLflow run is deleted (MLflow can restore it), a reopened one is left as it
+        was."""
+        if not self.reopened:
+            self.call(self.client.delete_run, self.run_id)
+
+    def describe(self) -> dict[str, Any]:
+        found = {"tracking_uri": scrub(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id,
+                 "complete": self.failure is None and self.problem is None}  # fmt: skip
+        return found | ({"model_uri": self.model_uri} if self.model_uri else {})
+
+    def how_to_open(self) -> str:
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if self.uri.startswith("sqlite:"):
+            return f"mlflow ui --backend-store-uri {scrub(self.uri)}   then open http://127.0.0.1:5000/{page}"
+        return f"{scrub(self.uri).rstrip('/')}/{page}"
+
+
+def mlflow_logger(run: MLflowRun, **options: Any) -> Any:
+    """Lightning's MLFlowLogger, its calls made through `run` (a failure stops them), and the run's end left to
+    MLflowRun.close: Lightning's finalize, after fit and again after test, would mark it FINISHED before the test and
+    the records are done, and would raise if the server were gone."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class RunLogger(MLFlowLogger):
+        def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+            run.call(super().log_metrics, metrics, step)
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            run.log_params(vars(params) if isinstance(params, argparse.Namespace) else params)
+
+        def finalize(self, status: str = "success") -> None:
+            pass
+
+    return RunLogger(**options)
+
+
+@contextlib.contextmanager
+def keep_environment(name: str) -> Any:
+    value = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def store_lock(uri: str) -> Any:
+    """MLflow's schema set-up races when two processes create one SQLite store (one of them fails); a server needs
+    no lock."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{database}.lock", timeout=LOCK_SECONDS)
+
+
+def unreachable(error: BaseException) -> bool:
+    return bool(re.search(r"API request to \S+ failed|Connection refused|timed out|Max retries", str(error)))
+
+
+def reason(error: BaseException | str) -> str:
+    """A short reason: MLflow's own messages quote the whole urllib3 retry chain."""
+    text = str(error).strip()
+    request = re.search(r"API request to (\w+://[^/\s]+)\S* failed", text)
+    if request:
+        known = ("Connection refused", "timed out", "Name or service not known", "Connection reset")
+        kind = next((f": {k.lower()}" for k in known if k in text), "")
+        return scrub(f"no answer from {request.group(1)}{kind}")
+    return scrub(text.splitlines()[0][:300]) if text else type(error).__name__
 
 
 def tensorboard_summary(logger: Any, directory: Path, files: list[Path], scores: dict[str, Any] | None) -> None:
