@@ -113,3 +113,20 @@ def test_options_that_do_not_fit_the_task_are_one_line_before_any_run(argv, mess
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("manifest.json"))
+
+
+def test_the_mlflow_model_serves_values(tmp_path: Path, monkeypatch):
+    import mlflow
+
+    exp_dir = tmp_path / "experiments"
+    assert run.main([*DIABETES, "--logger", "mlflow", "--max-epochs", "2", "--exp-dir", str(exp_dir)]) == 0
+    run_dir = only_run_dir(exp_dir)
+    model_uri = json.loads((run_dir / "manifest.json").read_text())["trackers"]["mlflow"]["model_uri"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(exp_dir / 'mlflow.db').resolve()}")
+    rows = np.random.default_rng(1).normal(0, 0.05, size=(5, 10)).astype(np.float32)
+    served = mlflow.pyfunc.load_model(model_uri).predict(rows)
+    network, spec = read_model(Path(json.loads((run_dir / "test_metrics.json").read_text())["checkpoint"]))
+    with torch.inference_mode():
+        expected = network(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(np.asarray(served).reshape(expected.shape), expected, rtol=1e-5)
+    assert 25 < float(np.mean(served)) < 346  # the disease's progression, in its own units

@@ -408,9 +408,8 @@ def tensorboard_summary(logger: Any, directory: Path, files: list[Path], scores:
     from PIL import Image
 
     config = yaml.safe_load((directory / runs.CONFIG).read_text()) or {}
-    results = {
-        f"hparams/test_{k}": float(scores[k]) for k in ("acc", "f1", "loss") if scores and scores.get(k) is not None
-    }
+    results = {f"hparams/test_{name}": float(value) for name, value in (scores or {}).items()
+               if isinstance(value, float)}  # the task's scores and the loss, whatever the task  # fmt: skip
     logger.log_hyperparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()},
                            results)  # fmt: skip
     for path in files:
