@@ -101,7 +101,7 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
         assert (run_dir / name).is_file(), name
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["exit_status"] == "finished" and manifest["trackers"]["mlflow"]["complete"] is False
-    assert "Test accuracy:" in stdout and "warning: MLflow" in stdout
+    assert "Test scores:   acc " in stdout and "warning: MLflow" in stdout
 
 
 def first_epoch_logged(exp_dir: Path) -> bool:
