@@ -1,9 +1,11 @@
 """One run's records, whatever the tracker: its directory (runs.py says what lives there), the lock that keeps a
 second process out, config.yaml and manifest.json, the test reports and plots, and the one-screen summary at the end.
 
-Nothing is written into an existing run until its training (or testing) really starts: a command that fails before
-that (a bad option, a checkpoint that does not fit, a run another process holds) leaves the run as it was. Files are
-replaced atomically. Only global rank 0 creates the directory, writes in it and opens tracker runs.
+Every check comes before the first write. `Run(...)` names the run and reads what it continues; the Trainer is built;
+`Run.open` takes the lock, creates a new run's directory and opens the tracker runs (a resumed tracker run changes
+only when training starts); config.yaml, manifest.json and the lock's note are written when the Trainer starts
+(`Run.setup`). A command that fails before that leaves every run, its lock file and its tracker run as they were, and
+a new run leaves no directory and no tracker run. Only global rank 0 creates the directory, writes and opens trackers.
 """
 
 from __future__ import annotations
@@ -56,66 +58,94 @@ def is_global_zero() -> bool:
 def open_run(
     args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None, task: Any
 ) -> Run:
-    """The run directory (new, or the one `resume_from` belongs to), locked, with its loggers and checkpoint callbacks
-    (the best checkpoint by --monitor, in the direction the `task` says is better); config.yaml and manifest.json are
-    written when the Trainer starts (Run.setup)."""
-    zero = is_global_zero()
-    continued = runs.run_of(resume_from) if resume_from is not None else None
-    if continued is not None:
-        directory = continued
-    elif zero:
-        directory = create_run_dir(runs.experiment_dir(args.exp_dir, args.exp_name))
-        os.environ[RUN_DIR_ENV] = str(directory)
-    else:  # torchrun's other ranks never write; Lightning's launcher tells its ranks rank 0's directory
-        directory = Path(os.environ.get(RUN_DIR_ENV) or runs.experiment_dir(args.exp_dir, args.exp_name) / "rank-0")
-    run = Run(directory, args, config, trackers if zero else Trackers([]), zero, new=continued is None)
-    try:
-        if zero:
-            previous = read_json(directory / runs.MANIFEST, strict=True) if continued else {}  # checked, then locked
-            run.lock.acquire(run.command)
-            run.previous = previous
-        # Every rank has the loggers Lightning's callbacks ask for; only rank 0's write (and have tracker runs).
-        run.trackers.open(directory, args, run.previous.get("trackers", {}), run.tracker_tags() if zero else {})
-    except BaseException:
-        run.abandon()
-        raise
-    if not args.only_test:
-        last, mode = run.last_checkpoint, "max" if task.higher_is_better(args.monitor) else "min"
-        run.callbacks += [
-            ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}", monitor=args.monitor, mode=mode,
-                            auto_insert_metric_name=False),
-            ModelCheckpoint(dirpath=last.parent, filename=last.stem, enable_version_counter=False),
-        ]  # fmt: skip
+    """A Run, opened, for a caller that builds its Trainer afterwards (benchmarks/); run.py builds it in between."""
+    run = Run(args, config, trackers, resume_from, task)
+    run.open()
     return run
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether the run `checkpoint` belongs to has ended "finished" (tested and reported); a checkpoint kept outside
+    a run has nothing left to complete. A run killed in its test or its reports has not."""
+    run = runs.run_of(checkpoint)
+    return run is None or read_manifest(run).get("exit_status") == "finished"
 
 
 class Run(pl.Callback):
     """One run's records. As a Lightning callback it writes config.yaml and manifest.json when the Trainer starts and
     notes the hardware and data sizes; as a context manager it records how the run ended, however it ends."""
 
-    def __init__(self, directory: Path, args: argparse.Namespace, config: dict[str, Any], trackers: Trackers,
-                 zero: bool, new: bool) -> None:  # fmt: skip
-        self.directory, self.args, self.config, self.trackers = directory, args, config, trackers
-        self.zero, self.new = zero, new  # global rank 0; a run this command creates (not one it continues)
-        self.callbacks: list[Any] = [self]
-        self.last_checkpoint = directory / runs.CHECKPOINT_DIR / runs.LAST
+    def __init__(self, args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None,
+                 task: Any) -> None:  # fmt: skip
+        """The run `resume_from` belongs to, or a new one, named (created by `open`); its checkpoint callbacks keep the
+        best by --monitor in the direction the `task` says is better. Reads what it continues, writes nothing."""
+        self.zero, self.args, self.trackers = is_global_zero(), args, trackers
+        continued = runs.run_of(resume_from) if resume_from is not None else None
+        experiment = runs.experiment_dir(args.exp_dir, args.exp_name)
+        if continued is not None:
+            self.directory = continued
+        elif self.zero:  # start time and 32 random bits: two runs started together never share a name
+            self.directory = experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        else:  # torchrun's other ranks never write; Lightning's launcher tells its ranks rank 0's directory
+            self.directory = Path(os.environ.get(RUN_DIR_ENV) or experiment / "rank-0")
+        self.new = continued is None
+        if not self.zero:
+            self.trackers = Trackers(
+                []
+            )  # every rank has the loggers Lightning's callbacks ask for; only rank 0's write
+        self.config = redact(config)
         self.command = "python -m project.run " + shlex.join(redact_argv(list(args.argv)))
-        self.git = git_state() if zero else {}
-        self.lock = RunLock(directory)
-        self.previous: dict[str, Any] = {}
+        self.git = git_state() if self.zero else {}
+        self.lock = RunLock(self.directory / runs.LOCK)
+        self.previous: dict[str, Any] = {}  # the manifest of the run continued
         self.manifest: dict[str, Any] = {}
-        self.started = self.closed = False
+        self.created = self.started = self.closed = False  # created: the directory this command made
         self.test_record: dict[str, Any] | None = None  # test_metrics.json, once written
+        self.last_checkpoint = self.directory / runs.CHECKPOINT_DIR / runs.LAST
+        self.callbacks: list[Any] = [self]
+        if not args.only_test:
+            last, mode = self.last_checkpoint, "max" if task.higher_is_better(args.monitor) else "min"
+            self.callbacks += [
+                ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}", monitor=args.monitor, mode=mode,
+                                auto_insert_metric_name=False),
+                ModelCheckpoint(dirpath=last.parent, filename=last.stem, enable_version_counter=False),
+            ]  # fmt: skip
 
     @property
     def loggers(self) -> list[Any]:
         return self.trackers.loggers
 
+    def open(self, trainer: pl.Trainer | None = None) -> None:
+        """The last checks (the lock, the trackers), then the first writes: a new run's directory and lock file, the
+        tracker runs. A `trainer` built before gets the loggers."""
+        try:
+            if self.zero and not self.new:
+                if self.args.fast_dev_run:
+                    raise UserError("--fast-dev-run: a smoke test does not continue a run; run it without --resume")
+                self.previous = read_manifest(self.directory)
+            if self.zero:
+                if self.new:
+                    create_run_dir(self.directory)
+                    self.created = True
+                    os.environ[RUN_DIR_ENV] = str(self.directory)
+                self.lock.acquire()
+            self.trackers.open(self.directory, self.args, self.previous.get("trackers", {}), self.tracker_tags())
+        except BaseException:
+            self.abandon()
+            raise
+        if trainer is not None:
+            trainer.loggers = self.loggers
+
     def tracker_tags(self) -> dict[str, str]:
+        if not self.zero:
+            return {}
         git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
         mode = "test" if self.args.only_test else "train"
         return {"user": user(), "host": socket.gethostname(), **git, "run_dir": str(self.directory), "mode": mode,
                 **self.tags()}  # fmt: skip
+
+    def tags(self) -> dict[str, str]:
+        return redact(dict(tag.split("=", 1) for tag in self.args.tag))
 
     # --- the run starts -------------------------------------------------------------------------------------------
 
@@ -131,27 +161,24 @@ class Run(pl.Callback):
 
     def start(self) -> None:
         self.started = True
-        safe_config = redact(self.config)
         session = {"command": self.command, "start_time": now(), "user": user(), "host": socket.gethostname(),
                    "pid": os.getpid(), "git": self.git}  # fmt: skip
-        if self.previous:
-            old = read_yaml(self.directory / runs.CONFIG)
-            changed = {k: [old.get(k), v] for k, v in safe_config.items() if old.get(k) != v}
-            resumed = {**session, "from": str(self.args.resume), "changed": changed, "tags": self.tags()}
-            self.manifest = {**self.previous, "end_time": None, "exit_status": "running"}
-            self.manifest["resumed"] = [*self.previous.get("resumed", []), resumed]
-        else:
+        self.lock.note(f"pid {session['pid']} on {session['host']} since {session['start_time']} ({self.command})")
+        if not self.previous:
             self.manifest = {"run_id": self.directory.name, "experiment": self.args.exp_name,
                              "mode": "test" if self.args.only_test else "train", **session, "end_time": None,
                              "exit_status": "running", "versions": versions(), "seed": self.args.seed,
                              "data": {"dataset": self.args.dataset}, "tags": self.tags()}  # fmt: skip
+        else:
+            old = yaml.safe_load((self.directory / runs.CONFIG).read_text())  # the parser has read it already
+            changed = {k: [old.get(k), v] for k, v in self.config.items() if old.get(k) != v}
+            resumed = {**session, "from": str(self.args.resume), "changed": changed, "tags": self.tags()}
+            self.manifest = {**self.previous, "end_time": None, "exit_status": "running",
+                             "resumed": [*self.previous.get("resumed", []), resumed]}  # fmt: skip
         self.manifest["trackers"] = self.trackers.describe()
-        write_text(self.directory / runs.CONFIG, yaml.safe_dump(safe_config, sort_keys=True))
+        write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
         self.write_manifest()
-        self.trackers.start({**safe_config, "user": session["user"], "command": self.command})
-
-    def tags(self) -> dict[str, str]:
-        return redact(dict(tag.split("=", 1) for tag in self.args.tag))
+        self.trackers.start({**self.config, "user": session["user"], "command": self.command})
 
     # --- during and after training --------------------------------------------------------------------------------
 
@@ -162,9 +189,8 @@ class Run(pl.Callback):
         return Path(found[0].best_model_path) if found else None
 
     def best_score(self, trainer: pl.Trainer) -> float | None:
-        found = [c for c in trainer.checkpoint_callbacks if c.monitor == self.args.monitor]
-        score = found[0].best_model_score if found else None
-        return None if score is None else float(score)
+        found = [c.best_model_score for c in trainer.checkpoint_callbacks if c.monitor == self.args.monitor]
+        return None if not found or found[0] is None else float(found[0])
 
     def test_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -179,23 +205,22 @@ class Run(pl.Callback):
         if not (self.zero and trainer.is_global_zero):
             return
         report = solver.task.report(solver.test_state) if solver.test_state is not None else None
-        written = self.write_test_records(report, tested, trainer) if report is not None else []
-        best = self.best_score(trainer)
-        best_epoch = read_checkpoint_epoch(tested) if tested is not None and not self.args.only_test else None
+        epoch = read_checkpoint_epoch(tested) if tested is not None else None
+        written = self.write_test_records(report, tested, epoch, trainer) if report is not None else []
         curves, metric = self.directory / runs.CURVES, solver.task.metric_names()[1:2]
-        write_file(curves, lambda path: plots.save_curves(self.directory / runs.METRICS, path, best_epoch,
+        marked = None if self.args.only_test else epoch
+        write_file(curves, lambda path: plots.save_curves(self.directory / runs.METRICS, path, marked,
                                                           self.args.monitor, *metric))  # fmt: skip
         records = [runs.CONFIG, runs.CURVES, *written, runs.METRICS]
         self.trackers.finish(self.directory, [self.directory / name for name in records], self.test_record)
         problems = self.close("finished")
         if report is not None and report.text.count("\n") < MAX_REPORT_LINES_ON_SCREEN:
             print(report.text)
-        print(self.summary(report, tested, best, problems))
+        print(self.summary(report, tested, self.best_score(trainer), problems))
 
-    def write_test_records(self, report: Any, tested: Path | None, trainer: pl.Trainer) -> list[str]:
+    def write_test_records(self, report: Any, tested: Path | None, epoch: int | None, trainer: pl.Trainer) -> list[str]:
         """test_report.txt, test_metrics.json and the task's figures; returns their names."""
         loss = trainer.callback_metrics.get("test/loss")
-        epoch = read_checkpoint_epoch(tested) if tested is not None else None
         where = {"checkpoint": str(tested) if tested else None, "checkpoint_epoch": epoch}
         self.test_record = {**report.scores, "loss": float(loss) if loss is not None else None, **report.details,
                             **where}  # fmt: skip
@@ -245,11 +270,12 @@ class Run(pl.Callback):
         return problems
 
     def abandon(self) -> None:
-        """The run never started: end its tracker runs unmarked, release it, and remove a new run's directory."""
+        """The run never started: end the tracker runs this command opened, unmarked, release the run, and remove a
+        new run's directory."""
         self.closed = True
         self.trackers.abandon()
         self.lock.release()
-        if self.new and self.zero:
+        if self.created:
             with contextlib.suppress(OSError):
                 (self.directory / runs.LOCK).unlink(missing_ok=True)
                 self.directory.rmdir()
@@ -273,17 +299,18 @@ class Run(pl.Callback):
 
 
 class RunLock:
-    """An exclusive lock on a run directory while a process runs it (flock: the OS drops it however the process dies).
-    The holder writes who it is into the lock file, so a second process can say who holds the run."""
+    """An exclusive flock on a run's lock file while a process runs the run (the OS drops it however the process
+    dies). Once the run starts, the holder notes who it is in the file, so that a second process can say who holds
+    the run; it empties the file when the run ends. A process that does not get the lock writes nothing."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path, self.file = directory / runs.LOCK, None
+    def __init__(self, path: Path) -> None:
+        self.path, self.file, self.noted = path, None, False
 
-    def acquire(self, command: str) -> None:
+    def acquire(self) -> None:
         if fcntl is None:
             return
         try:
-            file = open(self.path, "a+")  # noqa: SIM115 (held until release); "a+": a loser must not erase the note
+            file = open(self.path, "a+")  # noqa: SIM115 (held until release); "a+": opening it changes nothing
         except OSError as error:
             raise UserError(f"cannot lock {self.path.parent}: {error.strerror}") from error
         try:
@@ -293,43 +320,50 @@ class RunLock:
             holder = file.read().strip() or "another process"
             file.close()
             raise UserError(f"{self.path.parent} is in use by {holder}; wait for it to end, or stop it") from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()} ({command})\n")
-        file.flush()
-        self.file = file
+        self.file, self.noted = file, False
+
+    def note(self, text: str) -> None:
+        if self.file is not None:
+            self.file.truncate(0)
+            self.file.write(text + "\n")  # "a+" appends: at 0, now
+            self.file.flush()
+            self.noted = True
 
     def release(self) -> None:
         if self.file is not None:
+            if self.noted:
+                self.file.truncate(0)
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
 
 
-def create_run_dir(experiment: Path) -> Path:
-    """A new, empty `experiment/<start time>-<random suffix>`. --exp-dir may be a link the user made; a link planted
-    as the experiment folder inside it is refused rather than followed out of --exp-dir."""
+def create_run_dir(directory: Path) -> None:
+    """The new, empty run directory `directory`, never one that exists. --exp-dir may be a link the user made; a link
+    planted as the experiment folder inside it is refused rather than followed out of --exp-dir."""
+    experiment = directory.parent
     try:
-        experiment.parent.mkdir(parents=True, exist_ok=True)
-        experiment.mkdir(exist_ok=True)
-        folder = os.open(experiment, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as error:
+        experiment.mkdir(parents=True, exist_ok=True)
         if experiment.is_symlink():
-            raise UserError(f"--exp-dir: {experiment} is a symbolic link; runs are not written through it") from error
-        raise UserError(f"--exp-dir: cannot create a run directory in {experiment}: {error.strerror}") from error
-    try:
-        for _ in range(10):
-            run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(
-                    run_id, dir_fd=folder
-                )  # relative to the folder opened above: a swapped-in link is not followed
-                return experiment / run_id
-        raise UserError(f"--exp-dir: cannot find a free run name in {experiment}")
+            raise UserError(f"--exp-dir: {experiment} is a symbolic link; runs are not written through it")
+        directory.mkdir()
+    except FileExistsError as error:
+        raise UserError(f"--exp-dir: {directory} exists already; start the run again for a new name") from error
     except OSError as error:
         raise UserError(f"--exp-dir: cannot create a run directory in {experiment}: {error.strerror}") from error
-    finally:
-        os.close(folder)
+
+
+def read_manifest(run: Path) -> dict[str, Any]:
+    """A run's manifest.json, {} when there is none; one that is there but not a JSON object is an error."""
+    try:
+        found = json.loads((run / runs.MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict):
+        raise UserError(f"{run / runs.MANIFEST} is not a manifest (a JSON object); restore it, or start a new run")
+    return found
 
 
 def read_checkpoint_epoch(path: Path) -> int | None:
@@ -351,11 +385,11 @@ def hardware(trainer: pl.Trainer) -> dict[str, Any]:
 
 def git_state() -> dict[str, Any]:
     """The commit of this project's code and whether it had uncommitted changes (None outside git)."""
-    root = str(Path(__file__).resolve().parents[2])
+    git = ["git", "-C", str(Path(__file__).resolve().parents[2])]
     try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)  # fmt: skip
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
     if commit.returncode != 0:
@@ -393,26 +427,3 @@ def user() -> str:
 
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def read_json(path: Path, strict: bool = False) -> dict[str, Any]:
-    """A JSON object from `path`, {} when there is none; `strict`: a file that is there but not one is an error."""
-    try:
-        found = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        found = None
-    if not isinstance(found, dict):
-        if strict:
-            raise UserError(f"{path} is not a manifest (a JSON object); restore it, or start a new run")
-        return {}
-    return found
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        found = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return {}
-    return found if isinstance(found, dict) else {}
