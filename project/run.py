@@ -178,7 +178,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     import torch
 
     from project.data import DATASETS
-    from project.infra import checkpoints, console, hardware, records
+    from project.infra import checkpoints, console, errors, hardware, records
 
     console.quiet()  # our own lines and the progress bar, not the libraries' banners
     hardware.resolve(args)  # a GPU that is not there, an unknown strategy: one line, before anything is written
@@ -198,12 +198,18 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     else:
         solver = build_solver(args, datamodule)
         if args.resume:
-            checkpoints.check_resumable(checkpoint, dict(solver.hparams), args.max_epochs)
+            try:
+                checkpoints.check_resumable(checkpoint, dict(solver.hparams), args.max_epochs)
+            except errors.NothingToDo:  # trained to the end: a run killed in its test or reports is completed below
+                if records.finished(checkpoint):
+                    raise
 
-    # 3. Records: a run directory, trackers and checkpoints, and the Trainer that writes them.
-    run = records.open_run(args, config_of(args), trackers, checkpoint if args.resume else None, task)
+    # 3. Records: the run (named; nothing written yet), the Trainer that writes it, then the run opened (its lock,
+    # directory and tracker runs), so that a setting Lightning refuses leaves every run as it was.
+    run = records.Run(args, config_of(args), trackers, checkpoint if args.resume else None, task)
     with run:  # however this block ends, the run's records say how (finished, interrupted, failed)
         trainer = build_trainer(args, run, callbacks)
+        run.open(trainer)
 
         # 4. Train, then test the best checkpoint (never the last epoch's weights by accident). With --only-test the
         # solver holds its checkpoint's weights already.

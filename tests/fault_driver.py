@@ -7,6 +7,8 @@ Faults (epochs and batches count from 0; N counts writes of last.ckpt from 1):
     kill-val EPOCH               SIGKILL in the second validation batch of that epoch
     kill-after-save N            SIGKILL right after the N-th last.ckpt is in place
     kill-mid-write N             SIGKILL halfway through writing the N-th last.ckpt
+    kill-test                    SIGKILL in the second test batch (after training, before any report)
+    kill-plot                    SIGKILL while curves.png is drawn (the test records are written by then)
     signal-train NAME EPOCH BATCH   send SIGTERM/SIGINT to itself inside that training step
     signal-val NAME EPOCH        send it inside the second validation batch of that epoch
     enospc N                     the N-th last.ckpt write fails halfway with "No space left on device"
@@ -58,6 +60,19 @@ def _at_validation(epoch: int, action) -> None:
         return original(self, batch_, batch_idx)
 
     Solver.validation_step = validation_step
+
+
+def _at_test(action) -> None:
+    from project.solver import Solver
+
+    original = Solver.test_step
+
+    def test_step(self, batch_, batch_idx):
+        if batch_idx == 1:
+            action()
+        return original(self, batch_, batch_idx)
+
+    Solver.test_step = test_step
 
 
 def _on_last_write(n: int, before_rename=None, after_rename=None) -> None:
@@ -146,6 +161,12 @@ def main() -> int:
             _at_training_step(*numbers, send)
         else:
             _at_validation(*numbers, send)
+    elif fault == "kill-test":
+        _at_test(_kill)
+    elif fault == "kill-plot":
+        from project.infra import plots
+
+        plots.save_curves = lambda *args, **kwargs: _kill()
     elif fault == "enospc":
         _on_last_write(*numbers, before_rename=_raise_enospc)
     elif fault == "signal-report":

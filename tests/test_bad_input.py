@@ -31,9 +31,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
-    }
+    """Every file's bytes and every folder (an empty run directory left behind counts)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in root.rglob("*")}  # fmt: skip
 
 
 def hostile_checkpoint(tmp: Path) -> Path:
@@ -74,7 +74,11 @@ CASES = {
     "resume with a config file": ("unchanged", "uses the run's own config.yaml"),
     "resume a run whose config.yaml is a list": ("unchanged", "must hold a mapping"),
     "resume a run whose manifest.json is broken": ("unchanged", "is not a manifest"),
-    "resume a run another process holds": ("unchanged", "is in use by pid"),
+    "resume a run another process holds": ("unchanged", "is in use by pid 4242 on elsewhere since"),
+    "resume as a fast dev run": ("unchanged", "--fast-dev-run: a smoke test does not continue a run"),
+    "resume with a strategy Lightning refuses": ("unchanged", "--strategy/--precision: The strategy `fsdp` requires"),
+    "test with a strategy Lightning refuses": ("unchanged", "--strategy/--precision: The strategy `fsdp` requires"),
+    "new run with a strategy Lightning refuses": ("unchanged", "--strategy/--precision: The strategy `fsdp` requires"),
     "resume with nothing to resume": ("unchanged", "no checkpoint found"),
     "test on another split": ("unchanged", "--seed 5 (the run's: 0): a run's checkpoint is tested on its own test"),
     "test a run's checkpoint on another dataset": ("unchanged", "a run's checkpoint is tested on its own test split"),
@@ -142,6 +146,19 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "resume with another seed": [*resume, "--max-epochs", "3", "--seed", "1"],
         "resume with another batch size": [*resume, "--max-epochs", "3", "--batch-size", "32"],
         "resume with another learning rate": [*resume, "--max-epochs", "3", "--learning-rate", "0.5"],
+        "resume as a fast dev run": [*resume, "--max-epochs", "3", "--fast-dev-run"],
+        # Lightning refuses these when the Trainer is built: no new run directory, no tracker run, no lock touched.
+        "resume with a strategy Lightning refuses": [
+            *resume,
+            "--max-epochs",
+            "3",
+            "--strategy",
+            "fsdp",
+            "--accelerator",
+            "cpu",
+        ],
+        "test with a strategy Lightning refuses": ["--only-test", *good, "--strategy", "fsdp", "--accelerator", "cpu"],
+        "new run with a strategy Lightning refuses": [*good, "--strategy", "fsdp", "--accelerator", "cpu"],
         "resume with nothing to resume": ["--resume", "--exp-dir", str(exp_dir), "--exp-name", "never-ran"],
         "test on another split": ["--only-test", *good, "--seed", "5"],
         "only-test with nothing trained": ["--only-test", "--exp-dir", str(exp_dir), "--exp-name", "never-ran"],
@@ -169,11 +186,14 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
     if case == "resume a run whose manifest.json is broken":
         copy, argv = copy_of_run(exp_dir, tmp, lambda run: (run / "manifest.json").write_text("[1, 2"))
         return module, [*argv, "--max-epochs", "3"], copy
-    if case == "resume a run another process holds":
-        holder = open(only_run_dir(exp_dir, "good") / ".lock", "a")  # noqa: SIM115 (held for the rest of the test process)
+    if case == "resume a run another process holds":  # a holder as records.RunLock is one, its note written
+        copy, argv = copy_of_run(exp_dir, tmp, lambda run: None)
+        holder = open(copy / ".lock", "a")  # noqa: SIM115 (held until the case ends)
         fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write("pid 4242 on elsewhere since 2026-01-01T00:00:00+00:00 (python -m project.run --resume)\n")
+        holder.flush()
         HELD.append(holder)
-        return module, [*resume, "--max-epochs", "3"], guarded
+        return module, [*argv, "--max-epochs", "3"], copy
     if case.startswith("test a") and "another dataset" in case:
         write_mnist_like(tmp / "data", "MNIST", n_train=20, n_test=10)
         if "file" in case:  # a checkpoint kept outside its run: no config.yaml, its weights say what they fit
@@ -253,9 +273,10 @@ def test_bad_input_is_one_line_and_harmless(case: str, trained: Path, tmp_path: 
     assert not list(tmp_path.rglob(".*.partial*")), "a half-written file was left behind"
 
 
-def test_resuming_a_finished_run_to_its_own_end_says_so_and_changes_nothing(trained: Path) -> None:
+@pytest.mark.parametrize("smoke", [[], ["--fast-dev-run"]], ids=["plain", "fast-dev-run"])
+def test_resuming_a_finished_run_to_its_own_end_says_so_and_changes_nothing(trained: Path, smoke: list[str]) -> None:
     before = snapshot(trained)
-    result = run_cli("--resume", "--exp-dir", str(trained), "--exp-name", "good", "--max-epochs", "2")
+    result = run_cli("--resume", "--exp-dir", str(trained), "--exp-name", "good", "--max-epochs", "2", *smoke)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("nothing to train: ") and "trained all 2 epochs" in result.stdout
     assert snapshot(trained) == before

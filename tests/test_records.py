@@ -283,11 +283,41 @@ def test_a_planted_symlink_is_not_followed_out_of_exp_dir(tmp_path):
     exp_dir.mkdir()
     (exp_dir / "debug").symlink_to(outside, target_is_directory=True)
     with pytest.raises(UserError, match="symbolic link"):
-        create_run_dir(exp_dir / "debug")
+        create_run_dir(exp_dir / "debug" / "20260101-000000-abcdef01")
     assert not any(outside.iterdir())
 
-    first, second = create_run_dir(exp_dir / "real"), create_run_dir(exp_dir / "real")
-    assert first != second and first.parent == second.parent == exp_dir / "real"
+    create_run_dir(exp_dir / "real" / "20260101-000000-abcdef01")
+    with pytest.raises(UserError, match="exists already"):  # a run directory is never shared
+        create_run_dir(exp_dir / "real" / "20260101-000000-abcdef01")
+
+
+# Writes `letter` slowly into the target through files.write_file, once the file `go` appears.
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from project.infra.files import write_file
+target, letter, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.005)
+def slowly(path):
+    with open(path, "w") as file:
+        for _ in range(40):
+            file.write(letter * 1000)
+            file.flush()
+            time.sleep(0.01)
+write_file(target, slowly)
+"""
+
+
+def test_two_processes_writing_one_file_at_once_each_leave_a_whole_one(tmp_path):
+    target, go = tmp_path / "out.txt", tmp_path / "go"
+    writers = [subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target), letter, str(go)], env=cli_env(),
+                                stderr=subprocess.PIPE, text=True) for letter in "ab"]  # fmt: skip
+    go.touch()
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()
+    assert target.read_text() in ("a" * 40000, "b" * 40000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "out.txt"]
 
 
 def test_other_ranks_create_and_write_nothing(tmp_path, monkeypatch):

@@ -132,6 +132,45 @@ def test_run_killed_while_writing_last_ckpt_keeps_the_previous_one(exp_dir: Path
     assert last_step(folder.parent) == 23  # ...so last.ckpt is still the 5th, whole (resumed as above)
 
 
+# A run stopped after its training ended: (fault, its exit status). 16 writes of last.ckpt make the 3 epochs.
+AFTER_TRAINING = {
+    "killed-right-after-the-last-checkpoint": (("kill-after-save", "16"), -signal.SIGKILL),
+    "killed-during-the-test": (("kill-test",), -signal.SIGKILL),
+    "killed-during-the-reports": (("kill-plot",), -signal.SIGKILL),
+    "SIGINT-in-the-last-training-step": (("signal-train", "SIGINT", "2", "22"), 130),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", AFTER_TRAINING)
+def test_a_run_stopped_after_training_is_completed_by_resume(point: str, digits_reference: Path, exp_dir: Path) -> None:
+    """--resume runs the test and the reports in the same directory and tracker run, and the run ends "finished"
+    (never "nothing to train"), with the test scores of an uninterrupted run."""
+    from mlflow.tracking import MlflowClient
+
+    fault, status = AFTER_TRAINING[point]
+    args = (*DIGITS, "--logger", "mlflow", "--exp-dir", str(exp_dir))
+    stopped = run_cli(*fault, "--", *args, module="tests.fault_driver")
+    assert stopped.returncode == status, stopped.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    assert last_step(run_dir) == 69  # all 3 epochs trained
+    tracked = json.loads((run_dir / "manifest.json").read_text())["trackers"]["mlflow"]["run_id"]
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "nothing to train" not in resumed.stdout and f"Run directory: {run_dir}" in resumed.stdout
+    assert only_run_dir(exp_dir) == run_dir
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["exit_status"] == "finished" and manifest["resumed"][-1]["exit_status"] == "finished"
+    assert manifest["trackers"]["mlflow"]["run_id"] == tracked
+    client = MlflowClient(f"sqlite:///{(exp_dir / 'mlflow.db').resolve().as_posix()}")
+    assert client.get_run(tracked).info.status == "FINISHED" and len(client.search_runs(["1"])) == 1
+    assert (run_dir / "curves.png").is_file() and (run_dir / "test_report.txt").is_file()
+    assert_same_run(digits_reference, run_dir)
+    again = run_cli(*args, "--resume")  # and now it is finished
+    assert again.returncode == 0 and again.stdout.startswith("nothing to train: "), again.stderr[-2000:]
+
+
 # point: (fault, exit status, the step last.ckpt was saved at)
 SIGNALS = {
     "SIGTERM-mid-epoch": (("signal-train", "SIGTERM", "1", "5"), 143, 29),

@@ -1,9 +1,11 @@
-"""One run's records, whatever the tracker: its directory (runs.py says what lives there), the lock that keeps a
-second process out, config.yaml and manifest.json, the test reports and plots, and the one-screen summary at the end.
+"""One run's records, whatever the tracker: its directory (runs.py), the lock that keeps a second process out,
+config.yaml and manifest.json, the test reports and plots, and the one-screen summary at the end.
 
-Nothing is written into an existing run until its training (or testing) really starts: a command that fails before
-that (a bad option, a checkpoint that does not fit, a run another process holds) leaves the run as it was. Files are
-replaced atomically. Only global rank 0 creates the directory, writes in it and opens tracker runs.
+Every check comes before the first write. `Run(...)` only names the run; the Trainer is built; `Run.open` reads the
+manifest of the run it continues, takes the lock, creates a new run's directory and opens the tracker runs (a resumed
+tracker run changes only once training starts); config.yaml, manifest.json and the lock's note are written when the
+Trainer starts (`Run.setup`). A command that fails before then leaves every run, its lock file and its tracker run as
+they were, and a new run leaves no directory and no tracker run. Only global rank 0 writes and opens tracker runs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from project.infra import plots, runs
+from project.infra import checkpoints, plots, runs
 from project.infra.errors import Interrupted, RunStopped, UserError
 from project.infra.files import write_file, write_text
 from project.infra.redact import redact, redact_argv
@@ -53,71 +55,92 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0 and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def open_run(
-    args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None, task: Any
-) -> Run:
-    """The run directory (new, or the one `resume_from` belongs to), locked, with its loggers and checkpoint callbacks
-    (the best checkpoint by --monitor, in the direction the `task` says is better); config.yaml and manifest.json are
-    written when the Trainer starts (Run.setup)."""
-    zero = is_global_zero()
-    continued = runs.run_of(resume_from) if resume_from is not None else None
-    if continued is not None:
-        directory = continued
-    elif zero:
-        directory = create_run_dir(runs.experiment_dir(args.exp_dir, args.exp_name))
-        os.environ[RUN_DIR_ENV] = str(directory)
-    else:  # torchrun's other ranks never write; Lightning's launcher tells its ranks rank 0's directory
-        directory = Path(os.environ.get(RUN_DIR_ENV) or runs.experiment_dir(args.exp_dir, args.exp_name) / "rank-0")
-    run = Run(directory, args, config, trackers if zero else Trackers([]), zero, new=continued is None)
-    try:
-        if zero:
-            previous = read_json(directory / runs.MANIFEST, strict=True) if continued else {}  # checked, then locked
-            run.lock.acquire(run.command)
-            run.previous = previous
-        # Every rank has the loggers Lightning's callbacks ask for; only rank 0's write (and have tracker runs).
-        run.trackers.open(directory, args, run.previous.get("trackers", {}), run.tracker_tags() if zero else {})
-    except BaseException:
-        run.abandon()
-        raise
-    if not args.only_test:
-        last, mode = run.last_checkpoint, "max" if task.higher_is_better(args.monitor) else "min"
-        run.callbacks += [
-            ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}", monitor=args.monitor, mode=mode,
-                            auto_insert_metric_name=False),
-            ModelCheckpoint(dirpath=last.parent, filename=last.stem, enable_version_counter=False),
-        ]  # fmt: skip
+def open_run(args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None,
+             task: Any) -> Run:  # fmt: skip
+    """A Run opened at once, for a caller that builds its Trainer afterwards (benchmarks/)."""
+    run = Run(args, config, trackers, resume_from, task)
+    run.open()
     return run
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether the run of `checkpoint` ended "finished" (one killed in its test or its reports did not); a checkpoint
+    kept outside a run has nothing left to complete."""
+    run = runs.run_of(checkpoint)
+    return run is None or read_manifest(run).get("exit_status") == "finished"
 
 
 class Run(pl.Callback):
     """One run's records. As a Lightning callback it writes config.yaml and manifest.json when the Trainer starts and
     notes the hardware and data sizes; as a context manager it records how the run ended, however it ends."""
 
-    def __init__(self, directory: Path, args: argparse.Namespace, config: dict[str, Any], trackers: Trackers,
-                 zero: bool, new: bool) -> None:  # fmt: skip
-        self.directory, self.args, self.config, self.trackers = directory, args, config, trackers
-        self.zero, self.new = zero, new  # global rank 0; a run this command creates (not one it continues)
-        self.callbacks: list[Any] = [self]
-        self.last_checkpoint = directory / runs.CHECKPOINT_DIR / runs.LAST
+    def __init__(self, args: argparse.Namespace, config: dict[str, Any], trackers: Trackers, resume_from: Path | None,
+                 task: Any) -> None:  # fmt: skip
+        """The run `resume_from` belongs to, or a new one, named; its checkpoint callbacks keep the best by --monitor
+        in the direction the `task` says is better. Reads and writes nothing."""
+        self.args, self.zero, self.config = args, is_global_zero(), redact(config)
+        # Every rank has the loggers Lightning's callbacks ask for; only rank 0's write (and have tracker runs).
+        self.trackers = trackers if self.zero else Trackers([])
+        continued = runs.run_of(resume_from) if resume_from is not None else None
+        experiment = runs.experiment_dir(args.exp_dir, args.exp_name)
+        if continued is not None:
+            self.directory = continued
+        elif self.zero:  # its start time and 32 random bits; `open` creates it, and never one that exists
+            self.directory = experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        else:  # torchrun's other ranks never write; Lightning's launcher tells its ranks rank 0's directory
+            self.directory = Path(os.environ.get(RUN_DIR_ENV) or experiment / "rank-0")
+        self.new, self.created, self.started, self.closed = continued is None, False, False, False
         self.command = "python -m project.run " + shlex.join(redact_argv(list(args.argv)))
-        self.git = git_state() if zero else {}
-        self.lock = RunLock(directory)
-        self.previous: dict[str, Any] = {}
+        self.git = git_state() if self.zero else {}
+        self.lock = RunLock(self.directory / runs.LOCK)
+        self.previous: dict[str, Any] = {}  # the manifest of the run continued
         self.manifest: dict[str, Any] = {}
-        self.started = self.closed = False
         self.test_record: dict[str, Any] | None = None  # test_metrics.json, once written
+        self.last_checkpoint = self.directory / runs.CHECKPOINT_DIR / runs.LAST
+        self.callbacks: list[Any] = [self]
+        if not args.only_test:
+            last, mode = self.last_checkpoint, "max" if task.higher_is_better(args.monitor) else "min"
+            self.callbacks += [
+                ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}", monitor=args.monitor, mode=mode,
+                                auto_insert_metric_name=False),
+                ModelCheckpoint(dirpath=last.parent, filename=last.stem, enable_version_counter=False),
+            ]  # fmt: skip
 
     @property
     def loggers(self) -> list[Any]:
         return self.trackers.loggers
 
-    def tracker_tags(self) -> dict[str, str]:
-        git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
-        mode = "test" if self.args.only_test else "train"
-        return {"user": user(), "host": socket.gethostname(), **git, "run_dir": str(self.directory), "mode": mode,
-                **self.tags()}  # fmt: skip
+    def open(self, trainer: pl.Trainer | None = None) -> None:
+        """The last checks, then the first writes: the manifest of the run continued is read, the lock taken (a
+        process that does not get it writes nothing), a new run's directory created, the tracker runs opened. The
+        `trainer`, built before, gets the loggers."""
+        try:
+            if self.zero and not self.new:
+                if self.args.fast_dev_run:
+                    raise UserError("--fast-dev-run: a smoke test does not continue a run; run it without --resume")
+                self.previous = read_manifest(self.directory)
+            elif self.zero:
+                create_run_dir(self.directory)
+                self.created = True
+                os.environ[RUN_DIR_ENV] = str(self.directory)
+            if self.zero:
+                self.lock.acquire()
+            tags = self.tags(tracker=True) if self.zero else {}
+            self.trackers.open(self.directory, self.args, self.previous.get("trackers", {}), tags)
+        except BaseException:
+            self.abandon()
+            raise
+        if trainer is not None:
+            trainer.loggers = self.loggers
 
-    # --- the run starts -------------------------------------------------------------------------------------------
+    def tags(self, tracker: bool = False) -> dict[str, str]:
+        """The --tag values; for the tracker run, also who ran what where."""
+        tags = redact(dict(tag.split("=", 1) for tag in self.args.tag))
+        if not tracker:
+            return tags
+        git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
+        return {"user": user(), "host": socket.gethostname(), **git, "run_dir": str(self.directory),
+                "mode": "test" if self.args.only_test else "train", **tags}  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not (self.zero and trainer.is_global_zero):
@@ -131,29 +154,24 @@ class Run(pl.Callback):
 
     def start(self) -> None:
         self.started = True
-        safe_config = redact(self.config)
         session = {"command": self.command, "start_time": now(), "user": user(), "host": socket.gethostname(),
                    "pid": os.getpid(), "git": self.git}  # fmt: skip
+        self.lock.note(f"pid {session['pid']} on {session['host']} since {session['start_time']} ({self.command})\n")
         if self.previous:
-            old = read_yaml(self.directory / runs.CONFIG)
-            changed = {k: [old.get(k), v] for k, v in safe_config.items() if old.get(k) != v}
+            old = yaml.safe_load((self.directory / runs.CONFIG).read_text())  # the parser has read it already
+            changed = {k: [old.get(k), v] for k, v in self.config.items() if old.get(k) != v}
             resumed = {**session, "from": str(self.args.resume), "changed": changed, "tags": self.tags()}
-            self.manifest = {**self.previous, "end_time": None, "exit_status": "running"}
-            self.manifest["resumed"] = [*self.previous.get("resumed", []), resumed]
+            self.manifest = {**self.previous, "end_time": None, "exit_status": "running",
+                             "resumed": [*self.previous.get("resumed", []), resumed]}  # fmt: skip
         else:
             self.manifest = {"run_id": self.directory.name, "experiment": self.args.exp_name,
                              "mode": "test" if self.args.only_test else "train", **session, "end_time": None,
                              "exit_status": "running", "versions": versions(), "seed": self.args.seed,
                              "data": {"dataset": self.args.dataset}, "tags": self.tags()}  # fmt: skip
         self.manifest["trackers"] = self.trackers.describe()
-        write_text(self.directory / runs.CONFIG, yaml.safe_dump(safe_config, sort_keys=True))
+        write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
         self.write_manifest()
-        self.trackers.start({**safe_config, "user": session["user"], "command": self.command})
-
-    def tags(self) -> dict[str, str]:
-        return redact(dict(tag.split("=", 1) for tag in self.args.tag))
-
-    # --- during and after training --------------------------------------------------------------------------------
+        self.trackers.start({**self.config, "user": session["user"], "command": self.command})
 
     def best_checkpoint(self, trainer: pl.Trainer) -> Path | None:
         """The best checkpoint's path, the same on every process (Lightning broadcasts rank 0's directory), so each
@@ -162,9 +180,8 @@ class Run(pl.Callback):
         return Path(found[0].best_model_path) if found else None
 
     def best_score(self, trainer: pl.Trainer) -> float | None:
-        found = [c for c in trainer.checkpoint_callbacks if c.monitor == self.args.monitor]
-        score = found[0].best_model_score if found else None
-        return None if score is None else float(score)
+        found = [c.best_model_score for c in trainer.checkpoint_callbacks if c.monitor == self.args.monitor]
+        return None if not found or found[0] is None else float(found[0])
 
     def test_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -174,39 +191,31 @@ class Run(pl.Callback):
             self.trackers.log_model(checkpoint)
 
     def finish(self, trainer: pl.Trainer, solver: Any, tested: Path | None) -> None:
-        """Test report, test_metrics.json and the task's figures, the curves, the trackers' copies, then the summary
-        on screen."""
+        """The task's test report, scores and figures, the curves, the trackers' copies, then the summary on screen."""
         if not (self.zero and trainer.is_global_zero):
             return
         report = solver.task.report(solver.test_state) if solver.test_state is not None else None
-        written = self.write_test_records(report, tested, trainer) if report is not None else []
-        best = self.best_score(trainer)
-        best_epoch = read_checkpoint_epoch(tested) if tested is not None and not self.args.only_test else None
-        curves, metric = self.directory / runs.CURVES, solver.task.metric_names()[1:2]
-        write_file(curves, lambda path: plots.save_curves(self.directory / runs.METRICS, path, best_epoch,
-                                                          self.args.monitor, *metric))  # fmt: skip
-        records = [runs.CONFIG, runs.CURVES, *written, runs.METRICS]
-        self.trackers.finish(self.directory, [self.directory / name for name in records], self.test_record)
+        epoch = checkpoints.read(tested).get("epoch") if tested is not None else None
+        names = [runs.CONFIG, runs.CURVES, runs.METRICS]
+        if report is not None:
+            loss = trainer.callback_metrics.get("test/loss")
+            where = {"checkpoint": str(tested) if tested else None, "checkpoint_epoch": epoch}
+            self.test_record = {**report.scores, "loss": None if loss is None else float(loss), **report.details,
+                                **where}  # fmt: skip
+            self.manifest["test"] = {**report.scores, **where}
+            write_text(self.directory / runs.REPORT, report.text + "\n")
+            write_text(self.directory / runs.TEST_METRICS, json.dumps(self.test_record, indent=2) + "\n")
+            for name, draw in report.figures.items():
+                write_file(self.directory / name, draw)
+            names += [runs.REPORT, runs.TEST_METRICS, *report.figures]
+        marked, metric = None if self.args.only_test else epoch, solver.task.metric_names()[1:2]
+        write_file(self.directory / runs.CURVES, lambda path: plots.save_curves(
+            self.directory / runs.METRICS, path, marked, self.args.monitor, *metric))  # fmt: skip
+        self.trackers.finish(self.directory, [self.directory / name for name in names], self.test_record)
         problems = self.close("finished")
         if report is not None and report.text.count("\n") < MAX_REPORT_LINES_ON_SCREEN:
             print(report.text)
-        print(self.summary(report, tested, best, problems))
-
-    def write_test_records(self, report: Any, tested: Path | None, trainer: pl.Trainer) -> list[str]:
-        """test_report.txt, test_metrics.json and the task's figures; returns their names."""
-        loss = trainer.callback_metrics.get("test/loss")
-        epoch = read_checkpoint_epoch(tested) if tested is not None else None
-        where = {"checkpoint": str(tested) if tested else None, "checkpoint_epoch": epoch}
-        self.test_record = {**report.scores, "loss": float(loss) if loss is not None else None, **report.details,
-                            **where}  # fmt: skip
-        write_text(self.directory / runs.REPORT, report.text + "\n")
-        write_text(self.directory / runs.TEST_METRICS, json.dumps(self.test_record, indent=2) + "\n")
-        for name, draw in report.figures.items():
-            write_file(self.directory / name, draw)
-        self.manifest["test"] = {**report.scores, **where}
-        return [runs.REPORT, runs.TEST_METRICS, *report.figures]
-
-    # --- the end, however it comes --------------------------------------------------------------------------------
+        print(self.summary(report, tested, self.best_score(trainer), problems))
 
     def __enter__(self) -> Run:
         return self
@@ -214,42 +223,42 @@ class Run(pl.Callback):
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
         if error is None or self.closed:
             return
+        stopped = isinstance(error, (Interrupted, KeyboardInterrupt)) or (
+            isinstance(error, RunStopped) and error.exit_code > 128
+        )
         if not self.started:
             self.abandon()  # nothing was written: leave the run (or no trace of a new one) as it was
-        elif isinstance(error, (Interrupted, KeyboardInterrupt)) or (
-            isinstance(error, RunStopped) and error.exit_code > 128
-        ):
-            self.close("interrupted")
-        elif type(error).__name__ == "TrialPruned":  # a sweep stopped a hopeless trial (no Optuna import for it)
-            self.close("pruned")
+        elif stopped or type(error).__name__ == "TrialPruned":  # a sweep stopped a hopeless trial (no Optuna import)
+            self.close("interrupted" if stopped else "pruned")
         else:
             self.close(f"failed: {type(error).__name__}")
 
     def close(self, status: str) -> list[str]:
-        """Record the end time and exit status, end the tracker runs and release the lock; once."""
+        """Record the end time and exit status, end the tracker runs, empty the lock's note and release it; once."""
         if self.closed:
             return []
-        self.closed = True
-        problems: list[str] = []
+        self.closed, problems = True, []
         try:
             if self.zero:
                 self.manifest.update(end_time=now(), exit_status=status)
-                if self.manifest.get("resumed"):
-                    self.manifest["resumed"][-1].update(end_time=self.manifest["end_time"], exit_status=status)
+                for session in self.manifest.get("resumed", [])[-1:]:
+                    session.update(end_time=self.manifest["end_time"], exit_status=status)
                 self.write_manifest()
                 problems = self.trackers.close(self.directory / runs.MANIFEST, status)
                 self.manifest["trackers"] = self.trackers.describe()
                 self.write_manifest()
         finally:
+            self.lock.note("")
             self.lock.release()
         return problems
 
     def abandon(self) -> None:
-        """The run never started: end its tracker runs unmarked, release it, and remove a new run's directory."""
+        """The run never started: end the tracker runs this command opened, unmarked, release the run, and remove the
+        directory this command created."""
         self.closed = True
         self.trackers.abandon()
         self.lock.release()
-        if self.new and self.zero:
+        if self.created:
             with contextlib.suppress(OSError):
                 (self.directory / runs.LOCK).unlink(missing_ok=True)
                 self.directory.rmdir()
@@ -268,22 +277,22 @@ class Run(pl.Callback):
             lines.append(f"Test scores:   {scores}   (details: {', '.join([runs.REPORT, *report.figures])})")
         for i, line in enumerate(self.trackers.how_to_open() or [f"{self.directory / runs.METRICS} (no tracker)"]):
             lines.append(f"{'Tracker:' if i == 0 else '':<15}{line}")
-        lines.extend(f"warning: {problem}" for problem in problems)
-        return "\n".join(lines)
+        return "\n".join([*lines, *(f"warning: {problem}" for problem in problems)])
 
 
 class RunLock:
-    """An exclusive lock on a run directory while a process runs it (flock: the OS drops it however the process dies).
-    The holder writes who it is into the lock file, so a second process can say who holds the run."""
+    """An exclusive flock on a run's lock file while a process runs the run (the OS drops it however the process
+    dies). The holder notes who it is in the file once the run starts, so that a second process can say who holds
+    the run, and empties it at the end; a process that does not get the lock writes nothing."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path, self.file = directory / runs.LOCK, None
+    def __init__(self, path: Path) -> None:
+        self.path, self.file = path, None
 
-    def acquire(self, command: str) -> None:
+    def acquire(self) -> None:
         if fcntl is None:
             return
         try:
-            file = open(self.path, "a+")  # noqa: SIM115 (held until release); "a+": a loser must not erase the note
+            file = open(self.path, "a+")  # noqa: SIM115 (held until release); "a+": opening it changes nothing
         except OSError as error:
             raise UserError(f"cannot lock {self.path.parent}: {error.strerror}") from error
         try:
@@ -293,11 +302,13 @@ class RunLock:
             holder = file.read().strip() or "another process"
             file.close()
             raise UserError(f"{self.path.parent} is in use by {holder}; wait for it to end, or stop it") from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()} ({command})\n")
-        file.flush()
         self.file = file
+
+    def note(self, text: str) -> None:
+        if self.file is not None:
+            self.file.truncate(0)
+            self.file.write(text)  # "a+" appends: at 0 now
+            self.file.flush()
 
     def release(self) -> None:
         if self.file is not None:
@@ -306,36 +317,30 @@ class RunLock:
             self.file = None
 
 
-def create_run_dir(experiment: Path) -> Path:
-    """A new, empty `experiment/<start time>-<random suffix>`. --exp-dir may be a link the user made; a link planted
-    as the experiment folder inside it is refused rather than followed out of --exp-dir."""
+def create_run_dir(directory: Path) -> None:
+    """The new run directory `directory`, never one that exists. --exp-dir may be a link the user made; a link
+    planted as the experiment folder inside it is refused rather than followed out of --exp-dir."""
     try:
-        experiment.parent.mkdir(parents=True, exist_ok=True)
-        experiment.mkdir(exist_ok=True)
-        folder = os.open(experiment, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if directory.parent.is_symlink():
+            raise UserError(f"--exp-dir: {directory.parent} is a symbolic link; runs are not written through it")
+        directory.mkdir()
+    except FileExistsError as error:
+        raise UserError(f"--exp-dir: {directory} exists already; start the run again for a new name") from error
     except OSError as error:
-        if experiment.is_symlink():
-            raise UserError(f"--exp-dir: {experiment} is a symbolic link; runs are not written through it") from error
-        raise UserError(f"--exp-dir: cannot create a run directory in {experiment}: {error.strerror}") from error
+        raise UserError(f"--exp-dir: cannot create a run directory in {directory.parent}: {error.strerror}") from error
+
+
+def read_manifest(run: Path) -> dict[str, Any]:
+    """A run's manifest.json, {} when there is none; one that is there but not a JSON object is an error."""
+    path = run / runs.MANIFEST
     try:
-        for _ in range(10):
-            run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(
-                    run_id, dir_fd=folder
-                )  # relative to the folder opened above: a swapped-in link is not followed
-                return experiment / run_id
-        raise UserError(f"--exp-dir: cannot find a free run name in {experiment}")
-    except OSError as error:
-        raise UserError(f"--exp-dir: cannot create a run directory in {experiment}: {error.strerror}") from error
-    finally:
-        os.close(folder)
-
-
-def read_checkpoint_epoch(path: Path) -> int | None:
-    from project.infra.checkpoints import read
-
-    return read(path).get("epoch")
+        found = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict):
+        raise UserError(f"{path} is not a manifest (a JSON object); restore it, or start a new run")
+    return found
 
 
 def hardware(trainer: pl.Trainer) -> dict[str, Any]:
@@ -351,14 +356,12 @@ def hardware(trainer: pl.Trainer) -> dict[str, Any]:
 
 def git_state() -> dict[str, Any]:
     """The commit of this project's code and whether it had uncommitted changes (None outside git)."""
-    root = str(Path(__file__).resolve().parents[2])
+    git = ["git", "-C", str(Path(__file__).resolve().parents[2])]
     try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return {"commit": None, "dirty": None}
-    if commit.returncode != 0:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository, or too slow
         return {"commit": None, "dirty": None}
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
@@ -393,26 +396,3 @@ def user() -> str:
 
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def read_json(path: Path, strict: bool = False) -> dict[str, Any]:
-    """A JSON object from `path`, {} when there is none; `strict`: a file that is there but not one is an error."""
-    try:
-        found = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        found = None
-    if not isinstance(found, dict):
-        if strict:
-            raise UserError(f"{path} is not a manifest (a JSON object); restore it, or start a new run")
-        return {}
-    return found
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        found = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return {}
-    return found if isinstance(found, dict) else {}

@@ -1,17 +1,7 @@
-"""Where runs live on disk, and finding one: the latest run of an experiment, its best or last checkpoint, the run a
-checkpoint belongs to. Paths only (no torch), so the command line can find a run's config.yaml before it loads.
-
-    <exp-dir>/<exp-name>/<run-id>/      run-id: start time + random suffix, so two runs never collide
-        config.yaml           the resolved configuration: `--config` it to run the same again
-        manifest.json         command, user, host, times, exit status, git, versions, hardware, data, trackers
-        checkpoints/          best-epochNNN.ckpt (by --monitor) and last.ckpt
-        metrics.csv           every logged value with its step and epoch
-        curves.png            loss, the task's first metric and learning rate against epoch; the best epoch marked
-        test_report.txt       the task's test report (classification: confusion matrix, per-class scores)
-        test_metrics.json     the test scores and the task's details (per class, per output)
-        *.png                 the task's figures (classification: confusion_matrix.png)
-        tensorboard/, wandb/  when --logger chooses them
-"""
+"""Where runs live on disk (the README's "What a run leaves behind"), and finding one: the latest run of an
+experiment, its best or last checkpoint, the run a checkpoint belongs to. Paths only (no torch), so the command line
+can find a run's config.yaml before it loads. A run is `<exp-dir>/<exp-name>/<run-id>/`, the id its start time and a
+random suffix."""
 
 from __future__ import annotations
 
@@ -52,10 +42,8 @@ def find_checkpoint(spec: str, exp_dir: str | Path, exp_name: str, flag: str) ->
     """The checkpoint `spec` names: a path, or `best`/`last` of the latest run of `exp_name` (not yet read)."""
     if spec not in ("best", "last"):
         path = Path(spec).expanduser()
-        if not path.exists():
-            raise UserError(f"{flag}: {path} does not exist")
         if not path.is_file():
-            raise UserError(f"{flag}: {path} is not a file")
+            raise UserError(f"{flag}: {path} {'is not a file' if path.exists() else 'does not exist'}")
         return path
     experiment = experiment_dir(exp_dir, exp_name)
     run = latest_run(experiment)
