@@ -1,8 +1,6 @@
-"""The DataModule base every dataset builds on, and its batch loader. Datasets yield raw inputs (uint8 pixels, or
-float features); the model standardises them and augmentation runs on whole batches on the device. In-memory data
-is held as tensors, on the GPU when it fits, and batched by indexing: no per-sample Python, no collation, no workers
-(the airbench way). Image folders (and `--data-on-device no`) go through a standard DataLoader with workers. Both
-follow one epoch plan, so they give the same batches."""
+"""The DataModule base every dataset builds on, and its batch loader: in-memory tensors batched by indexing on the
+training device (no per-sample Python, no collation, no workers: the airbench way), other datasets read by a standard
+DataLoader with workers. Both follow one epoch plan, so they give the same batches; augmentation runs on the device."""
 
 from __future__ import annotations
 
@@ -67,13 +65,11 @@ def stop_workers() -> None:
 
 
 class Batches:
-    """One split's batches on this rank, in an EpochBatches plan's order: tensors (inputs, targets) where training
-    runs are gathered by index; any other dataset is read by a standard DataLoader (workers, pinned memory).
-
-    Each `iter()` is one epoch: `current_epoch()` (the Trainer's; else iter() calls are counted), read at the first
-    batch. Lightning restores its epoch counter on resume but not, after an end-of-epoch checkpoint, the loader's
-    state: a loader counting epochs itself would replay epoch 0. Mid-epoch, Lightning saves `state_dict()` and hands
-    it to `load_state_dict()` before the first iterator runs; the resumed epoch skips the batches trained on."""
+    """One split's batches on this rank, in an EpochBatches plan's order: tensors (inputs, targets) gathered by index
+    where they sit, any other dataset read by a standard DataLoader (workers, pinned memory). Each `iter()` is one
+    epoch: `current_epoch()`, the Trainer's (after an end-of-epoch checkpoint Lightning restores it, not the loader's
+    state), or else a count. Mid-epoch, Lightning saves `state_dict()` and hands it to `load_state_dict()` before the
+    first iterator runs: the resumed epoch skips the batches already trained on."""
 
     def __init__(self, plan: EpochBatches, source: Split | Dataset, num_workers: int = 0, pin_memory: bool = False,
                  current_epoch: Callable[[], int] | None = None) -> None:  # fmt: skip
@@ -131,7 +127,7 @@ def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch
     flip = torch.rand(n, 1, 1, 1, device=device) < 0.5
     dy, dx = (torch.randint(0, 2 * max_shift + 1, (n, 1, 1, 1), device=device) for _ in range(2))
     rows, cols = dy + torch.arange(height, device=device).view(-1, 1), dx + torch.arange(width, device=device)
-    cols = torch.where(flip, width + 2 * max_shift - 1 - cols, cols)  # the padding is symmetric: flip its columns
+    cols = torch.where(flip, width + 2 * max_shift - 1 - cols, cols)  # flipped, then padded = padded, then flipped
     padded = F.pad(images, (max_shift,) * 4, mode="reflect")
     sample, channel = torch.arange(n, device=device).view(-1, 1, 1, 1), torch.arange(c, device=device).view(-1, 1, 1)
     return padded[sample, channel, rows, cols]
