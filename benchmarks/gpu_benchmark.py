@@ -4,7 +4,7 @@ In one process, on the same synthetic data and the same model, it times
 
 - a hand-written loop over GPU-resident tensors (shuffle by index on the device, batch augmentation,
   autocast, Adam with cosine decay, a validation pass with accuracy every epoch), and
-- the template's own training path: its DataModule machinery (InMemoryData, ResumableEpochs), Solver,
+- the template's own training path: its DataModule machinery (InMemoryData, Batches), Solver,
   loggers, checkpoints and progress bar, built by run.py's own functions from the same command-line
   arguments `python -m project.run` takes,
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from project.infra import images
-from project.infra.batches import DataModule, InMemoryData, LoaderBatches, Split
+from project.infra.batches import Batches, DataModule, InMemoryData, Split
 from project.infra.errors import UserError
 
 
@@ -235,10 +235,8 @@ class ImageFolderData(DataModule):
         self.subsets.update({name: folder for name, folder in self.folders.items() if name in ("val", "test")})
         self.subsets["train"] = Subset(base, index)
 
-    def batches(self, split: str, shuffle: bool) -> LoaderBatches:
-        subset = self.subsets[split]
-        pin = self.training_device().type == "cuda"
-        return LoaderBatches(subset, self.plan(len(subset), shuffle), self.num_workers, pin_memory=pin)
+    def batches(self, split: str, shuffle: bool) -> Batches:
+        return self.loader(self.subsets[split], shuffle)
 
 
 DATASETS: dict[str, type[DataModule]] = {

@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT, cli_env, only_run_dir, run_cli, write_cifar10_like
 
 from project.infra import checkpoints
-from project.infra.batches import EpochBatches, ResumableEpochs, TensorBatches
+from project.infra.batches import Batches, EpochBatches
 from project.infra.callbacks import RandomState
 
 # 1,437 training digits in batches of 64: 23 steps an epoch. last.ckpt is written after steps 5, 10,
@@ -247,8 +247,8 @@ def test_resumable_epochs_continue_with_the_next_batch_of_the_same_epoch() -> No
     plan = EpochBatches(50, batch_size=8, shuffle=True, seed=3, rank=0, world_size=1)
     epoch = 1
 
-    def loader() -> ResumableEpochs:
-        return ResumableEpochs(TensorBatches(images, labels, plan), lambda: epoch)
+    def loader() -> Batches:
+        return Batches(plan, (images, labels), current_epoch=lambda: epoch)
 
     uninterrupted = [y.tolist() for _, y in loader()]
     assert sorted(sum(uninterrupted, [])) == list(range(50))

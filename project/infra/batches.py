@@ -1,19 +1,11 @@
-"""The DataModule base every dataset builds on, and the batch loaders behind it.
-
-Every dataset yields raw inputs (uint8 pixels (N, C, H, W), or float feature vectors) with targets as its task
-stores them (int64 class indices, float values); the model standardises the inputs
-(model.Standardize) and training augmentation runs on whole batches on the device (`on_after_batch_transfer`),
-so the two data paths give the same batches for the same seed:
-- in-memory datasets are held as tensors, on the GPU when they fit, and batched by indexing: no per-sample Python,
-  no collation, no worker processes (the airbench way);
-- image folders (and `--data-on-device no`) go through a standard DataLoader with workers and pinned memory,
-  driven by the same batch plan.
-Training shards follow DistributedSampler's recipe; a training loader resumes mid-epoch exactly.
-"""
+"""The DataModule base every dataset builds on, and its batch loader: in-memory tensors batched by indexing on the
+training device (no per-sample Python, no collation, no workers: the airbench way), other datasets read by a standard
+DataLoader with workers. Both follow one epoch plan, so they give the same batches; augmentation runs on the device."""
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import math
 import multiprocessing
 import signal
@@ -24,81 +16,38 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (inputs N x ..., targets N x ...)
 
-# Share of free GPU memory in-memory data may take before `--data-on-device auto` keeps it on the host: the rest is
-# for the model, activations and the allocator's slack.
-DEVICE_MEMORY_FRACTION = 0.25
+DEVICE_MEMORY_FRACTION = 0.25  # of free GPU memory, for in-memory data under `auto`; the rest is the model's
 
 
 class EpochBatches:
-    """This rank's batches of sample indices for one epoch, like DistributedSampler + BatchSampler.
-
-    The order is a permutation seeded by `seed + epoch` (DistributedSampler's recipe). Training shards are padded to
-    equal length so every rank steps the same number of times (DDP needs it; as with DistributedSampler, the padding
-    repeats a few samples, so shards overlap by at most world_size - 1 samples); evaluation shards are not padded, so
-    each sample is counted exactly once across processes.
-    """
+    """This rank's batches of sample indices for one epoch, as DistributedSampler + BatchSampler give them: a
+    permutation seeded by `seed + epoch`; training shards padded to equal length so every rank steps the same number of
+    times (DDP needs it; a few samples repeat); evaluation shards not padded, so each sample counts once in all."""
 
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int):
         self.num_samples, self.batch_size, self.shuffle = num_samples, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.total = math.ceil(num_samples / world_size) * world_size if shuffle else num_samples  # padded or not
 
     def shard(self, epoch: int) -> torch.Tensor:
-        if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
-            total = math.ceil(self.num_samples / self.world_size) * self.world_size
-            if total > self.num_samples:  # repeat from the start, as DistributedSampler pads
-                order = order.repeat(math.ceil(total / self.num_samples))[:total]
-        else:
-            order = torch.arange(self.num_samples)
+        if not self.shuffle:
+            return torch.arange(self.rank, self.num_samples, self.world_size)
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        if self.total > self.num_samples:  # repeat from the start, as DistributedSampler pads
+            order = order.repeat(math.ceil(self.total / self.num_samples))[: self.total]
         return order[self.rank :: self.world_size]
 
-    def batches(self, epoch: int, skip: int = 0, device: torch.device | None = None) -> Iterator[torch.Tensor]:
-        shard = self.shard(epoch).to(device or "cpu", non_blocking=True)  # one copy per epoch; batches are views
+    def batches(self, epoch: int, skip: int = 0, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+        shard = self.shard(epoch).to(device, non_blocking=True)  # one copy per epoch; batches are views
         for start in range(skip * self.batch_size, len(shard), self.batch_size):
             yield shard[start : start + self.batch_size]
 
     def __len__(self) -> int:
-        per_rank = (
-            math.ceil(self.num_samples / self.world_size)
-            if self.shuffle
-            else len(range(self.rank, self.num_samples, self.world_size))
-        )
-        return math.ceil(per_rank / self.batch_size)
-
-
-class TensorBatches:
-    """Batches gathered by index from tensors that already sit where training runs."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, plan: EpochBatches) -> None:
-        self.images, self.labels, self.plan = images, labels, plan
-
-    def iterate(self, epoch: int, skip: int = 0) -> Iterator[Split]:
-        for index in self.plan.batches(epoch, skip, device=self.images.device):
-            yield self.images.index_select(0, index), self.labels.index_select(0, index)
-
-    def __iter__(self) -> Iterator[Split]:
-        return self.iterate(0)
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-
-class PlannedBatchSampler(torch.utils.data.Sampler):
-    """Lets a DataLoader follow an EpochBatches plan; `epoch` and `skip` are set before each iteration."""
-
-    def __init__(self, plan: EpochBatches) -> None:
-        self.plan, self.epoch, self.skip = plan, 0, 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for index in self.plan.batches(self.epoch, self.skip):
-            yield index.tolist()
-
-    def __len__(self) -> int:
-        return len(self.plan)
+        return math.ceil(len(range(self.rank, self.total, self.world_size)) / self.batch_size)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -109,81 +58,61 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def stop_workers() -> None:
-    """At exit, end the workers still running (persistent ones live as long as their DataLoader). multiprocessing's
-    own exit handler stops them with SIGTERM, which they ignore, and would then wait for them for ever; this handler,
-    registered later, runs first (atexit runs handlers in reverse order)."""
+    """Ends the (persistent) workers still running at exit: multiprocessing's own exit handler would stop them with
+    SIGTERM, which they ignore, and wait for ever. Registered after it, this handler runs first."""
     for child in multiprocessing.active_children():
         child.kill()
 
 
-class LoaderBatches:
-    """A standard DataLoader (workers, pinned memory) over a dataset, driven by an EpochBatches plan."""
+class Batches:
+    """One split's batches on this rank, in an EpochBatches plan's order: tensors (inputs, targets) gathered by index
+    where they sit, any other dataset read by a standard DataLoader (workers, pinned memory). Each `iter()` is one
+    epoch: `current_epoch()`, the Trainer's (after an end-of-epoch checkpoint Lightning restores it, not the loader's
+    state), or else a count. Mid-epoch, Lightning saves `state_dict()` and hands it to `load_state_dict()` before the
+    first iterator runs: the resumed epoch skips the batches already trained on."""
 
-    def __init__(self, dataset: Dataset, plan: EpochBatches, num_workers: int, pin_memory: bool):
-        self.plan = plan
-        # Not named `sampler`: Lightning would take this object for a DataLoader and look for more.
-        self.planned_sampler = PlannedBatchSampler(plan)
-        # Every new DataLoader iterator draws its workers' base seed from `generator`, or else from torch's global
-        # stream, which augmentation uses: a run resumed mid-epoch makes one iterator more than an uninterrupted run
-        # and would then draw different augmentations.
+    def __init__(self, plan: EpochBatches, source: Split | Dataset, num_workers: int = 0, pin_memory: bool = False,
+                 current_epoch: Callable[[], int] | None = None) -> None:  # fmt: skip
+        self.plan, self.source, self.current_epoch = plan, source, current_epoch
+        self.epoch, self.yielded, self.resume_at = -1, 0, None
+        if isinstance(source, tuple):
+            return
+        # The batch sampler: refilled before each epoch (not named `sampler`: Lightning would take us for a DataLoader).
+        self.index_lists: list[list[int]] = []
+        # Each DataLoader iterator draws its workers' seed from `generator`, else from the global stream augmentation
+        # uses: a run resumed mid-epoch makes one iterator more than an uninterrupted run, and would augment otherwise.
         self.generator = torch.Generator()
         if num_workers > 0:
             atexit.unregister(stop_workers)  # registered once, and after multiprocessing's own handler
             atexit.register(stop_workers)
-        self.loader = DataLoader(
-            dataset,
-            batch_sampler=self.planned_sampler,
-            num_workers=num_workers,
-            pin_memory=pin_memory,  # page-locked batches copy to the GPU asynchronously, overlapping the last step
-            persistent_workers=num_workers > 0,  # started once, not at every epoch and every validation pass
-            generator=self.generator,
-            worker_init_fn=ignore_stop_signals,
-        )
+        # Pinned batches copy to the GPU asynchronously, overlapping the last step; persistent workers start once.
+        self.loader = DataLoader(source, batch_sampler=self.index_lists, num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0, generator=self.generator,
+                                 worker_init_fn=ignore_stop_signals)  # fmt: skip
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
-        self.planned_sampler.epoch, self.planned_sampler.skip = epoch, skip
+        if isinstance(self.source, tuple):
+            inputs, targets = self.source
+            indices = self.plan.batches(epoch, skip, device=inputs.device)
+            return ((inputs.index_select(0, i), targets.index_select(0, i)) for i in indices)
+        self.index_lists[:] = [index.tolist() for index in self.plan.batches(epoch, skip)]
         self.generator.manual_seed(self.plan.seed + epoch)  # nothing random runs in workers: augmentation is batched
         return iter(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.iterate(0)
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-
-class ResumableEpochs:
-    """The training loader: one epoch of batches per `iter()`, resumable in the middle of an epoch.
-
-    The epoch comes from `current_epoch` (the Trainer's), read when the first batch is asked for: Lightning restores
-    its epoch counter on resume but, after an end-of-epoch checkpoint, does not hand the loader its saved state back,
-    so a loader that counted epochs itself would replay epoch 0. Mid-epoch, Lightning stores `state_dict()` in the
-    checkpoint and gives it to `load_state_dict()` before the first iterator runs; the resumed epoch skips the batches
-    already trained on.
-    """
-
-    def __init__(self, batches: TensorBatches | LoaderBatches, current_epoch: Callable[[], int] | None = None):
-        self.batches = batches
-        self.current_epoch = current_epoch  # None: count iter() calls (outside a Trainer)
-        self.epoch, self.yielded = -1, 0
-        self.resume_at: dict[str, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: nothing here runs until the first batch is asked for, after Lightning restored its counters.
         epoch = self.current_epoch() if self.current_epoch is not None else self.epoch + 1
         resume_at, self.resume_at = self.resume_at, None
-        skip = resume_at["consumed"] if resume_at and resume_at["epoch"] == epoch else 0
-        self.epoch, self.yielded = epoch, skip
-        for batch in self.batches.iterate(epoch, skip):
+        self.epoch, self.yielded = epoch, resume_at["consumed"] if resume_at and resume_at["epoch"] == epoch else 0
+        for batch in self.iterate(epoch, skip=self.yielded):
             self.yielded += 1
             yield batch
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.plan)
 
     def state_dict(self) -> dict[str, int]:
-        # Every batch handed out has been trained on when a checkpoint is saved: Lightning fetches ahead only from
-        # loaders without a length. tests/test_resume.py kills and resumes runs mid-epoch.
+        # Every batch handed out has been trained on: Lightning fetches ahead only from loaders without a length.
         return {"epoch": self.epoch, "consumed": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -192,17 +121,16 @@ class ResumableEpochs:
 
 def random_flip_and_translate(images: torch.Tensor, max_shift: int = 4) -> torch.Tensor:
     """Per-sample random horizontal flip and shift by up to `max_shift` pixels (reflect-padded), for a whole batch in
-    a few tensor ops on the device, instead of per-sample PIL calls in workers."""
-    n, _, height, width = images.shape
-    flip = torch.rand(n, device=images.device) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    one gather on the device, instead of per-sample PIL calls in workers."""
+    n, c, height, width = images.shape
+    device = images.device
+    flip = torch.rand(n, 1, 1, 1, device=device) < 0.5
+    dy, dx = (torch.randint(0, 2 * max_shift + 1, (n, 1, 1, 1), device=device) for _ in range(2))
+    rows, cols = dy + torch.arange(height, device=device).view(-1, 1), dx + torch.arange(width, device=device)
+    cols = torch.where(flip, width + 2 * max_shift - 1 - cols, cols)  # flipped, then padded = padded, then flipped
     padded = F.pad(images, (max_shift,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * max_shift + 1, (n, 1), device=images.device)
-    dx = torch.randint(0, 2 * max_shift + 1, (n, 1), device=images.device)
-    rows = (dy + torch.arange(height, device=images.device)).view(n, 1, height, 1)
-    cols = (dx + torch.arange(width, device=images.device)).view(n, 1, 1, width)
-    padded = padded.gather(2, rows.expand(-1, padded.shape[1], -1, padded.shape[3]))
-    return padded.gather(3, cols.expand(-1, padded.shape[1], height, -1))
+    sample, channel = torch.arange(n, device=device).view(-1, 1, 1, 1), torch.arange(c, device=device).view(-1, 1, 1)
+    return padded[sample, channel, rows, cols]
 
 
 class DataModule(pl.LightningDataModule):
@@ -218,6 +146,7 @@ class DataModule(pl.LightningDataModule):
     std: tuple[float, ...]
     pixel_max: float | None = 255  # images' raw pixels run 0..pixel_max (8-bit); None for other inputs
     augment = False  # random flips and shifts while training (images)
+    split_sizes: dict[str, int]  # a property, after setup()
 
     def __init__(self, data_dir: str = "data", batch_size: int = 128, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.1, data_on_device: str = "auto", **_: Any) -> None:  # fmt: skip
@@ -225,51 +154,45 @@ class DataModule(pl.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.data_on_device = val_fraction, data_on_device
-        self.statistics_source: TensorBatches | LoaderBatches | None = None
+        self.statistics_source: Batches | None = None
 
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        raise NotImplementedError
+    def batches(self, split: str, shuffle: bool) -> Batches:
+        raise NotImplementedError  # `self.loader(tensors or dataset, shuffle)`
 
-    def batches(self, split: str, shuffle: bool) -> TensorBatches | LoaderBatches:
-        raise NotImplementedError
-
-    def plan(self, num_samples: int, shuffle: bool) -> EpochBatches:
+    def loader(self, source: Split | Dataset, shuffle: bool) -> Batches:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return EpochBatches(num_samples, self.batch_size, shuffle, self.seed, rank, world_size)
+        size = len(source[1]) if isinstance(source, tuple) else len(source)
+        plan = EpochBatches(size, self.batch_size, shuffle, self.seed, rank, world_size)
+        return Batches(plan, source, self.num_workers, pin_memory=self.training_device().type == "cuda")
 
     def training_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
-    def train_dataloader(self) -> ResumableEpochs:
-        trainer = self.trainer
-        return ResumableEpochs(
-            self.batches("train", shuffle=True), (lambda: trainer.current_epoch) if trainer else None
-        )
+    def train_dataloader(self) -> Batches:
+        loader, trainer = self.batches("train", shuffle=True), self.trainer
+        loader.current_epoch = (lambda: trainer.current_epoch) if trainer else None
+        return loader
 
-    def val_dataloader(self) -> TensorBatches | LoaderBatches:
+    def val_dataloader(self) -> Batches:
         return self.batches("val", shuffle=False)
 
-    def test_dataloader(self) -> TensorBatches | LoaderBatches:
+    def test_dataloader(self) -> Batches:
         return self.batches("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
         inputs, targets = batch
-        inputs = inputs.float()
         if self.augment and self.trainer is not None and self.trainer.training:
-            inputs = random_flip_and_translate(inputs)
-        return inputs, targets
+            return random_flip_and_translate(inputs.float()), targets
+        return inputs.float(), targets
 
     def statistics_batches(self, max_samples: int) -> Iterator[torch.Tensor]:
         """Up to `max_samples` training images of this rank, always the same random subset and not augmented, as float
         batches on the training device: what callbacks.PreciseBatchNorm recomputes BatchNorm's statistics from."""
         if self.statistics_source is None:  # kept: a DataLoader's workers start once
             self.statistics_source = self.batches("train", shuffle=True)
-        device = self.training_device()
-        for count, (images, _) in enumerate(self.statistics_source.iterate(epoch=0)):
-            if count * self.batch_size >= max_samples:
-                return
-            yield images.to(device, non_blocking=True).float()
+        batches = self.statistics_source.iterate(epoch=0)
+        for images, _ in itertools.islice(batches, math.ceil(max_samples / self.batch_size)):
+            yield images.to(self.training_device(), non_blocking=True).float()
 
 
 class InMemoryData(DataModule):
@@ -278,36 +201,26 @@ class InMemoryData(DataModule):
     splits: dict[str, Split] | None = None
 
     def load(self) -> dict[str, Split]:
-        """Return {"train": ..., "val": ..., "test": ...}: (inputs, targets) tensors, as `as_split` makes them."""
-        raise NotImplementedError
+        raise NotImplementedError  # {"train": ..., "val": ..., "test": ...}: (inputs, targets), as data.as_split makes
 
     @property
     def split_sizes(self) -> dict[str, int]:
         return {name: len(labels) for name, (_, labels) in (self.splits or {}).items()}
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the data (on the host) the first time; once a Trainer runs, put it where training runs."""
+        """Read the data (on the host) the first time; once a Trainer runs on a GPU, put it there when it fits in a safe
+        share of the free memory (`auto`) or when asked (`yes`); otherwise a DataLoader feeds the GPU from the host."""
         if self.splits is None:
             self.splits = self.load()
-        device = self.placement(sum(x.nbytes + y.nbytes for x, y in self.splits.values()))
+        device = self.training_device()
+        if device.type == "cuda" and self.data_on_device != "yes":
+            nbytes = sum(x.nbytes + y.nbytes for x, y in self.splits.values())
+            if self.data_on_device == "no" or nbytes >= DEVICE_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0]:
+                device = torch.device("cpu")
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
 
-    def placement(self, nbytes: int) -> torch.device:
-        """On the GPU when the tensors fit in a safe share of its free memory (`auto`) or when asked (`yes`);
-        otherwise on the host, from where a DataLoader feeds the GPU."""
-        device = self.training_device()
-        if device.type != "cuda" or self.data_on_device == "no":
-            return torch.device("cpu")
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        if self.data_on_device == "yes" or nbytes < DEVICE_MEMORY_FRACTION * free_bytes:
-            return device
-        return torch.device("cpu")
-
-    def batches(self, split: str, shuffle: bool) -> TensorBatches | LoaderBatches:
+    def batches(self, split: str, shuffle: bool) -> Batches:
         images, labels = self.splits[split]
-        plan = self.plan(len(labels), shuffle)
-        to_gpu = self.training_device().type == "cuda"
-        if self.data_on_device == "no" or (to_gpu and images.device.type == "cpu"):
-            dataset = torch.utils.data.TensorDataset(images, labels)
-            return LoaderBatches(dataset, plan, self.num_workers, pin_memory=to_gpu)
-        return TensorBatches(images, labels, plan)  # on the device that trains (or the CPU): gathered by index
+        if self.data_on_device == "no" or images.device.type != self.training_device().type:
+            return self.loader(TensorDataset(images, labels), shuffle)
+        return self.loader((images, labels), shuffle)  # where training runs (or the CPU): gathered by index
