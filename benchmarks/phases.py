@@ -42,7 +42,7 @@ def stopwatch(owner: Any, name: str, label: str) -> None:
 
 
 def main() -> int:
-    stopwatch(records, "open_run", "open run (trackers)")
+    stopwatch(records.Run, "open", "open run (trackers)")
     stopwatch(pl.Trainer, "fit", "fit")
     stopwatch(callbacks.SafeCheckpointIO, "save_checkpoint", "of which checkpoint writes")
     stopwatch(records.Run, "log_model", "log the model (trackers)")

@@ -274,7 +274,7 @@ def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
 
 
 def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] = ()) -> Any:
-    """The Trainer for `args`, logging and checkpointing into `run` (records.open_run's), with the callbacks that keep
+    """The Trainer for `args`, logging and checkpointing into `run` (a records.Run), with the callbacks that keep
     a run safe and any `callbacks` given (benchmarks/ time exactly this one)."""
     import lightning.pytorch as pl
 
