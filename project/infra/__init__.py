@@ -1,5 +1,6 @@
 """Infrastructure: what keeps runs safe and recorded. You should not need to edit it to change the data, the
-model or the training step (those are project/data.py, model.py, solver.py).
+model, the training step or the task (those are project/data.py, model.py, solver.py, tasks/): it reads what the
+dataset's task says (its metrics and their direction, its report and figures) and names no task's metrics.
 
     errors.py         how a command ends: one-line mistakes, stops, SIGTERM/SIGINT for every entry point
     cli.py            the command line's value types, short errors, and --config files read by the same parser
@@ -9,7 +10,7 @@ model or the training step (those are project/data.py, model.py, solver.py).
     tracking.py       the experiment trackers (--logger): MLflow (Lightning's MLFlowLogger), TensorBoard, W&B, and
                       metrics.csv
     redact.py         secrets kept out of every record and printed line
-    plots.py          curves.png and confusion_matrix.png
+    plots.py          curves.png (loss, the task's first metric, learning rate)
     checkpoints.py    reading checkpoints (weights only) and checking they fit the data and the run
     callbacks.py      atomic checkpoints, exact resume, precise BatchNorm statistics, a diverging loss, signals
     hardware.py       the accelerator, devices and precision, checked against this machine
