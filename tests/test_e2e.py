@@ -82,7 +82,7 @@ def test_plots_mark_the_best_epoch_and_draw_loss_on_a_log_scale(tmp_path, monkey
     metrics.write_text("\n".join(rows) + "\n")
     drawn = []
     monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))
-    plots.save_curves(metrics, tmp_path / "curves.png", best_epoch=5, monitor="val/loss")
+    plots.save_curves(metrics, tmp_path / "curves.png", "acc", best_epoch=5, monitor="val/loss")
     (figure,) = drawn
     loss, accuracy, rate = figure.axes
     assert loss.get_yscale() == "log" and accuracy.get_yscale() == "linear"

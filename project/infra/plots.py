@@ -30,7 +30,7 @@ def epoch_curves(metrics_csv: Path, names: tuple[str, ...]) -> dict[str, dict[in
 
 
 def save_curves(
-    metrics_csv: Path, out: Path, best_epoch: int | None = None, monitor: str = "val/loss", metric: str = "acc"
+    metrics_csv: Path, out: Path, metric: str, best_epoch: int | None = None, monitor: str = "val/loss"
 ) -> None:
     """Loss (log scale: late epochs stay visible), `metric` and learning rate against epoch, train and val, with the
     epoch of the tested checkpoint marked. Nothing is drawn when there is nothing to draw."""

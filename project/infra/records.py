@@ -208,9 +208,9 @@ class Run(pl.Callback):
             for name, draw in report.figures.items():
                 write_file(self.directory / name, draw)
             names += [runs.REPORT, runs.TEST_METRICS, *report.figures]
-        marked, metric = None if self.args.only_test else epoch, solver.task.metric_names()[1:2]
+        marked, metric = None if self.args.only_test else epoch, next(iter(solver.task.metrics), "loss")
         write_file(self.directory / runs.CURVES, lambda path: plots.save_curves(
-            self.directory / runs.METRICS, path, marked, self.args.monitor, *metric))  # fmt: skip
+            self.directory / runs.METRICS, path, metric, marked, self.args.monitor))  # fmt: skip
         self.trackers.finish(self.directory, [self.directory / name for name in names], self.test_record)
         problems = self.close("finished")
         if report is not None and report.text.count("\n") < MAX_REPORT_LINES_ON_SCREEN:
