@@ -294,8 +294,8 @@ def tiny_checkpoint(path: Path) -> Path:
 
     from project.model import build_model
 
-    hparams = {"model": "cnn", "input_shape": [1, 8, 8], "class_names": list("abc"), "mean": [4.0], "std": [6.0],
-               "pixel_max": 16, "model_options": {"hidden_dim": 16}}  # fmt: skip
+    hparams = {"task": "classification", "output_names": list("abc"), "model": "cnn", "input_shape": [1, 8, 8],
+               "mean": [4.0], "std": [6.0], "pixel_max": 16, "model_options": {"hidden_dim": 16}}  # fmt: skip
     network = build_model("cnn", (1, 8, 8), 3, mean=[4.0], std=[6.0], hidden_dim=16)
     torch.save({"hyper_parameters": hparams, "state_dict": {f"model.{k}": v for k, v in network.state_dict().items()}},
                path)  # fmt: skip
