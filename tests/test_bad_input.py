@@ -76,9 +76,18 @@ CASES = {
     "resume a run whose manifest.json is broken": ("unchanged", "is not a manifest"),
     "resume a run another process holds": ("unchanged", "is in use by pid 4242 on elsewhere since"),
     "resume as a fast dev run": ("unchanged", "--fast-dev-run: a smoke test does not continue a run"),
-    "resume with a strategy Lightning refuses": ("unchanged", "--strategy/--precision: The strategy `fsdp` requires"),
-    "test with a strategy Lightning refuses": ("unchanged", "--strategy/--precision: The strategy `fsdp` requires"),
-    "new run with a strategy Lightning refuses": ("unchanged", "--strategy/--precision: The strategy `fsdp` requires"),
+    "resume with a strategy Lightning refuses": (
+        "unchanged",
+        "--strategy fsdp --precision 32-true: The strategy `fsdp` requires",
+    ),
+    "test with a strategy Lightning refuses": (
+        "unchanged",
+        "--strategy fsdp --precision 32-true: The strategy `fsdp` requires",
+    ),
+    "new run with a strategy Lightning refuses": (
+        "unchanged",
+        "--strategy fsdp --precision 32-true: The strategy `fsdp` requires",
+    ),
     "resume with nothing to resume": ("unchanged", "no checkpoint found"),
     "test on another split": ("unchanged", "--seed 5 (the run's: 0): a run's checkpoint is tested on its own test"),
     "test a run's checkpoint on another dataset": ("unchanged", "a run's checkpoint is tested on its own test split"),
