@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env, free_port, run_cli
 
-from project.infra.redact import REDACTED, redact, redact_argv, scrub
+from project.infra.redact import REDACTED, redact, redact_argv, redact_text
 
 # Batch 16: 90 steps an epoch, so the per-step loss (written every 50 steps) shows up in 2 epochs.
 TINY = ("--model", "mlp", "--num-workers", "0", "--batch-size", "16")
@@ -184,7 +184,7 @@ def test_redaction_by_name_by_value_and_in_urls(monkeypatch):
     assert redact_argv(["--tag", "note=abc123secret", "--data-dir", "abc123harmless"]) == [
         "--tag", f"note={REDACTED}", "--data-dir", "abc123harmless"
     ]  # fmt: skip
-    assert scrub("https://me:hunter22@mlflow.example.org/x") == f"https://me:{REDACTED}@mlflow.example.org/x"
+    assert redact_text("https://me:hunter22@mlflow.example.org/x") == f"https://me:{REDACTED}@mlflow.example.org/x"
     config = {"learning_rate": 0.1, "nested": {"aws_secret_access_key": "zzz", "ok": ["abc123secret", 3]}}
     assert redact(config) == {"learning_rate": 0.1, "nested": {"aws_secret_access_key": REDACTED, "ok": [REDACTED, 3]}}
     assert redact({"wandb_api_key": None}) == {"wandb_api_key": None}  # nothing to hide

@@ -35,9 +35,6 @@ def redact_text(text: str) -> str:
     return text
 
 
-scrub = redact_text  # the name the tracker code calls it by
-
-
 def redact(value: Any, name: str = "") -> Any:
     """A copy of `value` (a mapping, list or scalar named `name`) that is safe to write down."""
     if name and is_secret(name) and value is not None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from project.infra import runs
 from project.infra.errors import UserError
-from project.infra.redact import redact_argv, scrub
+from project.infra.redact import redact_argv, redact_text
 
 # --logger name -> modules that provide it (any one will do), and the pip extra that installs them.
 OPTIONAL_TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}
@@ -205,7 +205,7 @@ class MLflowRun:
         except Exception as error:
             local = self.uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI")
             advice = "check --exp-dir" if local else "start the server or fix MLFLOW_TRACKING_URI"
-            raise UserError(f"MLflow at {scrub(self.uri)} cannot be used ({reason(error)}): {advice}, "
+            raise UserError(f"MLflow at {redact_text(self.uri)} cannot be used ({reason(error)}): {advice}, "
                             "or choose another --logger") from None  # fmt: skip
 
     def find(self, previous: Mapping | None) -> str | None:
@@ -215,15 +215,15 @@ class MLflowRun:
         from mlflow.exceptions import MlflowException
 
         where, run = previous.get("tracking_uri"), None
-        if where == scrub(self.uri):
+        if where == redact_text(self.uri):
             try:
                 run = self.client.get_run(previous["run_id"])
             except MlflowException as error:
                 if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
         if run is None or run.info.lifecycle_stage == "deleted":
-            gone = f"MLflow run {previous.get('run_id')} is gone (deleted?)" if where == scrub(self.uri) else (
-                f"the resumed run was tracked at {where}, not {scrub(self.uri)}")  # fmt: skip
+            gone = f"MLflow run {previous.get('run_id')} is gone (deleted?)" if where == redact_text(self.uri) else (
+                f"the resumed run was tracked at {where}, not {redact_text(self.uri)}")  # fmt: skip
             print(f"warning: {gone}; this run's metrics go to a new MLflow run", file=sys.stderr)
             return None
         self.reopened = True  # left exactly as it was until training starts (mark_running)
@@ -333,15 +333,15 @@ class MLflowRun:
             self.call(self.client.delete_run, self.run_id)
 
     def describe(self) -> dict[str, Any]:
-        found = {"tracking_uri": scrub(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id,
+        found = {"tracking_uri": redact_text(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id,
                  "complete": self.failure is None and self.problem is None}  # fmt: skip
         return found | ({"model_uri": self.model_uri} if self.model_uri else {})
 
     def how_to_open(self) -> str:
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
         if self.uri.startswith("sqlite:"):
-            return f"mlflow ui --backend-store-uri {scrub(self.uri)}   then open http://127.0.0.1:5000/{page}"
-        return f"{scrub(self.uri).rstrip('/')}/{page}"
+            return f"mlflow ui --backend-store-uri {redact_text(self.uri)}   then open http://127.0.0.1:5000/{page}"
+        return f"{redact_text(self.uri).rstrip('/')}/{page}"
 
 
 def mlflow_logger(run: MLflowRun, **options: Any) -> Any:
@@ -398,8 +398,8 @@ def reason(error: BaseException | str) -> str:
     if request:
         known = ("Connection refused", "timed out", "Name or service not known", "Connection reset")
         kind = next((f": {k.lower()}" for k in known if k in text), "")
-        return scrub(f"no answer from {request.group(1)}{kind}")
-    return scrub(text.splitlines()[0][:300]) if text else type(error).__name__
+        return redact_text(f"no answer from {request.group(1)}{kind}")
+    return redact_text(text.splitlines()[0][:300]) if text else type(error).__name__
 
 
 def tensorboard_summary(logger: Any, directory: Path, files: list[Path], scores: dict[str, Any] | None) -> None:
