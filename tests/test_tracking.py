@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, free_port, run_cli
+from conftest import ROOT, cli_env, free_port, only_run_dir, run_cli, wait_for
 
 from project.infra.redact import REDACTED, redact, redact_argv, redact_text
 
@@ -27,11 +27,6 @@ def rows_of(metrics_csv: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def the_run_dir(exp_dir: Path) -> Path:
-    (run_dir,) = [p for p in (exp_dir / "debug").iterdir() if p.is_dir()]
-    return run_dir
-
-
 @pytest.mark.slow
 def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -42,7 +37,7 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
     logged = run_cli("--exp-dir", str(exp_dir), "--max-epochs", "2", "--logger", "mlflow", "--logger", "tensorboard",
                      "--tag", "study=server", *TINY, env=env)  # fmt: skip
     assert logged.returncode == 0, logged.stderr
-    run_dir = the_run_dir(exp_dir)
+    run_dir = only_run_dir(exp_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["trackers"]["mlflow"]["tracking_uri"] == mlflow_server.url
     assert f"{mlflow_server.url}/#/experiments/" in logged.stdout
@@ -82,10 +77,7 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while not first_epoch_logged(exp_dir):
-            assert process.poll() is None and time.monotonic() < deadline, "no epoch logged"
-            time.sleep(0.2)
+        wait_for(lambda: first_epoch_logged(exp_dir), process, "an epoch logged", seconds=240)
         mlflow_server.kill()  # after the first epoch, before the second ends
         stdout, stderr = process.communicate(timeout=300)
     finally:
@@ -93,7 +85,7 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
             process.kill()
     assert process.returncode == 0, stderr
     assert stderr.count("warning: MLflow stopped answering") == 1 and "Traceback" not in stderr
-    run_dir = the_run_dir(exp_dir)
+    run_dir = only_run_dir(exp_dir)
     rows = rows_of(run_dir / "metrics.csv")
     assert sorted(int(r["epoch"]) for r in rows if r["val/acc"]) == list(range(epochs))
     for name in ("config.yaml", "curves.png", "confusion_matrix.png", "test_report.txt", "test_metrics.json",
@@ -148,7 +140,7 @@ def test_wandb_offline_keeps_its_files_in_the_run_directory(exp_dir):
     result = run_cli("--logger", "wandb", "--exp-dir", str(exp_dir), "--max-epochs", "1", *TINY,
                      "--tag", f"hub_token={secret}", env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    run_dir = the_run_dir(exp_dir)
+    run_dir = only_run_dir(exp_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{manifest['trackers']['wandb']['id']}")
     (history,) = offline.glob("*.wandb")
@@ -196,7 +188,7 @@ def test_tensorboard_gets_the_learning_rate_the_hyperparameters_with_test_scores
     assert result.returncode == 0, result.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = the_run_dir(exp_dir)
+    run_dir = only_run_dir(exp_dir)
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
     tags = events.Tags()
     assert {"lr", "val/loss", "hparams/test_acc"} <= set(tags["scalars"])
@@ -219,7 +211,7 @@ def test_predict_takes_the_mlflow_model_the_run_logged(exp_dir, tmp_path):
 
     result = run_cli("--exp-dir", str(exp_dir), "--max-epochs", "1", *TINY)
     assert result.returncode == 0, result.stderr
-    run_dir = the_run_dir(exp_dir)
+    run_dir = only_run_dir(exp_dir)
     model_uri = json.loads((run_dir / "manifest.json").read_text())["trackers"]["mlflow"]["model_uri"]
     from sklearn.datasets import load_digits
 
@@ -486,10 +478,7 @@ def test_a_server_killed_mid_run_costs_one_warning_and_no_waiting(mlflow_server,
         logger.log_metrics({"loss": 1.0 / (step + 1)}, step)
     run_id = trackers.describe()["mlflow"]["run_id"]
     client = mlflow.MlflowClient(mlflow_server.url)
-    deadline = time.monotonic() + 30
-    while len(client.get_metric_history(run_id, "loss")) < 5:
-        assert time.monotonic() < deadline, "the server never got the metrics"
-        time.sleep(0.2)
+    wait_for(lambda: len(client.get_metric_history(run_id, "loss")) == 5, None, "the metrics on the server", seconds=30)
 
     mlflow_server.kill()
     slowest, step = 0.0, 5
