@@ -32,15 +32,14 @@ class Task:
     """
 
     metrics: dict[str, bool] = {}
-    targets_dtype = torch.long  # what a dataset's targets are stored as
 
-    def __init__(self, output_names: Sequence[str], **options: Any) -> None:
+    def __init__(self, output_names: Sequence[str]) -> None:
         self.output_names = [str(name) for name in output_names]
-        self.options = options  # plain values, saved in checkpoints with the task's name
 
     @classmethod
     def options_of(cls, datamodule: Any) -> dict[str, Any]:
-        """What the task needs to know about the data beyond its output names (saved in checkpoints)."""
+        """What the task needs to know about the data beyond its output names: keyword arguments of its constructor,
+        plain values (saved in checkpoints as the Solver's `task_options`)."""
         return {}
 
     @classmethod

@@ -27,12 +27,11 @@ class Rescale(nn.Module):
 
 class Regression(Task):
     metrics = {"mae": False, "rmse": False, "r2": True}  # averaged over the outputs, as scikit-learn does
-    targets_dtype = torch.float32
 
     def __init__(
         self, output_names: Sequence[str], target_mean: Sequence[float] = (), target_std: Sequence[float] = ()
     ):
-        super().__init__(output_names, target_mean=list(target_mean), target_std=list(target_std))
+        super().__init__(output_names)
         n = len(self.output_names)
         self.target_mean, self.target_std = list(target_mean) or [0.0] * n, list(target_std) or [1.0] * n
 
