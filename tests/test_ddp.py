@@ -102,3 +102,79 @@ def test_torchrun_launch_writes_one_run_directory(tmp_path):
     run_dir = only_run_dir(exp_dir)
     assert sum(map(sum, read_test_metrics(run_dir)["confusion_matrix"])) == 180
     assert json.loads((run_dir / "manifest.json").read_text())["hardware"]["world_size"] == 2
+
+
+PLAIN_DATAMODULE = '''
+
+import lightning.pytorch as pl  # noqa: E402
+
+
+class PlainDigits(pl.LightningDataModule):
+    """A user's plain LightningDataModule: standard DataLoaders; each sample read is noted in a file per process."""
+
+    task, default_model, output_names = "classification", "mlp", [str(d) for d in range(10)]
+    input_shape, mean, std, pixel_max = (1, 8, 8), (4.884,), (6.017,), 16
+
+    def __init__(self, data_dir: str = "data", **_) -> None:
+        super().__init__()
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        inputs, targets = torch.as_tensor(digits.images[:, None], dtype=torch.float32), torch.as_tensor(digits.target)
+        self.splits = [Noted(data_dir, inputs[part], targets[part]) for part in (slice(0, 1400), slice(1400, 1600),
+                                                                                  slice(1600, None))]
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.splits[0], batch_size=100, shuffle=True)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.splits[1], batch_size=100)
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(self.splits[2], batch_size=100)
+
+
+class Noted(torch.utils.data.TensorDataset):
+    def __init__(self, folder, *tensors):
+        super().__init__(*tensors)
+        self.folder = folder
+
+    def __getitem__(self, index):
+        import os
+
+        with open(os.path.join(self.folder, f"read-by-{os.getpid()}.txt"), "a") as file:
+            file.write(f"{len(self.tensors[0])} {index}\\n")
+        return super().__getitem__(index)
+
+
+DATASETS["plain"] = PlainDigits
+'''
+
+
+def test_a_users_plain_datamodule_is_sharded_across_processes(tmp_path):
+    """Lightning puts a DistributedSampler into a user's own DataLoaders (ours shard themselves): each of two
+    processes trains on half of the training set, not on all of it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "project", copy / "project", ignore=shutil.ignore_patterns("__pycache__"))
+    data_py = copy / "project" / "data.py"
+    data_py.write_text(data_py.read_text() + PLAIN_DATAMODULE)
+    run_py = copy / "project" / "run.py"
+    run_py.write_text(run_py.read_text().replace('"diabetes")', '"diabetes", "plain")', 1))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    done = subprocess.run([sys.executable, "-m", "project.run", "--dataset", "plain", "--data-dir", str(notes),
+                           "--max-epochs", "1", "--exp-dir", str(tmp_path / "experiments"), *QUICK, *TWO_PROCESSES],
+                          cwd=copy, env={**cli_env(), "PYTHONPATH": str(copy)}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    training = [[line for line in path.read_text().splitlines() if line.startswith("1400 ")]
+                for path in notes.glob("read-by-*.txt")]  # fmt: skip
+    training = [reads for reads in training if reads]
+    assert len(training) == 2 and [len(reads) for reads in training] == [700, 700], [len(r) for r in training]
+    assert not set(training[0]) & set(training[1])  # two halves, not the whole set twice

@@ -128,12 +128,15 @@ class PreciseBatchNorm(Callback):
     NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.datamodule is None:
+        # A plain LightningDataModule (no statistics_batches) keeps BatchNorm's running averages.
+        samples = getattr(trainer.datamodule, "statistics_batches", None)
+        norms = any(isinstance(m, self.NORMS) for m in pl_module.modules())
+        if trainer.sanity_checking or samples is None or not norms:
             return
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []  # whose random streams fork_rng keeps
         precision = trainer.precision_plugin.forward_context()
         with torch.random.fork_rng(devices), torch.compiler.set_stance("force_eager"), precision:
-            update_bn(trainer.datamodule.statistics_batches(self.SAMPLES), pl_module)  # back in eval mode after
+            update_bn(samples(self.SAMPLES), pl_module)  # back in eval mode after
         if trainer.world_size > 1:  # each process saw its own shard: average, so all evaluate alike
             for m in pl_module.modules():
                 if isinstance(m, self.NORMS) and m.track_running_stats:
