@@ -72,12 +72,17 @@ def last_step(run_dir: Path) -> int:
     return checkpoints.read(run_dir / "checkpoints" / "last.ckpt")["global_step"]
 
 
-@pytest.fixture(scope="module")
-def digits_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, *options: str, **run_options: object) -> Path:
+    """The run directory of an uninterrupted run of `options`: what a killed and resumed run must end as."""
     exp_dir = tmp_path_factory.mktemp("reference")
-    result = run_cli(*DIGITS, "--exp-dir", str(exp_dir))
+    result = run_cli(*options, "--exp-dir", str(exp_dir), **run_options)
     assert result.returncode == 0, result.stderr
     return only_run_dir(exp_dir)
+
+
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return uninterrupted(tmp_path_factory, *DIGITS)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +99,21 @@ def cifar_md5(cifar_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cifar_reference(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Path:
-    exp_dir = tmp_path_factory.mktemp("reference")
-    result = run_cli(*CIFAR, "--data-dir", str(cifar_dir), "--exp-dir", str(exp_dir), cifar10_md5=cifar_md5(cifar_dir))
-    assert result.returncode == 0, result.stderr
-    return only_run_dir(exp_dir)
+    return uninterrupted(tmp_path_factory, *CIFAR, "--data-dir", str(cifar_dir), cifar10_md5=cifar_md5(cifar_dir))
+
+
+def killed_then_resumed(
+    options: tuple[str, ...], fault: tuple[str, ...], resumes_from_step: int, exp_dir: Path
+) -> Path:
+    """Run `options` with `fault` (SIGKILL), check where last.ckpt stands, resume; the run directory, continued."""
+    killed = run_cli(*fault, "--", *options, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    assert last_step(run_dir) == resumes_from_step
+    resumed = run_cli(*options, "--exp-dir", str(exp_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert only_run_dir(exp_dir) == run_dir  # continued in place, not a new run
+    return run_dir
 
 
 # point: (fault, the step of the last.ckpt the resumed run starts from)
@@ -112,14 +128,7 @@ KILLS = {
 @pytest.mark.parametrize("point", KILLS)
 def test_run_killed_then_resumed_ends_bit_identical(point: str, digits_reference: Path, exp_dir: Path) -> None:
     fault, resumes_from_step = KILLS[point]
-    killed = run_cli(*fault, "--", *DIGITS, "--exp-dir", str(exp_dir), module="tests.fault_driver")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run_dir = only_run_dir(exp_dir)
-    assert last_step(run_dir) == resumes_from_step
-
-    resumed = run_cli(*DIGITS, "--exp-dir", str(exp_dir), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert only_run_dir(exp_dir) == run_dir  # continued in place, not a new run
+    run_dir = killed_then_resumed(DIGITS, fault, resumes_from_step, exp_dir)
     assert_same_run(digits_reference, run_dir)
 
 
@@ -309,18 +318,15 @@ DIABETES = (
 )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def diabetes_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return uninterrupted(tmp_path_factory, *DIABETES)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("fault", "resumes_from_step"), [(("kill-train", "1", "8"), 20), (("kill-val", "1"), 20)])
 def test_regression_run_killed_then_resumed_ends_bit_identical(
-    fault: tuple[str, ...], resumes_from_step: int, tmp_path: Path
+    fault: tuple[str, ...], resumes_from_step: int, diabetes_reference: Path, exp_dir: Path
 ) -> None:
-    reference = run_cli(*DIABETES, "--exp-dir", str(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    exp_dir = tmp_path / "killed"
-    killed = run_cli(*fault, "--", *DIABETES, "--exp-dir", str(exp_dir), module="tests.fault_driver")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run_dir = only_run_dir(exp_dir)
-    assert last_step(run_dir) == resumes_from_step
-    resumed = run_cli(*DIABETES, "--exp-dir", str(exp_dir), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_same_run(only_run_dir(tmp_path / "reference"), run_dir)
+    run_dir = killed_then_resumed(DIABETES, fault, resumes_from_step, exp_dir)
+    assert_same_run(diabetes_reference, run_dir)
