@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from project import run
-from project.infra import cli
+from project.infra import cli, runs
 from project.infra.errors import RunStopped, UserError, run_command
 
 if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without loading Optuna or torch
@@ -81,19 +81,20 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     model_options = set(backbone_options(base.model, vars(base)))
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our lines say what happens, without a signal's traceback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # retries: we rely on them
-    database = Path(base.exp_dir).expanduser().resolve() / "optuna.db"
-    database.parent.mkdir(parents=True, exist_ok=True)
-    url = args.storage or f"sqlite:///{database}"
+    url = args.storage or runs.sqlite_url(Path(base.exp_dir) / "optuna.db")
+    database = runs.sqlite_file(url) if url.startswith("sqlite:") else None
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     try:  # a trial (of any worker) silent for 5 minutes is failed and queued again
         storage = RDBStorage(url, heartbeat_interval=60, grace_period=300, heartbeat_stale_trial_callback=retry)
     except Exception as error:  # a database driver not installed, a bad URL, a refused connection
         raise UserError(f"--storage {url}: cannot open ({type(error).__name__}: {error})") from error
-    sqlite = url.startswith("sqlite:///")
+    sqlite = database is not None
     with contextlib.ExitStack() as held:
         try:  # SQLite: one sweep per study at a time. The OS drops the lock when its process dies, however it dies.
             if sqlite:
-                held.enter_context(FileLock(f"{url.removeprefix('sqlite:///')}.{args.study}.lock", timeout=0))
+                held.enter_context(FileLock(f"{database}.{args.study}.lock", timeout=0))
         except Timeout:
             raise UserError(f"study {args.study} is being run by another sweep (parallel workers need a server "
                             "--storage, e.g. postgresql://...)") from None  # fmt: skip

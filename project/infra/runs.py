@@ -5,6 +5,7 @@ random suffix."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from project.infra.errors import UserError
@@ -19,6 +20,29 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 BEST_GLOB = "best-*.ckpt"
 LOCK = ".lock"  # held while a process runs the run (records.RunLock)
+
+
+def sqlite_url(database: Path) -> str:
+    """The one place a SQLite store's URL is built (MLflow's local store, the sweep's study): SQLAlchemy escapes
+    what a URL would read otherwise (`%`, `?`, `#`); a path that is not UTF-8 cannot be in a URL and gets one line."""
+    from sqlalchemy.engine import URL
+
+    path = Path(database).expanduser().resolve()
+    try:
+        path.as_posix().encode()
+    except UnicodeEncodeError:
+        raise UserError(
+            f"{os.fsdecode(path)!a}: a database path must be UTF-8 text; choose another --exp-dir"
+        ) from None
+    return URL.create("sqlite", database=path.as_posix()).render_as_string()
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a sqlite:/// URL names, or None for any other store."""
+    from sqlalchemy.engine import make_url
+
+    found = make_url(url)
+    return Path(found.database) if found.get_backend_name() == "sqlite" and found.database else None
 
 
 def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:

@@ -67,7 +67,7 @@ def importable(module: str) -> bool:
 
 
 def local_store(exp_dir: str | Path) -> str:
-    return f"sqlite:///{(Path(exp_dir).expanduser().resolve() / LOCAL_STORE).as_posix()}"
+    return runs.sqlite_url(Path(exp_dir) / LOCAL_STORE)
 
 
 class Trackers:
@@ -378,11 +378,11 @@ def keep_environment(name: str) -> Any:
 def store_lock(uri: str) -> Any:
     """MLflow's schema set-up races when two processes create one SQLite store (one of them fails); a server needs
     no lock."""
-    if not uri.startswith("sqlite:///"):
+    database = runs.sqlite_file(uri) if uri.startswith("sqlite:") else None
+    if database is None:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(f"{database}.lock", timeout=LOCK_SECONDS)
 
