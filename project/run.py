@@ -289,7 +289,13 @@ def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] =
         benchmark=not args.deterministic,  # cuDNN picks the fastest convolution for our fixed shapes
         logger=run.loggers,
         enable_checkpointing=not args.only_test,
-        callbacks=[*run.callbacks, *safety.for_run(run.last_checkpoint, args), *callbacks],
+        # The processes' settings are compared first: a refusal comes before the run writes a record.
+        callbacks=[
+            hardware.SameSettings({**config_of(args), "resume": bool(args.resume), "only_test": args.only_test}),
+            *run.callbacks,
+            *safety.for_run(run.last_checkpoint, args),
+            *callbacks,
+        ],  # fmt: skip
         # Checkpoints written atomically and read weights-only, also when Lightning resumes from one.
         plugins=[safety.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=run.directory,

@@ -17,7 +17,8 @@ Faults (epochs and batches count from 0; N counts writes of last.ckpt from 1):
     enospc-plot                  writing curves.png fails with "No space left on device"
     none                         no fault: the CLI as is, with the setting below
 
-Environment: TEST_CIFAR10_MD5=FILE names a JSON {file name: MD5} (the one tests/conftest.py's
+Environment: FAULT_RANK=R injects the fault in global rank R only (Lightning's DDP launcher and torchrun run this
+driver in every process). TEST_CIFAR10_MD5=FILE names a JSON {file name: MD5} (the one tests/conftest.py's
 write_cifar10_like writes): torchvision's CIFAR10 then takes those checksums for the official ones, by
 its public class attributes train_list, test_list and meta, so tiny test files pass its checks.
 
@@ -135,6 +136,9 @@ def main() -> int:
     split = sys.argv.index("--")
     fault, fault_args, cli_args = sys.argv[1], sys.argv[2:split], sys.argv[split + 1 :]
     numbers = [int(a) for a in fault_args if a.isdigit()]
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK", "0")
+    if os.environ.get("FAULT_RANK", rank) != rank:
+        fault = "none"
     if os.environ.get(CIFAR10_MD5_ENV):
         import torchvision
 

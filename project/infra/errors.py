@@ -1,17 +1,24 @@
 """How a command ends: a mistake the user can fix (one line, exit 2), a run stopped on purpose (a signal or a
 diverging loss: the message says what was kept and how to go on), or a signal outside training (exit 128 + signal).
 Every entry point runs its work through `run_command`, so all answer SIGTERM (schedulers, `kill`) and SIGINT
-(Ctrl-C, which reaches the whole process group) alike."""
+(Ctrl-C, which reaches the whole process group) alike, even while blocked waiting for other processes."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Python runs a signal handler only between bytecodes: a process blocked in C (a rendezvous, a collective waiting for
+# a rank that will never come) would ignore SIGTERM and Ctrl-C for good. A signal not taken up within this many
+# seconds is answered from another thread.
+STUCK_AFTER_S = 10
 
 
 class UserError(Exception):
@@ -45,9 +52,11 @@ class StopSignals:
 
     received: int | None = None
     deferred = False
+    taken = 0  # signals the handler has seen, for the watcher
 
     @classmethod
     def handle(cls, signum: int, frame: Any) -> None:
+        cls.taken += 1
         first, cls.received = cls.received is None, signum
         if not cls.deferred or not first:
             raise Interrupted(signum)
@@ -58,7 +67,8 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     RunStopped's own, or 128 + signal."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.signal(signum, StopSignals.handle) for signum in STOP_SIGNALS} if on_main_thread else {}
-    StopSignals.received, StopSignals.deferred = None, False
+    StopSignals.received, StopSignals.deferred, StopSignals.taken = None, False, 0
+    watcher = watch_signals() if on_main_thread else None
     try:
         action()
         return 0
@@ -81,6 +91,57 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
         print(f"stopped by {signal.Signals(signum).name} outside a training step: nothing new to save", file=sys.stderr)
         return 128 + signum
+    except Exception as error:
+        if debug or not lost_peer(error):
+            raise
+        reason = str(error).split("] ", 1)[-1].split(". ")[0]
+        print(f"error: another process of this run ended or cannot be reached ({reason}); this one stops too. "
+              "Checkpoints are whole: continue with --resume", file=sys.stderr)  # fmt: skip
+        return 1
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if watcher is not None:
+            watcher()
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank died or vanished (gloo raises a RuntimeError
+    naming its transport, NCCL a DistError)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo" in str(error))
+
+
+def watch_signals() -> Callable[[], None]:
+    """Start a thread that ends the process, with one line, when a stop signal is not taken up by the main thread
+    within STUCK_AFTER_S (it is blocked in C). Python writes each signal's number to the wakeup socket. Returns the
+    function that ends the watch (on the main thread)."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        arrived = 0
+        with reader:
+            while numbers := reader.recv(64):
+                stops = [n for n in numbers if n in STOP_SIGNALS]
+                arrived += len(stops)
+                deadline = time.monotonic() + STUCK_AFTER_S
+                while stops and StopSignals.taken < arrived and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if stops and StopSignals.taken < arrived:
+                    name = signal.Signals(stops[-1]).name
+                    os.write(2, f"stopped by {name} while waiting for the other processes of the run: any checkpoint "
+                             "are whole, continue with --resume\n".encode())  # fmt: skip
+                    os._exit(128 + stops[-1])
+
+    def stop() -> None:
+        signal.set_wakeup_fd(previous)
+        writer.close()  # the reader sees the end and the thread ends
+
+    threading.Thread(target=watch, name="stop-signal-watch", daemon=True).start()
+    return stop
+
+
+# A forked child (a DataLoader worker) inherits the wakeup socket: its signals are not the main thread's to take up.
+os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
