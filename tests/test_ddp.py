@@ -178,3 +178,63 @@ def test_a_users_plain_datamodule_is_sharded_across_processes(tmp_path):
     training = [reads for reads in training if reads]
     assert len(training) == 2 and [len(reads) for reads in training] == [700, 700], [len(r) for r in training]
     assert not set(training[0]) & set(training[1])  # two halves, not the whole set twice
+
+
+def torchrun_nodes(tmp_path: Path, *nodes: tuple[str, ...], timeout: float = 300) -> list[tuple[int, str]]:
+    """One torchrun launcher per node (one process each), meeting on loopback, each in an empty folder of its own:
+    their exit statuses and their workers' stderr."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env, free_port
+
+    port, launched = free_port(), []
+    for rank, args in enumerate(nodes):
+        (tmp_path / f"node{rank}").mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes)), "--node-rank",
+                   str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                   "--log-dir", str(tmp_path / f"log{rank}"), "--redirects", "3", "-m", "project.run",
+                   "--num-nodes", str(len(nodes)), "--accelerator", "cpu", "--devices", "1", *args]  # fmt: skip
+        launched.append(subprocess.Popen(command, cwd=tmp_path / f"node{rank}", env=cli_env(),
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    try:
+        codes = [process.wait(timeout) for process in launched]
+    finally:
+        for process in launched:
+            process.kill()
+    stderr = [next((tmp_path / f"log{rank}").glob("**/stderr.log")).read_text() for rank in range(len(nodes))]
+    return list(zip(codes, stderr, strict=True))
+
+
+def test_two_nodes_on_loopback_give_the_numbers_of_two_processes_on_one_node(tmp_path):
+    """Two torchrun launchers (--nnodes 2, one process each) train and test exactly like --devices 2 on one node,
+    into rank 0's one run directory; the other node writes nothing anywhere."""
+    training = ("--max-epochs", "3", *QUICK)
+    one_node = run_cli(*training, "--exp-dir", str(tmp_path / "one-node"), *TWO_PROCESSES)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    exp_dir = tmp_path / "experiments"
+    for code, stderr in torchrun_nodes(tmp_path, *[(*training, "--exp-dir", str(exp_dir))] * 2):
+        assert code == 0, stderr[-3000:]
+    run_dir = only_run_dir(exp_dir)
+    two_nodes, one_node = read_test_metrics(run_dir), read_test_metrics(only_run_dir(tmp_path / "one-node"))
+    tested = Path(two_nodes.pop("checkpoint"))
+    assert tested.parent == run_dir / "checkpoints" and tested.name == Path(one_node.pop("checkpoint")).name
+    assert two_nodes == one_node
+    assert [p.name for p in exp_dir.iterdir()] == ["debug"]
+    assert not list((tmp_path / "node0").iterdir()) and not list((tmp_path / "node1").iterdir())
+    hardware = json.loads((run_dir / "manifest.json").read_text())["hardware"]
+    assert hardware["world_size"] == 2
+
+
+def test_nodes_started_with_different_options_are_refused_before_any_record(tmp_path):
+    """A node given another --max-epochs would deadlock after the shorter run's last epoch: every process says so in
+    one line at the start, and no run directory is left."""
+    exp_dir = tmp_path / "experiments"
+    nodes = [("--max-epochs", epochs, "--exp-dir", str(exp_dir), *QUICK) for epochs in ("2", "3")]
+    for code, stderr in torchrun_nodes(tmp_path, *nodes, timeout=120):
+        assert code != 0
+        assert stderr.strip() == (
+            "error: the processes of this run were started with different options (--max-epochs 2/3, by rank); "
+            "start every node with the same command"
+        )
+    assert not [p for p in exp_dir.glob("*/*") if p.is_dir()]

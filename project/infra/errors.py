@@ -132,7 +132,7 @@ def watch_signals() -> Callable[[], None]:
                 if stops and StopSignals.taken < arrived:
                     name = signal.Signals(stops[-1]).name
                     os.write(2, f"stopped by {name} while waiting for the other processes of the run: any checkpoint "
-                             "are whole, continue with --resume\n".encode())  # fmt: skip
+                             "written is whole, continue with --resume\n".encode())  # fmt: skip
                     os._exit(128 + stops[-1])
 
     def stop() -> None:
