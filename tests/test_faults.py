@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, Payload, cli_env, only_run_dir, run_cli, wait_for
+from conftest import ROOT, Payload, cli_env, free_port, only_run_dir, run_cli, wait_for
 
 from project.infra import callbacks, checkpoints
 from project.infra.errors import UserError
@@ -302,3 +302,66 @@ def test_a_second_process_cannot_resume_a_run_that_is_running(exp_dir) -> None:
     assert epochs == sorted(set(epochs))  # one row per epoch: the second process wrote nothing
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert len(manifest["resumed"]) == 1 and manifest["exit_status"] == "interrupted"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "torchrun, flags, line",
+    [
+        (False, ("--num-nodes", "2"), "error: --num-nodes 2: nothing started the other nodes, so this process would"),
+        (True, ("--num-nodes", "2"), "error: --accelerator cpu --devices 1 --num-nodes 2 --strategy auto --precision "
+         "32-true: You set `devices=1` and `num_nodes=2` in Lightning, but the product (1 * 2) does not match the "
+         "world size (1)"),  # torchrun --nnodes 1
+        (False, ("--devices", "2", "--strategy", "ddp_spawn"), "error: --strategy ddp_spawn: not supported"),
+        (False, ("--devices", "2", "--strategy", "ddp_fork"), "error: --strategy ddp_fork: not supported"),
+    ],
+)  # fmt: skip
+def test_a_launch_that_cannot_start_is_one_line_before_anything_is_written(tmp_path, exp_dir, torchrun, flags, line):
+    """Before: --num-nodes 2 with no launcher waited for the other node forever, deaf to SIGTERM and Ctrl-C."""
+    launcher = ("torch.distributed.run", "--nnodes", "1", "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m")
+    command = [sys.executable, "-m", *(launcher if torchrun else ()), "project.run", *DIGITS, "--accelerator", "cpu",
+               *flags, "--exp-dir", str(exp_dir)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    stderr = next((tmp_path / "logs").glob("**/stderr.log")).read_text() if torchrun else done.stderr
+    assert done.returncode != 0 and len(stderr.strip().splitlines()) == 1 and stderr.startswith(line), stderr[-2000:]
+    assert not exp_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["0", "1"])
+def test_a_rank_killed_mid_epoch_stops_the_other_with_one_line_and_the_run_resumes(exp_dir, victim) -> None:
+    """Before: the survivor printed gloo's 100-line traceback."""
+    ddp = ("--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--max-epochs", "2",
+           "--checkpoint-every-n-steps", "2", "--exp-dir", str(exp_dir))  # fmt: skip
+    killed = run_cli("kill-train", "1", "5", "--", *DIGITS, *ddp, module="tests.fault_driver",
+                     env=cli_env(FAULT_RANK=victim), timeout=120)  # fmt: skip
+    assert killed.returncode == (-signal.SIGKILL if victim == "0" else 1), killed.stderr[-2000:]
+    assert "Traceback" not in killed.stderr, killed.stderr[-2000:]
+    assert last_line(killed.stderr).startswith("error: another process of this run ended or cannot be reached (")
+    last = only_run_dir(exp_dir) / "checkpoints" / "last.ckpt"
+    assert checkpoints.read(last)["global_step"] == 16  # 12 steps an epoch: saved after step 16, killed in step 18
+    resumed = run_cli(*DIGITS, *ddp, "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((only_run_dir(exp_dir) / "manifest.json").read_text())["exit_status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_waiting_for_another_node_ends_the_process(exp_dir, signum) -> None:
+    """A process blocked in the rendezvous (C code: Python's handlers cannot run) still answers SIGTERM and Ctrl-C."""
+    command = [sys.executable, "-m", "project.run", *DIGITS, "--accelerator", "cpu", "--num-nodes", "2",
+               "--exp-dir", str(exp_dir)]  # fmt: skip
+    env = cli_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0")  # node 1 never comes
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: list(exp_dir.glob("debug/*/.lock")), process, "the run to open")
+        time.sleep(3)  # into the rendezvous
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert stderr.strip() == (
+        f"stopped by {signal.Signals(signum).name} while waiting for the other processes of the run: any checkpoint "
+        "written is whole, continue with --resume"
+    )
