@@ -109,7 +109,9 @@ def lost_peer(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because another rank died or vanished (gloo raises a RuntimeError
     naming its transport, NCCL a DistError)."""
     dist = sys.modules.get("torch.distributed")
-    return dist is not None and dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo" in str(error))
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    return isinstance(error, dist.DistError) or "gloo" in str(error)
 
 
 def watch_signals() -> Callable[[], None]:
@@ -143,5 +145,5 @@ def watch_signals() -> Callable[[], None]:
     return stop
 
 
-# A forked child (a DataLoader worker) inherits the wakeup socket: its signals are not the main thread's to take up.
-os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
+if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) inherits the wakeup socket: not its own
+    os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
