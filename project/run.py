@@ -281,6 +281,8 @@ def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] =
     from project.infra import callbacks as safety
     from project.infra import hardware
 
+    # The processes' settings are compared first: a refusal comes before the run writes a record.
+    same = hardware.SameSettings({**config_of(args), "resume": bool(args.resume), "only_test": args.only_test})
     settings = dict(
         **hardware.resolve(args),  # accelerator, devices, num_nodes, strategy, precision: checked, in one line if wrong
         max_epochs=args.max_epochs,
@@ -289,13 +291,7 @@ def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] =
         benchmark=not args.deterministic,  # cuDNN picks the fastest convolution for our fixed shapes
         logger=run.loggers,
         enable_checkpointing=not args.only_test,
-        # The processes' settings are compared first: a refusal comes before the run writes a record.
-        callbacks=[
-            hardware.SameSettings({**config_of(args), "resume": bool(args.resume), "only_test": args.only_test}),
-            *run.callbacks,
-            *safety.for_run(run.last_checkpoint, args),
-            *callbacks,
-        ],  # fmt: skip
+        callbacks=[same, *run.callbacks, *safety.for_run(run.last_checkpoint, args), *callbacks],
         # Checkpoints written atomically and read weights-only, also when Lightning resumes from one.
         plugins=[safety.SafeCheckpointIO("--checkpoint" if args.only_test else "--resume")],
         default_root_dir=run.directory,
