@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import only_run_dir, run_cli, write_mnist_like
+from conftest import cli_env, free_port, only_run_dir, run_cli, write_mnist_like
 
 QUICK = ("--logger", "csv", "--num-workers", "0", "--model", "mlp", "--hidden-dim", "32")
 TWO_PROCESSES = ("--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")
@@ -186,8 +186,6 @@ def torchrun_nodes(tmp_path: Path, *nodes: tuple[str, ...], timeout: float = 300
     import subprocess
     import sys
 
-    from conftest import cli_env, free_port
-
     port, launched = free_port(), []
     for rank, args in enumerate(nodes):
         (tmp_path / f"node{rank}").mkdir()
@@ -195,7 +193,7 @@ def torchrun_nodes(tmp_path: Path, *nodes: tuple[str, ...], timeout: float = 300
                    str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                    "--log-dir", str(tmp_path / f"log{rank}"), "--redirects", "3", "-m", "project.run",
                    "--num-nodes", str(len(nodes)), "--accelerator", "cpu", "--devices", "1", *args]  # fmt: skip
-        launched.append(subprocess.Popen(command, cwd=tmp_path / f"node{rank}", env=cli_env(),
+        launched.append(subprocess.Popen(command, cwd=tmp_path / f"node{rank}", env=cli_env(OMP_NUM_THREADS="1"),
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
     try:
         codes = [process.wait(timeout) for process in launched]
@@ -210,7 +208,10 @@ def test_two_nodes_on_loopback_give_the_numbers_of_two_processes_on_one_node(tmp
     """Two torchrun launchers (--nnodes 2, one process each) train and test exactly like --devices 2 on one node,
     into rank 0's one run directory; the other node writes nothing anywhere."""
     training = ("--max-epochs", "3", *QUICK)
-    one_node = run_cli(*training, "--exp-dir", str(tmp_path / "one-node"), *TWO_PROCESSES)
+    # One thread per process, as Lightning sets for 2 processes on one node: sums in the same order, the same bits.
+    one_node = run_cli(
+        *training, "--exp-dir", str(tmp_path / "one-node"), *TWO_PROCESSES, env=cli_env(OMP_NUM_THREADS="1")
+    )
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     exp_dir = tmp_path / "experiments"
     for code, stderr in torchrun_nodes(tmp_path, *[(*training, "--exp-dir", str(exp_dir))] * 2):
