@@ -351,11 +351,17 @@ def test_a_stop_signal_while_waiting_for_another_node_ends_the_process(exp_dir, 
     """A process blocked in the rendezvous (C code: Python's handlers cannot run) still answers SIGTERM and Ctrl-C."""
     command = [sys.executable, "-m", "project.run", *DIGITS, "--accelerator", "cpu", "--num-nodes", "2",
                "--exp-dir", str(exp_dir)]  # fmt: skip
-    env = cli_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0")  # node 1 never comes
+    port = free_port()
+    env = cli_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0")  # node 1 never comes
     process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+
+    def listening() -> bool:  # rank 0's rendezvous store is up: the process waits inside it, in C
+        rows = [row.split() for table in ("tcp", "tcp6") for row in Path(f"/proc/net/{table}").read_text().splitlines()]
+        return any(row[1].endswith(f":{port:04X}") and row[3] == "0A" for row in rows[1:])
+
     try:
-        wait_for(lambda: list(exp_dir.glob("debug/*/.lock")), process, "the run to open")
-        time.sleep(3)  # into the rendezvous
+        wait_for(listening, process, "the rendezvous")
+        time.sleep(1)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
