@@ -168,6 +168,7 @@ def template_path(
         solver = run.build_solver(args, datamodule)
         run_records = records.open_run(args, run.config_of(args), tracking.start(args), None, run.resolve_task(args))
         trainer = run.build_trainer(args, run_records)
+        switch_off(options.without, trainer, solver)
         # Diagnostics only: add up the time spent in checkpoint writes and tracker calls.
         clock = EpochClock(device)
         trainer.save_checkpoint = clock.timing("checkpoints", trainer.save_checkpoint)
@@ -177,6 +178,22 @@ def template_path(
         trainer.fit(solver, datamodule=datamodule)
         run_records.close("finished")  # trackers finish their background writes inside the temporary folder
     return clock.epochs()
+
+
+# What `--without` switches off in the template, to measure each part's cost (the callbacks by class name).
+CALLBACKS_OF = {"progress-bar": {"ProgressBar"}, "checkpoints": {"ModelCheckpoint"},
+                "lr-monitor": {"LearningRateMonitor"},
+                "safety": {"FiniteLoss", "RandomState", "GracefulStop", "PreciseBatchNorm"}}  # fmt: skip
+PARTS = (*CALLBACKS_OF, "train-metrics", "step-logging")
+
+
+def switch_off(parts: list[str], trainer: pl.Trainer, solver: pl.LightningModule) -> None:
+    names = set().union(*(CALLBACKS_OF.get(part, ()) for part in parts))
+    trainer.callbacks[:] = [c for c in trainer.callbacks if type(c).__name__ not in names]
+    if "train-metrics" in parts:  # the per-step updates of the training accuracy and mean loss
+        solver.train_metric.update = solver.train_loss.update = lambda *_: None
+    if "step-logging" in parts:  # no step is logged (the solver logs the loss on the loggers' steps only)
+        trainer.log_every_n_steps = 1 << 62
 
 
 class EpochClock(pl.Callback):
@@ -224,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logger", action="append", default=None, help="the template's tracker(s); default: its own")
     parser.add_argument("--data-on-device", choices=("auto", "yes", "no"), default="auto",
                         help="the template's data path (no: the standard DataLoader)")  # fmt: skip
+    parser.add_argument("--without", action="append", choices=PARTS, default=[],
+                        help="switch off this part of the template (repeatable), to measure what it costs")  # fmt: skip
     args = parser.parse_args(argv)
     args.epochs = args.epochs or (3 if args.small else 6)
     if args.epochs < 2:
@@ -244,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     print(
         f"# {machine}, torch {torch.__version__}, {options.epochs} epochs (first not timed), compile "
-        f"{options.compile}, template loggers {options.logger}, data-on-device {options.data_on_device}"
+        f"{options.compile}, template loggers {options.logger}, data-on-device {options.data_on_device}, "
+        f"without {options.without or 'nothing'}"
     )
     rows = []
     for key in options.settings:
