@@ -69,6 +69,7 @@ SETTINGS = {
 # --small: the same code with sizes a CPU gets through in seconds.
 SMALL = {"cnn": dict(train_size=512, hidden_dim=8, batch_size=64), "mlp": dict(train_size=2_048)}
 NUM_CLASSES = 10
+CLOCK = [time.perf_counter]  # --clock cpu: time.process_time
 
 
 def synthetic_data(setting: Setting, seed: int) -> dict[str, tuple[Any, Any]]:
@@ -115,7 +116,7 @@ def hand_loop(setting: Setting, data: dict, device: torch.device, epochs: int, s
     seconds = []
     for _ in range(epochs):
         synchronize(device)
-        start = time.perf_counter()
+        start = CLOCK[0]()
         model.train()
         order = torch.randperm(len(train_y), device=device)
         for i in range(0, len(order), batch):
@@ -134,7 +135,7 @@ def hand_loop(setting: Setting, data: dict, device: torch.device, epochs: int, s
                 correct += (model(inputs(val_x[i : i + batch])).argmax(1) == val_y[i : i + batch]).sum()
         _ = correct.item() / len(val_y)
         synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(CLOCK[0]() - start)
     return seconds
 
 
@@ -208,17 +209,17 @@ class EpochClock(pl.Callback):
 
     def timing(self, key: str, function: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = CLOCK[0]()
             try:
                 return function(*args, **kwargs)
             finally:
-                self.spent[key] += time.perf_counter() - start
+                self.spent[key] += CLOCK[0]() - start
 
         return timed
 
     def _mark(self) -> None:
         synchronize(self.device)
-        self.marks.append({**self.spent, "seconds": time.perf_counter()})
+        self.marks.append({**self.spent, "seconds": CLOCK[0]()})
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark()
@@ -241,6 +242,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logger", action="append", default=None, help="the template's tracker(s); default: its own")
     parser.add_argument("--data-on-device", choices=("auto", "yes", "no"), default="auto",
                         help="the template's data path (no: the standard DataLoader)")  # fmt: skip
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU seconds, steadier on a shared machine (--device cpu, one thread)",
+    )
     parser.add_argument("--without", action="append", choices=PARTS, default=[],
                         help="switch off this part of the template (repeatable), to measure what it costs")  # fmt: skip
     args = parser.parse_args(argv)
@@ -257,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if options.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: GPU part skipped (run on a machine with a GPU, or pass --device cpu --small)")
         return 0
+    if options.clock == "cpu":
+        CLOCK[0] = time.process_time
     console.quiet()  # as run.main: the table, not Lightning's banners
     device = torch.device(options.device)
     torch.backends.cudnn.benchmark = True  # both sides: the Trainer sets the same (run.build_trainer)
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {machine}, torch {torch.__version__}, {options.epochs} epochs (first not timed), compile "
         f"{options.compile}, template loggers {options.logger}, data-on-device {options.data_on_device}, "
-        f"without {options.without or 'nothing'}"
+        f"without {options.without or 'nothing'}, {options.clock} clock"
     )
     rows = []
     for key in options.settings:
