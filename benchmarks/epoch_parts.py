@@ -16,12 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpu_benchmark import PARTS
+from gpu_benchmark import EMPTY_CALLBACKS, PARTS
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 469 + 47  # training and validation batches of an epoch: 60,000 and 6,000 samples in batches of 128
 CSV = ["--logger", "csv"]
 VARIANTS = {"nothing (the template, `--logger csv`)": CSV, **{part: [*CSV, f"--without={part}"] for part in PARTS}}
+VARIANTS[f"(added: {EMPTY_CALLBACKS} callbacks that do nothing)"] = [*CSV, "--with-empty-callbacks"]
 VARIANTS["all of the above, and `--logger none`"] = ["--logger", "none", *(f"--without={part}" for part in PARTS)]
 
 

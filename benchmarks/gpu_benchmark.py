@@ -170,6 +170,7 @@ def template_path(
         run_records = records.open_run(args, run.config_of(args), tracking.start(args), None, run.resolve_task(args))
         trainer = run.build_trainer(args, run_records)
         switch_off(options.without, trainer, solver)
+        trainer.callbacks.extend(pl.Callback() for _ in range(EMPTY_CALLBACKS if options.with_empty_callbacks else 0))
         # Diagnostics only: add up the time spent in checkpoint writes and tracker calls.
         clock = EpochClock(device)
         trainer.save_checkpoint = clock.timing("checkpoints", trainer.save_checkpoint)
@@ -186,6 +187,7 @@ CALLBACKS_OF = {"progress-bar": {"ProgressBar"}, "checkpoints": {"ModelCheckpoin
                 "lr-monitor": {"LearningRateMonitor"},
                 "safety": {"FiniteLoss", "RandomState", "GracefulStop", "PreciseBatchNorm"}}  # fmt: skip
 PARTS = (*CALLBACKS_OF, "train-metrics", "step-logging")
+EMPTY_CALLBACKS = 20  # --with-empty-callbacks: what Lightning's per-step calls of a callback cost, hooks doing nothing
 
 
 def switch_off(parts: list[str], trainer: pl.Trainer, solver: pl.LightningModule) -> None:
@@ -248,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="wall",
         help="cpu: this process's CPU seconds, steadier on a shared machine (--device cpu, one thread)",
     )
+    parser.add_argument("--with-empty-callbacks", action="store_true", help=f"add {EMPTY_CALLBACKS} that do nothing")
     parser.add_argument("--without", action="append", choices=PARTS, default=[],
                         help="switch off this part of the template (repeatable), to measure what it costs")  # fmt: skip
     args = parser.parse_args(argv)
