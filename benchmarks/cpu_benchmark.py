@@ -36,7 +36,7 @@ JOBS = {
     "template --logger csv": [sys.executable, "-m", "project.run", "--logger", "csv"],
 }
 IMPORTS = ("torch", "sklearn.datasets", "lightning.pytorch", "mlflow", "matplotlib.pyplot")
-ACCURACY = re.compile(r"Test accuracy: ([0-9.]+)")
+ACCURACY = re.compile(r"(?:Test accuracy: |Test scores: +acc )([0-9.]+)")  # the hand script; the template
 
 
 def environment(threads: int | None) -> dict[str, str]:
