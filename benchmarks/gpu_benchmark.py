@@ -69,6 +69,7 @@ SETTINGS = {
 # --small: the same code with sizes a CPU gets through in seconds.
 SMALL = {"cnn": dict(train_size=512, hidden_dim=8, batch_size=64), "mlp": dict(train_size=2_048)}
 NUM_CLASSES = 10
+CLOCK = [time.perf_counter]  # --clock cpu: time.process_time
 
 
 def synthetic_data(setting: Setting, seed: int) -> dict[str, tuple[Any, Any]]:
@@ -115,7 +116,7 @@ def hand_loop(setting: Setting, data: dict, device: torch.device, epochs: int, s
     seconds = []
     for _ in range(epochs):
         synchronize(device)
-        start = time.perf_counter()
+        start = CLOCK[0]()
         model.train()
         order = torch.randperm(len(train_y), device=device)
         for i in range(0, len(order), batch):
@@ -134,7 +135,7 @@ def hand_loop(setting: Setting, data: dict, device: torch.device, epochs: int, s
                 correct += (model(inputs(val_x[i : i + batch])).argmax(1) == val_y[i : i + batch]).sum()
         _ = correct.item() / len(val_y)
         synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(CLOCK[0]() - start)
     return seconds
 
 
@@ -168,6 +169,8 @@ def template_path(
         solver = run.build_solver(args, datamodule)
         run_records = records.open_run(args, run.config_of(args), tracking.start(args), None, run.resolve_task(args))
         trainer = run.build_trainer(args, run_records)
+        switch_off(options.without, trainer, solver)
+        trainer.callbacks.extend(pl.Callback() for _ in range(EMPTY_CALLBACKS if options.with_empty_callbacks else 0))
         # Diagnostics only: add up the time spent in checkpoint writes and tracker calls.
         clock = EpochClock(device)
         trainer.save_checkpoint = clock.timing("checkpoints", trainer.save_checkpoint)
@@ -177,6 +180,23 @@ def template_path(
         trainer.fit(solver, datamodule=datamodule)
         run_records.close("finished")  # trackers finish their background writes inside the temporary folder
     return clock.epochs()
+
+
+# What `--without` switches off in the template, to measure each part's cost (the callbacks by class name).
+CALLBACKS_OF = {"progress-bar": {"ProgressBar"}, "checkpoints": {"ModelCheckpoint"},
+                "lr-monitor": {"LearningRateMonitor"},
+                "safety": {"FiniteLoss", "RandomState", "GracefulStop", "PreciseBatchNorm"}}  # fmt: skip
+PARTS = (*CALLBACKS_OF, "train-metrics", "step-logging")
+EMPTY_CALLBACKS = 20  # --with-empty-callbacks: what Lightning's per-step calls of a callback cost, hooks doing nothing
+
+
+def switch_off(parts: list[str], trainer: pl.Trainer, solver: pl.LightningModule) -> None:
+    names = set().union(*(CALLBACKS_OF.get(part, ()) for part in parts))
+    trainer.callbacks[:] = [c for c in trainer.callbacks if type(c).__name__ not in names]
+    if "train-metrics" in parts:  # the per-step updates of the training accuracy and mean loss
+        solver.train_metric.update = solver.train_loss.update = lambda *_: None
+    if "step-logging" in parts:  # no step is logged (the solver logs the loss on the loggers' steps only)
+        trainer.log_every_n_steps = 1 << 62
 
 
 class EpochClock(pl.Callback):
@@ -191,17 +211,17 @@ class EpochClock(pl.Callback):
 
     def timing(self, key: str, function: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = CLOCK[0]()
             try:
                 return function(*args, **kwargs)
             finally:
-                self.spent[key] += time.perf_counter() - start
+                self.spent[key] += CLOCK[0]() - start
 
         return timed
 
     def _mark(self) -> None:
         synchronize(self.device)
-        self.marks.append({**self.spent, "seconds": time.perf_counter()})
+        self.marks.append({**self.spent, "seconds": CLOCK[0]()})
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark()
@@ -224,6 +244,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logger", action="append", default=None, help="the template's tracker(s); default: its own")
     parser.add_argument("--data-on-device", choices=("auto", "yes", "no"), default="auto",
                         help="the template's data path (no: the standard DataLoader)")  # fmt: skip
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU seconds, steadier on a shared machine (--device cpu, one thread)",
+    )
+    parser.add_argument("--with-empty-callbacks", action="store_true", help=f"add {EMPTY_CALLBACKS} that do nothing")
+    parser.add_argument("--without", action="append", choices=PARTS, default=[],
+                        help="switch off this part of the template (repeatable), to measure what it costs")  # fmt: skip
     args = parser.parse_args(argv)
     args.epochs = args.epochs or (3 if args.small else 6)
     if args.epochs < 2:
@@ -238,13 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     if options.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: GPU part skipped (run on a machine with a GPU, or pass --device cpu --small)")
         return 0
+    if options.clock == "cpu":
+        CLOCK[0] = time.process_time
     console.quiet()  # as run.main: the table, not Lightning's banners
     device = torch.device(options.device)
     torch.backends.cudnn.benchmark = True  # both sides: the Trainer sets the same (run.build_trainer)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     print(
         f"# {machine}, torch {torch.__version__}, {options.epochs} epochs (first not timed), compile "
-        f"{options.compile}, template loggers {options.logger}, data-on-device {options.data_on_device}"
+        f"{options.compile}, template loggers {options.logger}, data-on-device {options.data_on_device}, "
+        f"without {options.without or 'nothing'}, {options.clock} clock"
     )
     rows = []
     for key in options.settings:

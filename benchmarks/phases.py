@@ -4,7 +4,8 @@ testing, the records at the end, checkpoint writes. Takes the same arguments as 
     OMP_NUM_THREADS=1 python benchmarks/phases.py --exp-dir /tmp/x              # the default job
     OMP_NUM_THREADS=1 python benchmarks/phases.py --exp-dir /tmp/x --logger none
 
-It wraps a few functions with a stopwatch (nothing else changes) and prints one line on stderr;
+It wraps a few functions with a stopwatch (nothing else changes) and prints one line on stderr, wall seconds and this
+process's CPU seconds (steadier on a shared machine; with one thread they match on an idle one);
 interpreter start-up and shut-down are not included: time the whole command to see them.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-START = time.perf_counter()
+START = time.perf_counter(), time.process_time()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project package, from anywhere
 import lightning.pytorch as pl  # noqa: E402
@@ -24,7 +25,7 @@ import lightning.pytorch as pl  # noqa: E402
 from project import run  # noqa: E402
 from project.infra import callbacks, records  # noqa: E402
 
-SPENT: dict[str, float] = {}
+SPENT: dict[str, list[float]] = {}  # label: [wall seconds, CPU seconds]
 
 
 def stopwatch(owner: Any, name: str, label: str) -> None:
@@ -32,11 +33,13 @@ def stopwatch(owner: Any, name: str, label: str) -> None:
     function: Callable[..., Any] = getattr(owner, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = time.perf_counter(), time.process_time()
         try:
             return function(*args, **kwargs)
         finally:
-            SPENT[label] = SPENT.get(label, 0.0) + time.perf_counter() - start
+            spent = SPENT.setdefault(label, [0.0, 0.0])
+            spent[0] += time.perf_counter() - start[0]
+            spent[1] += time.process_time() - start[1]
 
     setattr(owner, name, timed)
 
@@ -48,11 +51,11 @@ def main() -> int:
     stopwatch(records.Run, "log_model", "log the model (trackers)")
     stopwatch(pl.Trainer, "test", "test")
     stopwatch(records.Run, "finish", "records at the end")
-    imported = time.perf_counter()
+    imported = time.perf_counter(), time.process_time()
     code = run.main(sys.argv[1:])
-    total = time.perf_counter() - imported
-    parts = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in SPENT.items())
-    print(f"imports {imported - START:.2f} s, run.main {total:.2f} s: {parts}", file=sys.stderr)
+    SPENT["run.main"] = [time.perf_counter() - imported[0], time.process_time() - imported[1]]
+    parts = ", ".join(f"{label} {wall:.2f} s ({cpu:.2f} s CPU)" for label, (wall, cpu) in SPENT.items())
+    print(f"imports {imported[0] - START[0]:.2f} s ({imported[1] - START[1]:.2f} s CPU), {parts}", file=sys.stderr)
     return code
 
 

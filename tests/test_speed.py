@@ -18,7 +18,7 @@ from conftest import ROOT, cli_env, only_run_dir, register_cifar10_like, write_c
 from torch.utils.data import DistributedSampler
 
 from project import run
-from project.infra import records, tracking
+from project.infra import console, records, tracking
 from project.infra.batches import EpochBatches, InMemoryData
 from project.infra.runs import CHECKPOINT_DIR, LAST
 
@@ -138,6 +138,16 @@ def test_step_loss_is_logged_with_its_own_value_on_the_steps_lightning_writes(tm
     assert sorted(written) == [s for s in range(trainer.global_step) if (s + 1) % every == 0]
     for step, value in written.items():
         assert value == pytest.approx(recorder.losses[step]), f"step {step} logged another step's loss"
+
+
+def test_the_progress_bar_redraws_by_time_and_always_at_a_splits_last_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redraw costs about as much as a fast GPU step: in a 50-step burst the bar draws the first and the last
+    batch only; once REDRAW_SECONDS have passed it draws again."""
+    bar, now, split = console.ProgressBar(), [100.0], SimpleNamespace(total=50)
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    assert [i for i in range(50) if bar.due(i, split)] == [0, 49]
+    now[0] += bar.REDRAW_SECONDS
+    assert bar.due(10, split) and not bar.due(11, split)
 
 
 class LiveTensorBytes(pl.Callback):
