@@ -21,11 +21,17 @@ from typing import TYPE_CHECKING, Any
 from project import run
 from project.infra import cli, runs
 from project.infra.errors import RunStopped, UserError, run_command
+from project.infra.redact import redact, redact_text
 
 if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without loading Optuna or torch
     import optuna
 
 MAX_RETRIES = 2  # a trial that keeps dying (it kills the machine?) is not queued forever
+HEARTBEAT_INTERVAL, GRACE_PERIOD = 60, 300  # seconds: a trial (of any worker) silent that long is queued again
+
+
+class Surplus(Exception):
+    """Two workers started the last trial at once: the later one steps aside (FAIL), so the study has exactly N."""
 
 
 def search_space(trial: optuna.Trial, model_options: set[str]) -> dict[str, Any]:
@@ -86,10 +92,13 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-    try:  # a trial (of any worker) silent for 5 minutes is failed and queued again
-        storage = RDBStorage(url, heartbeat_interval=60, grace_period=300, heartbeat_stale_trial_callback=retry)
+    try:
+        storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                             heartbeat_stale_trial_callback=retry)  # fmt: skip
     except Exception as error:  # a database driver not installed, a bad URL, a refused connection
-        raise UserError(f"--storage {url}: cannot open ({type(error).__name__}: {error})") from error
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]  # psycopg's hints and SQLAlchemy's links follow
+        raise UserError(f"cannot open --storage {url} ({reason})") from error
+    url = redact_text(url)  # printed below: a server's password never is
     sqlite = database is not None
     with contextlib.ExitStack() as held:
         try:  # SQLite: one sweep per study at a time. The OS drops the lock when its process dies, however it dies.
@@ -109,14 +118,14 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
         if sqlite:  # we hold the lock: a trial still running was left by a dead sweep
             requeue(study, retry, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
 
-        finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
-        finished = len(study.get_trials(states=finished_states))
+        finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
         print(f"Study {args.study}: {finished} of {args.n_trials} trials finished (storage {url})", flush=True)
         started: list[int] = []  # the trials this process ran: the last is queued again if it is cut short
-        enough = optuna.study.MaxTrialsCallback(args.n_trials, states=finished_states)  # workers sharing a study
+        enough = lambda study, _: claimed(study) >= args.n_trials and study.stop()  # noqa: E731 (workers sharing it)
         try:
-            study.optimize(lambda trial: objective(trial, args.study, run_argv, model_options, started),
-                           max(args.n_trials - finished, 0), callbacks=[enough], gc_after_trial=True)  # fmt: skip
+            study.optimize(lambda trial: objective(trial, args, run_argv, model_options, started),
+                           max(args.n_trials - claimed(study), 0), callbacks=[enough], gc_after_trial=True,
+                           catch=(Surplus,))  # fmt: skip
         except UserError:
             raise  # a value search_space() chose that project.run refuses: it would fail again
         except BaseException:  # a signal (or a bug): the trial reruns from scratch when the sweep is run again
@@ -137,12 +146,29 @@ def requeue(study: optuna.Study, retry: Any, numbers: list[int]) -> None:
             print(f"trial {number} did not finish; {'given up' if gave_up else 'queued again'}", flush=True)
 
 
-def objective(trial: optuna.Trial, study: str, run_argv: list[str], model_options: set[str], started: list) -> float:
+def claimed(study: optuna.Study, before: int | None = None) -> int:
+    """Trials finished or running, on any worker (one silent for GRACE_PERIOD is failed, and queued again, first);
+    with `before`, only those numbered below it."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    return sum(before is None or t.number < before for t in trials)
+
+
+def objective(
+    trial: optuna.Trial, args: argparse.Namespace, run_argv: list, model_options: set, started: list
+) -> float:
     """One trial: a project.run run with the values search_space() chose; its best --monitor value."""
     import optuna
     from lightning.pytorch.callbacks import LambdaCallback
     from optuna_integration import PyTorchLightningPruningCallback
 
+    study = args.study
+    if claimed(trial.study, before=trial.number) >= args.n_trials:
+        trial.study.stop()
+        raise Surplus(f"study {study} had {args.n_trials} trials finished or running when trial {trial.number} began")
     started.append(trial.number)
     try:
         params = search_space(trial, model_options)
@@ -155,7 +181,7 @@ def objective(trial: optuna.Trial, study: str, run_argv: list[str], model_option
     except SystemExit:
         raise UserError(f"search_space(): {refusal.getvalue().strip().rpartition('error: ')[2]}") from None
 
-    trial.set_user_attr("config", run.config_of(trial_args))
+    trial.set_user_attr("config", redact(run.config_of(trial_args)))  # best.yaml's: no secret is written down
     trial.set_user_attr("run_dir", None)  # a retried trial inherits the interrupted one's until its run starts
     print(f"\n--- study {study}, trial {trial.number}: {params}", flush=True)
     callbacks = [

@@ -5,15 +5,21 @@ reruns as is."""
 from __future__ import annotations
 
 import csv
+import os
+import pwd
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, free_port, run_cli, wait_for
 
 from project import run, sweep
 
@@ -341,3 +347,83 @@ def test_a_study_continues_only_with_its_monitor(tmp_path: Path, capsys) -> None
     study.set_user_attr("monitor", "val/loss")
     assert sweep.main(["--study", "s", "--n-trials", "1", "--monitor", "val/acc", "--exp-dir", str(tmp_path)]) == 2
     assert "continue it with that --monitor" in capsys.readouterr().err
+
+
+def postgres_bin() -> Path | None:
+    """The folder of the OS's PostgreSQL server programs (Debian keeps them off the PATH), or None."""
+    on_path = shutil.which("pg_ctl")
+    folders = [Path(on_path).parent] if on_path else sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return next((folder for folder in folders if (folder / "initdb").is_file()), None)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a unix socket only, in a temporary folder: its SQLAlchemy URL."""
+    pytest.importorskip("psycopg", reason="no PostgreSQL driver (pip install -e '.[test]')")
+    programs = postgres_bin()
+    if programs is None:
+        pytest.skip("no PostgreSQL server programs (Debian: apt-get install postgresql; .ci/run does)")
+    root = Path(tempfile.mkdtemp(prefix="sweep-pg-"))  # not under pytest's folders, which only root may enter
+    owner = {}
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        nobody = pwd.getpwnam("nobody")
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        owner = {"user": nobody.pw_uid, "group": nobody.pw_gid}
+    port, data = free_port(), root / "data"
+    server = f"-c listen_addresses='' -c unix_socket_directories={root} -p {port}"
+    try:
+        for command in (["initdb", "-D", data, "-U", "sweep", "--auth", "trust"],
+                        ["pg_ctl", "-D", data, "-l", root / "log", "-w", "-o", server, "start"]):  # fmt: skip
+            subprocess.run([programs / command[0], *command[1:]], cwd=root, check=True, capture_output=True, **owner)
+        yield f"postgresql+psycopg://sweep@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run([programs / "pg_ctl", "-D", data, "-m", "immediate", "stop"], cwd=root, capture_output=True,
+                       **owner)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# A worker as users start it, but a trial silent for 4 s (not 5 minutes) counts as lost.
+WORKER = "import sys; from project import sweep; sweep.HEARTBEAT_INTERVAL, sweep.GRACE_PERIOD = 1, 4; "
+WORKER += "sys.exit(sweep.main(sys.argv[1:]))"
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_finish_exactly_n_trials_and_requeue_a_killed_ones(
+    postgres: str, tmp_path: Path
+) -> None:
+    """Two machines' workers on one study in a PostgreSQL server: one is SIGKILLed mid-trial and started again; together
+    they finish exactly N trials, each run once, and the killed trial is run again with its parameters."""
+    import optuna
+
+    exp_dir, n = tmp_path / "experiments", 5
+    command = [sys.executable, "-c", WORKER, "--study", "pg", "--n-trials", str(n), "--storage", postgres, *TINY,
+               "--exp-dir", str(exp_dir)]  # fmt: skip
+    logs = [tmp_path / name for name in ("a", "b", "a-again")]
+    workers = [start_sweep(command, logs[0]), start_sweep(command, logs[1])]
+    try:
+        started = re.compile(r"--- study pg, trial (\d+):")
+        first = lambda: started.findall(logs[0].with_suffix(".out").read_text())  # noqa: E731
+        wait_for(first, workers[0], "worker a's first trial")
+        study = optuna.load_study(study_name="pg", storage=postgres)
+        killed = int(first()[0])
+        wait_for(lambda: study.trials[killed].user_attrs.get("run_dir"), workers[0], "its run to start")
+        workers[0].kill()
+        workers[0].wait()
+        time.sleep(sweep.GRACE_PERIOD)  # as a lost machine's worker restarted after that grace (or another joining)
+        workers.append(start_sweep(command, logs[2]))
+        for worker, log in zip(workers[1:], logs[1:], strict=True):
+            assert worker.wait(timeout=400) == 0, log.with_suffix(".err").read_text()[-3000:]
+    finally:
+        for worker in workers:
+            worker.kill()
+    trials = study.trials
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == n and not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    (retry,) = (t for t in trials if retried_number(t) is not None)
+    assert (trials[killed].state.name, retried_number(retry), retry.params) == ("FAIL", killed, trials[killed].params)
+    assert retry in finished
+    # Each trial ran in one worker only; every finished one is its own run, tested once.
+    ran = [[int(k) for k in started.findall(log.with_suffix(".out").read_text())] for log in logs]
+    assert sorted(sum(ran, [])) == sorted({*sum(ran, [])}) and {t.number for t in finished} <= {*sum(ran, [])}
+    tested = sorted(exp_dir.glob("pg/*/test_metrics.json"))
+    assert tested == sorted(Path(t.user_attrs["run_dir"]) / "test_metrics.json" for t in finished if t.value)
