@@ -44,12 +44,11 @@ def search_space(trial: optuna.Trial, model_options: set[str]) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(  # its mistakes, like project.run's: one line, redacted, text this locale can write
         prog="python -m project.sweep",
         description="Search hyperparameters with Optuna; the same command continues an interrupted sweep.",
         epilog="Every other option is a project.run option, applied to every trial (e.g. --dataset digits --monitor "
         "val/acc); trials minimise or maximise --monitor as the dataset's task says is better.",
-        allow_abbrev=False,  # a prefix of a project.run option must reach project.run
     )
     add = parser.add_argument
     add("--study", type=cli.name, required=True, help="its trials are the runs of --exp-name STUDY")
