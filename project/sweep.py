@@ -88,10 +88,10 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # retries: we rely on them
     url = args.storage or runs.sqlite_url(Path(base.exp_dir) / "optuna.db")
     database = runs.sqlite_file(url) if url.startswith("sqlite:") else None
-    if database is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-    try:
+    try:  # (a folder that cannot be made, under a file or with a name too long, is one line too)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
         storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
                              heartbeat_stale_trial_callback=retry)  # fmt: skip
     except Exception as error:  # a database driver not installed, a bad URL, a refused connection
