@@ -427,3 +427,40 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials_and_requeue_a_killed_
     assert sorted(sum(ran, [])) == sorted({*sum(ran, [])}) and {t.number for t in finished} <= {*sum(ran, [])}
     tested = sorted(exp_dir.glob("pg/*/test_metrics.json"))
     assert tested == sorted(Path(t.user_attrs["run_dir"]) / "test_metrics.json" for t in finished if t.value)
+
+
+SECRET = "Hunter2secret"
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [f"postgresql+psycopg://bob:{SECRET}@127.0.0.1:1/db", f"postgresql://bob@127.0.0.1:1/db?password={SECRET}",
+     f"mysql://bob:{SECRET}@127.0.0.1:1/db", f"bogus:/x?token={SECRET}", f"postgresql://127.0.0.1:1/{SECRET}"],
+    ids=["url-password", "query-password", "no-driver", "not-a-url", "environment"],
+)  # fmt: skip
+def test_a_storage_that_cannot_be_opened_is_one_line_without_its_secret(storage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DB_PASSWORD", SECRET)  # the last case: a secret the environment names, typed in plain
+    assert sweep.main(["--study", "s", "--n-trials", "1", "--storage", storage, "--exp-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: cannot open --storage ") and len(err.strip().splitlines()) == 1, err
+    assert SECRET not in out + err
+
+
+def test_a_sweep_prints_and_writes_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Its storage URL and its trials' options (best.yaml, the table, the study's records): no secret stays."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    fake_run = SimpleNamespace(test_metrics={"test/acc": 0.5}, best_score=0.25)  # the trial's work is not the point
+    monkeypatch.setattr(run, "train_and_test", lambda args, callbacks: fake_run)
+    storage = f"sqlite:///{tmp_path}/token={SECRET}/optuna.db"
+    argv = ["--study", "s", "--n-trials", "2", "--storage", storage, "--exp-dir", str(tmp_path), "--logger", "csv",
+            "--data-dir", f"{tmp_path}/password={SECRET}"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "Study s: 0 of 2 trials finished (storage sqlite:///" in out and SECRET not in out + err
+    written = [(tmp_path / "s" / "sweep" / name).read_text() for name in ("best.yaml", "trials.csv")]
+    assert "password=[redacted]" in written[0] and not [text for text in written if SECRET in text]
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert len(trials) == 2 and SECRET not in str([t.user_attrs for t in trials])
