@@ -429,6 +429,29 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials_and_requeue_a_killed_
     assert tested == sorted(Path(t.user_attrs["run_dir"]) / "test_metrics.json" for t in finished if t.value)
 
 
+@pytest.mark.slow
+def test_two_sweeps_of_one_sqlite_study_at_once_finish_it_or_say_why_not(tmp_path: Path) -> None:
+    """SQLite serves one sweep per study: started together, one runs the study to exactly N and the other ends with
+    one line (or, if it comes after, finds the study finished); no trial runs twice."""
+    exp_dir = tmp_path / "experiments"
+    command = [sys.executable, "-m", "project.sweep", "--study", "s", "--n-trials", "2", *TINY, "--max-epochs", "1",
+               "--exp-dir", str(exp_dir)]  # fmt: skip
+    logs = [tmp_path / "a", tmp_path / "b"]
+    sweeps = [start_sweep(command, log) for log in logs]
+    try:
+        codes = sorted(process.wait(timeout=400) for process in sweeps)
+    finally:
+        for process in sweeps:
+            process.kill()
+    errors = [log.with_suffix(".err").read_text() for log in logs]
+    assert codes in ([0, 0], [0, 2]), errors
+    refused = [err.strip().splitlines() for err in errors if "being run by another sweep" in err]
+    assert len(refused) == codes.count(2) and all(len(lines) == 1 for lines in refused), errors
+    trials = load_study(exp_dir, "s").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert len(list(exp_dir.glob("s/*/test_metrics.json"))) == 2
+
+
 SECRET = "Hunter2secret"
 
 
