@@ -167,7 +167,8 @@ def objective(
     study = args.study
     if claimed(trial.study, before=trial.number) >= args.n_trials:
         trial.study.stop()
-        raise Surplus(f"study {study} had {args.n_trials} trials finished or running when trial {trial.number} began")
+        print(f"trial {trial.number} not needed: {args.n_trials} trials are finished or running", flush=True)
+        raise Surplus
     started.append(trial.number)
     try:
         params = search_space(trial, model_options)

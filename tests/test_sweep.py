@@ -452,6 +452,20 @@ def test_two_sweeps_of_one_sqlite_study_at_once_finish_it_or_say_why_not(tmp_pat
     assert len(list(exp_dir.glob("s/*/test_metrics.json"))) == 2
 
 
+def test_a_trial_begun_when_n_were_already_claimed_steps_aside(capsys) -> None:
+    """Two workers that begin the last trial at once: the later one fails at once, runs nothing; its worker stops."""
+    import argparse
+
+    import optuna
+
+    study = optuna.create_study()
+    study.tell(study.ask(), 1.0)
+    args, started = argparse.Namespace(study="s", n_trials=1), []
+    study.optimize(lambda trial: sweep.objective(trial, args, [], set(), started), 3, catch=(sweep.Surplus,))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"] and started == []
+    assert "trial 1 not needed: 1 trials are finished or running" in capsys.readouterr().out
+
+
 SECRET = "Hunter2secret"
 
 
