@@ -228,7 +228,11 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "trials.csv", index=False)
-    print("\n" + table.drop(columns="run_dir", errors="ignore").to_string(index=False) + f"\nSaved in {out_dir}")
+    print(
+        "\n"
+        + table.drop(columns="run_dir", errors="ignore").to_string(index=False)
+        + redact_text(f"\nSaved in {out_dir}")
+    )
     if not study.get_trials(states=(TrialState.COMPLETE,)):
         return
     best = study.best_trial
@@ -236,7 +240,7 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
         f"# Study {study.study_name}, trial {best.number}, {monitor} = {best.value:.6g}, {best.user_attrs['run_dir']}\n"
         + yaml.safe_dump(best.user_attrs["config"], sort_keys=True)
     )
-    print(f"Best: trial {best.number}, {monitor} = {best.value:.6g}, {best.params}: {out_dir / 'best.yaml'}")
+    print(redact_text(f"Best: trial {best.number}, {monitor} = {best.value:.6g}, {best.params}: {out_dir}/best.yaml"))
     for name in ("optimization_history", "param_importances"):
         try:
             axes = getattr(optuna_plots, f"plot_{name}")(study, target_name=monitor)

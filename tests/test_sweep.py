@@ -491,13 +491,13 @@ def test_a_sweep_prints_and_writes_no_secret(tmp_path: Path, monkeypatch: pytest
 
     fake_run = SimpleNamespace(test_metrics={"test/acc": 0.5}, best_score=0.25)  # the trial's work is not the point
     monkeypatch.setattr(run, "train_and_test", lambda args, callbacks: fake_run)
-    storage = f"sqlite:///{tmp_path}/token={SECRET}/optuna.db"
-    argv = ["--study", "s", "--n-trials", "2", "--storage", storage, "--exp-dir", str(tmp_path), "--logger", "csv",
+    storage, exp_dir = f"sqlite:///{tmp_path}/token={SECRET}/optuna.db", tmp_path / f"api_key={SECRET}"
+    argv = ["--study", "s", "--n-trials", "2", "--storage", storage, "--exp-dir", str(exp_dir), "--logger", "csv",
             "--data-dir", f"{tmp_path}/password={SECRET}"]  # fmt: skip
     assert sweep.main(argv) == 0
     out, err = capsys.readouterr()
     assert "Study s: 0 of 2 trials finished (storage sqlite:///" in out and SECRET not in out + err
-    written = [(tmp_path / "s" / "sweep" / name).read_text() for name in ("best.yaml", "trials.csv")]
+    written = [(exp_dir / "s" / "sweep" / name).read_text() for name in ("best.yaml", "trials.csv")]
     assert "password=[redacted]" in written[0] and not [text for text in written if SECRET in text]
     trials = optuna.load_study(study_name="s", storage=storage).trials
     assert len(trials) == 2 and SECRET not in str([t.user_attrs for t in trials])
