@@ -363,12 +363,17 @@ def postgres() -> Iterator[str]:
     programs = postgres_bin()
     if programs is None:
         pytest.skip("no PostgreSQL server programs (Debian: apt-get install postgresql; .ci/run does)")
-    root = Path(tempfile.mkdtemp(prefix="sweep-pg-"))  # not under pytest's folders, which only root may enter
     owner = {}
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        nobody = pwd.getpwnam("nobody")
-        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root, and there is no user 'nobody' to run PostgreSQL as")
         owner = {"user": nobody.pw_uid, "group": nobody.pw_gid}
+    # In /tmp: pytest's folders admit only their owner, and a socket's path must stay short (~100 bytes).
+    root = Path(tempfile.mkdtemp(prefix="sweep-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    if owner:
+        os.chown(root, owner["user"], owner["group"])
     port, data = free_port(), root / "data"
     server = f"-c listen_addresses='' -c unix_socket_directories={root} -p {port}"
     try:
