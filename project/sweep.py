@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from project import run
-from project.infra import cli, runs
+from project.infra import cli, runs, tracking
 from project.infra.errors import RunStopped, UserError, run_command
 from project.infra.redact import redact, redact_text
 
@@ -90,10 +90,9 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     database = runs.sqlite_file(url) if url.startswith("sqlite:") else None
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     try:  # (a folder that cannot be made, under a file or with a name too long, is one line too)
-        if database is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                             heartbeat_stale_trial_callback=retry)  # fmt: skip
+        with tracking.store_lock(url):  # as for MLflow's store: two sweeps creating one SQLite schema at once race
+            storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                                 heartbeat_stale_trial_callback=retry)  # fmt: skip
     except Exception as error:  # a database driver not installed, a bad URL, a refused connection
         reason = f"{type(error).__name__}: {error}".splitlines()[0]  # psycopg's hints and SQLAlchemy's links follow
         raise UserError(f"cannot open --storage {url} ({reason})") from error
