@@ -79,6 +79,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     from filelock import FileLock, Timeout
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
+    from sqlalchemy.exc import IntegrityError
 
     from project.model import backbone_options
 
@@ -89,13 +90,25 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     url = args.storage or runs.sqlite_url(Path(base.exp_dir) / "optuna.db")
     database = runs.sqlite_file(url) if url.startswith("sqlite:") else None
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-    try:  # (a folder that cannot be made, under a file or with a name too long, is one line too)
-        with tracking.store_lock(url):  # as for MLflow's store: two sweeps creating one SQLite schema at once race
-            storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                                 heartbeat_stale_trial_callback=retry)  # fmt: skip
-    except Exception as error:  # a database driver not installed, a bad URL, a refused connection
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]  # psycopg's hints and SQLAlchemy's links follow
-        raise UserError(f"cannot open --storage {url} ({reason})") from error
+    direction = "maximize" if task.higher_is_better(base.monitor) else "minimize"
+    pruner = optuna.pruners.MedianPruner(args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
+    # Workers starting together on a new database race to create its tables and the study's records (SQLite: a lock,
+    # as for MLflow's store; a server: the losers find them made when they try again).
+    for attempt in range(3):
+        try:  # (a folder that cannot be made, under a file or with a name too long, is one line too)
+            with tracking.store_lock(url):
+                storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                                     heartbeat_stale_trial_callback=retry)  # fmt: skip
+                study = optuna.create_study(storage=storage, study_name=args.study, direction=direction,
+                                            pruner=pruner, load_if_exists=True)  # fmt: skip
+                if "monitor" not in study.user_attrs:
+                    study.set_user_attr("monitor", base.monitor)
+            break
+        except Exception as error:  # a database driver not installed, a bad URL, a refused connection
+            if isinstance(error, IntegrityError) and attempt < 2:
+                continue
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]  # psycopg's hints, SQLAlchemy's links follow
+            raise UserError(f"cannot open --storage {url} ({reason})") from error
     url = redact_text(url)  # printed below: a server's password never is
     sqlite = database is not None
     with contextlib.ExitStack() as held:
@@ -105,14 +118,9 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
         except Timeout:
             raise UserError(f"study {args.study} is being run by another sweep (parallel workers need a server "
                             "--storage, e.g. postgresql://...)") from None  # fmt: skip
-        direction = "maximize" if task.higher_is_better(base.monitor) else "minimize"
-        pruner = optuna.pruners.MedianPruner(args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
-        study = optuna.create_study(storage=storage, study_name=args.study, direction=direction, pruner=pruner,
-                                    load_if_exists=True)  # fmt: skip
-        monitor = study.user_attrs.get("monitor", base.monitor)
+        monitor = study.user_attrs["monitor"]
         if monitor != base.monitor or study.direction.name.lower() != direction:
             raise UserError(f"study {args.study} is of --monitor {monitor}: continue it with that --monitor")
-        study.set_user_attr("monitor", monitor)
         if sqlite:  # we hold the lock: a trial still running was left by a dead sweep
             requeue(study, retry, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
 
