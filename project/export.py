@@ -17,6 +17,7 @@ from project.infra import runs
 from project.infra.cli import Parser, add_model_options
 from project.infra.errors import UserError, run_command
 from project.infra.files import write_file
+from project.infra.redact import redact_text
 from project.predict import KEY, load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # TorchScript: for LibTorch (C++); deprecated upstream
@@ -68,7 +69,8 @@ def export(args: argparse.Namespace) -> None:
     output = (args.output or checkpoint.with_suffix(FORMATS[args.format])).expanduser()
     write_file(output, write, flag="--output: ")
     sizes = ", ".join(map(str, PARITY_BATCH_SIZES))
-    print(f"Wrote {output}; checked against PyTorch on batches of {sizes}: max difference {differences[0]:.1e}")
+    wrote = f"Wrote {output}; checked against PyTorch on batches of {sizes}: max difference {differences[0]:.1e}"
+    print(redact_text(wrote))  # a path may hold a secret too
 
 
 def require_export_extra() -> None:

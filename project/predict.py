@@ -21,6 +21,7 @@ from project.infra import runs
 from project.infra.cli import Parser, add_model_options, positive_int
 from project.infra.errors import UserError, run_command
 from project.infra.files import write_file
+from project.infra.redact import redact_text
 
 KEY = "project"  # where the spec is: ONNX metadata `project`, TorchScript extra file `project.json`, MLflow metadata
 
@@ -64,7 +65,8 @@ def predict(args: argparse.Namespace) -> None:
     else:
         write_file(Path(args.output).expanduser(), write, flag="--output: ")  # the CSV appears only whole
     count = sum(1 if array is None else len(array) for _, array in sources)
-    print(f"Wrote {count} predictions to {args.output}", file=sys.stderr if args.output == "-" else sys.stdout)
+    wrote = redact_text(f"Wrote {count} predictions to {args.output}")  # a path may hold a secret too
+    print(wrote, file=sys.stderr if args.output == "-" else sys.stdout)
 
 
 def load_model(source: str, exp_dir: str = "", exp_name: str = "") -> tuple[Any, dict[str, Any]]:

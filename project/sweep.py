@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from project import run
-from project.infra import cli, runs
+from project.infra import cli, runs, tracking
 from project.infra.errors import RunStopped, UserError, run_command
+from project.infra.redact import redact, redact_text
 
 if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without loading Optuna or torch
     import optuna
 
 MAX_RETRIES = 2  # a trial that keeps dying (it kills the machine?) is not queued forever
+HEARTBEAT_INTERVAL, GRACE_PERIOD = 60, 300  # seconds: a trial (of any worker) silent that long is queued again
+
+
+class Surplus(Exception):
+    """Two workers started the last trial at once: the later one steps aside (FAIL), so the study has exactly N."""
 
 
 def search_space(trial: optuna.Trial, model_options: set[str]) -> dict[str, Any]:
@@ -38,12 +44,11 @@ def search_space(trial: optuna.Trial, model_options: set[str]) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(  # its mistakes, like project.run's: one line, redacted, text this locale can write
         prog="python -m project.sweep",
         description="Search hyperparameters with Optuna; the same command continues an interrupted sweep.",
         epilog="Every other option is a project.run option, applied to every trial (e.g. --dataset digits --monitor "
         "val/acc); trials minimise or maximise --monitor as the dataset's task says is better.",
-        allow_abbrev=False,  # a prefix of a project.run option must reach project.run
     )
     add = parser.add_argument
     add("--study", type=cli.name, required=True, help="its trials are the runs of --exp-name STUDY")
@@ -74,6 +79,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     from filelock import FileLock, Timeout
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
+    from sqlalchemy.exc import IntegrityError
 
     from project.model import backbone_options
 
@@ -83,13 +89,27 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # retries: we rely on them
     url = args.storage or runs.sqlite_url(Path(base.exp_dir) / "optuna.db")
     database = runs.sqlite_file(url) if url.startswith("sqlite:") else None
-    if database is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-    try:  # a trial (of any worker) silent for 5 minutes is failed and queued again
-        storage = RDBStorage(url, heartbeat_interval=60, grace_period=300, heartbeat_stale_trial_callback=retry)
-    except Exception as error:  # a database driver not installed, a bad URL, a refused connection
-        raise UserError(f"--storage {url}: cannot open ({type(error).__name__}: {error})") from error
+    direction = "maximize" if task.higher_is_better(base.monitor) else "minimize"
+    pruner = optuna.pruners.MedianPruner(args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
+    # Workers starting together on a new database race to create its tables and the study's records (SQLite: a lock,
+    # as for MLflow's store; a server: the losers find them made when they try again).
+    for attempt in range(3):
+        try:  # (a folder that cannot be made, under a file or with a name too long, is one line too)
+            with tracking.store_lock(url):
+                storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                                     heartbeat_stale_trial_callback=retry)  # fmt: skip
+                study = optuna.create_study(storage=storage, study_name=args.study, direction=direction,
+                                            pruner=pruner, load_if_exists=True)  # fmt: skip
+                if "monitor" not in study.user_attrs:
+                    study.set_user_attr("monitor", base.monitor)
+            break
+        except Exception as error:  # a database driver not installed, a bad URL, a refused connection
+            if isinstance(error, IntegrityError) and attempt < 2:
+                continue
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]  # psycopg's hints, SQLAlchemy's links follow
+            raise UserError(f"cannot open --storage {url} ({reason})") from error
+    url = redact_text(url)  # printed below: a server's password never is
     sqlite = database is not None
     with contextlib.ExitStack() as held:
         try:  # SQLite: one sweep per study at a time. The OS drops the lock when its process dies, however it dies.
@@ -98,25 +118,20 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
         except Timeout:
             raise UserError(f"study {args.study} is being run by another sweep (parallel workers need a server "
                             "--storage, e.g. postgresql://...)") from None  # fmt: skip
-        direction = "maximize" if task.higher_is_better(base.monitor) else "minimize"
-        pruner = optuna.pruners.MedianPruner(args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
-        study = optuna.create_study(storage=storage, study_name=args.study, direction=direction, pruner=pruner,
-                                    load_if_exists=True)  # fmt: skip
-        monitor = study.user_attrs.get("monitor", base.monitor)
+        monitor = study.user_attrs["monitor"]
         if monitor != base.monitor or study.direction.name.lower() != direction:
             raise UserError(f"study {args.study} is of --monitor {monitor}: continue it with that --monitor")
-        study.set_user_attr("monitor", monitor)
         if sqlite:  # we hold the lock: a trial still running was left by a dead sweep
             requeue(study, retry, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
 
-        finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
-        finished = len(study.get_trials(states=finished_states))
+        finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
         print(f"Study {args.study}: {finished} of {args.n_trials} trials finished (storage {url})", flush=True)
         started: list[int] = []  # the trials this process ran: the last is queued again if it is cut short
-        enough = optuna.study.MaxTrialsCallback(args.n_trials, states=finished_states)  # workers sharing a study
+        enough = lambda study, _: claimed(study) >= args.n_trials and study.stop()  # noqa: E731 (workers sharing it)
         try:
-            study.optimize(lambda trial: objective(trial, args.study, run_argv, model_options, started),
-                           max(args.n_trials - finished, 0), callbacks=[enough], gc_after_trial=True)  # fmt: skip
+            study.optimize(lambda trial: objective(trial, args, run_argv, model_options, started),
+                           max(args.n_trials - claimed(study), 0), callbacks=[enough], gc_after_trial=True,
+                           catch=(Surplus,))  # fmt: skip
         except UserError:
             raise  # a value search_space() chose that project.run refuses: it would fail again
         except BaseException:  # a signal (or a bug): the trial reruns from scratch when the sweep is run again
@@ -137,12 +152,30 @@ def requeue(study: optuna.Study, retry: Any, numbers: list[int]) -> None:
             print(f"trial {number} did not finish; {'given up' if gave_up else 'queued again'}", flush=True)
 
 
-def objective(trial: optuna.Trial, study: str, run_argv: list[str], model_options: set[str], started: list) -> float:
+def claimed(study: optuna.Study, before: int | None = None) -> int:
+    """Trials finished or running, on any worker (one silent for GRACE_PERIOD is failed, and queued again, first);
+    with `before`, only those numbered below it."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    return sum(before is None or t.number < before for t in trials)
+
+
+def objective(
+    trial: optuna.Trial, args: argparse.Namespace, run_argv: list, model_options: set, started: list
+) -> float:
     """One trial: a project.run run with the values search_space() chose; its best --monitor value."""
     import optuna
     from lightning.pytorch.callbacks import LambdaCallback
     from optuna_integration import PyTorchLightningPruningCallback
 
+    study = args.study
+    if claimed(trial.study, before=trial.number) >= args.n_trials:
+        trial.study.stop()
+        print(f"trial {trial.number} not needed: {args.n_trials} trials are finished or running", flush=True)
+        raise Surplus
     started.append(trial.number)
     try:
         params = search_space(trial, model_options)
@@ -155,7 +188,7 @@ def objective(trial: optuna.Trial, study: str, run_argv: list[str], model_option
     except SystemExit:
         raise UserError(f"search_space(): {refusal.getvalue().strip().rpartition('error: ')[2]}") from None
 
-    trial.set_user_attr("config", run.config_of(trial_args))
+    trial.set_user_attr("config", redact(run.config_of(trial_args)))  # best.yaml's: no secret is written down
     trial.set_user_attr("run_dir", None)  # a retried trial inherits the interrupted one's until its run starts
     print(f"\n--- study {study}, trial {trial.number}: {params}", flush=True)
     callbacks = [
@@ -202,7 +235,11 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "trials.csv", index=False)
-    print("\n" + table.drop(columns="run_dir", errors="ignore").to_string(index=False) + f"\nSaved in {out_dir}")
+    print(
+        "\n"
+        + table.drop(columns="run_dir", errors="ignore").to_string(index=False)
+        + redact_text(f"\nSaved in {out_dir}")
+    )
     if not study.get_trials(states=(TrialState.COMPLETE,)):
         return
     best = study.best_trial
@@ -210,7 +247,7 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
         f"# Study {study.study_name}, trial {best.number}, {monitor} = {best.value:.6g}, {best.user_attrs['run_dir']}\n"
         + yaml.safe_dump(best.user_attrs["config"], sort_keys=True)
     )
-    print(f"Best: trial {best.number}, {monitor} = {best.value:.6g}, {best.params}: {out_dir / 'best.yaml'}")
+    print(redact_text(f"Best: trial {best.number}, {monitor} = {best.value:.6g}, {best.params}: {out_dir}/best.yaml"))
     for name in ("optimization_history", "param_importances"):
         try:
             axes = getattr(optuna_plots, f"plot_{name}")(study, target_name=monitor)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import pickle
+import re
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,9 @@ from conftest import Payload, only_run_dir, run_cli, write_image_folder, write_m
 QUICK = ("--num-workers", "0", "--max-epochs", "1", "--model", "mlp", "--hidden-dim", "16")
 
 pytestmark = pytest.mark.slow
+SECRET = "Hunter2secret"  # typed into some cases below: no case may print it
+NOT_UTF8 = os.fsdecode(b"caf\xe9")  # a name in Latin-1, as the file system gives it
+TOO_LONG = "L" * 256  # a byte over what a name may be
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +127,25 @@ CASES = {
     "exp-name climbing out": ("one line", "--exp-name"),
     "learning rate zero": ("one line", "--learning-rate"),
     "epochs not a number": ("one line", "--max-epochs"),
+    # 3. Paths: any the file system takes works (test_odd_paths_work_and_are_where_the_summary_says) or is one line.
+    "exp-dir not UTF-8": ("paths", "--exp-dir: not text in this locale's encoding"),
+    "data-dir not UTF-8": ("paths", "--data-dir: not text in this locale's encoding"),
+    "exp-dir with a name too long": ("paths", "cannot create a run directory"),
+    "sweep storage not UTF-8": ("paths", "--storage: not text in this locale's encoding"),
+    "sweep exp-dir behind a file": ("paths", "Not a directory"),
+    "sweep exp-dir with a name too long": ("paths", "File name too long"),
+    "predict output not UTF-8": ("paths", "--output: not text in this locale's encoding"),
+    "predict output with a name too long": ("paths", "cannot write"),
+    "export output not UTF-8": ("paths", "--output: not text in this locale's encoding"),
+    # 5. Secrets: a line that quotes what was typed quotes no secret (every case is checked for SECRET).
+    "checkpoint missing, its folder named with a password": ("secrets", "does not exist"),
+    "sweep storage refusing, its URL with a password": (
+        "secrets",
+        "cannot open --storage postgresql://bob:[redacted]@",
+    ),
+    "learning rate that is a token": ("secrets", "--learning-rate: invalid positive number value: 'token=[redacted]'"),
+    # 7. Concurrency: a second command on what another one is writing waits or is one line.
+    "sweep of a SQLite study another sweep runs": ("concurrency", "study s is being run by another sweep"),
 }
 
 
@@ -184,6 +209,35 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "image folder missing": [*fresh, "--dataset", "image-folder", "--data-dir", str(tmp / "no-pets")],
     }
     (tmp / "a-file").write_text("in the way")
+    np.save(tmp / "x.npy", np.zeros((2, 1, 8, 8), dtype=np.uint8))
+    sweep, predict = ["--study", "s", "--n-trials", "1"], ["--checkpoint", str(best), str(tmp / "x.npy")]
+    other = {  # module, argv
+        "exp-dir not UTF-8": ("project.run", ["--exp-dir", str(tmp / NOT_UTF8)]),
+        "data-dir not UTF-8": ("project.run", [*fresh, "--data-dir", str(tmp / NOT_UTF8)]),
+        "exp-dir with a name too long": ("project.run", ["--exp-dir", str(tmp / TOO_LONG), *QUICK]),
+        "sweep storage not UTF-8": ("project.sweep", [*sweep, "--storage", f"sqlite:///{tmp / NOT_UTF8}/o.db"]),
+        "sweep exp-dir behind a file": ("project.sweep", [*sweep, "--exp-dir", str(tmp / "a-file" / "x")]),
+        "sweep exp-dir with a name too long": ("project.sweep", [*sweep, "--exp-dir", str(tmp / TOO_LONG)]),
+        "predict output not UTF-8": ("project.predict", [*predict, "--output", str(tmp / NOT_UTF8)]),
+        "predict output with a name too long": ("project.predict", [*predict, "--output", str(tmp / TOO_LONG)]),
+        "export output not UTF-8": ("project.export", ["--checkpoint", str(best), "--output", str(tmp / NOT_UTF8)]),
+        "checkpoint missing, its folder named with a password": (
+            "project.predict",
+            ["--checkpoint", str(tmp / f"password={SECRET}" / "m.ckpt"), str(tmp / "x.npy")],
+        ),
+        "sweep storage refusing, its URL with a password": (
+            "project.sweep",
+            [*sweep, "--storage", f"postgresql://bob:{SECRET}@127.0.0.1:1/db", *fresh],
+        ),
+        "learning rate that is a token": ("project.run", [*fresh, "--learning-rate", f"token={SECRET}"]),
+        "sweep of a SQLite study another sweep runs": ("project.sweep", [*sweep, *fresh, *QUICK]),
+    }
+    if case == "sweep of a SQLite study another sweep runs":  # held as a running sweep holds it
+        (tmp / "fresh").mkdir()
+        HELD.append(open(tmp / "fresh" / "optuna.db.s.lock", "a"))  # noqa: SIM115 (held until the case ends)
+        fcntl.flock(HELD[-1], fcntl.LOCK_EX)
+    if case in other:
+        return *other[case], guarded
     if case in simple:
         return module, [*simple[case], *QUICK[:2]], guarded
     if case == "resume with a config file":
@@ -250,7 +304,6 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
             guarded,
         )
     if case == "predict into a path under a file":
-        np.save(tmp / "x.npy", np.zeros((2, 1, 8, 8), dtype=np.uint8))
         return (
             "project.predict",
             ["--checkpoint", str(best), str(tmp / "x.npy"), "--output", str(tmp / "a-file" / "p.csv")],
@@ -277,6 +330,7 @@ def test_bad_input_is_one_line_and_harmless(case: str, trained: Path, tmp_path: 
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and len(result.stderr.strip().splitlines()) <= 3, result.stderr
     assert words in errors[0], errors[0]
+    assert SECRET not in result.stdout + result.stderr
     assert snapshot(guarded) == before, f"{case}: a finished run changed"
     assert not (tmp_path / "pwned").exists(), "a pickled program ran"
     assert not list(tmp_path.rglob(".*.partial*")), "a half-written file was left behind"
@@ -289,3 +343,43 @@ def test_resuming_a_finished_run_to_its_own_end_says_so_and_changes_nothing(trai
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("nothing to train: ") and "trained all 2 epochs" in result.stdout
     assert snapshot(trained) == before
+
+
+def summary(output: str, label: str) -> Path:
+    """The path a command's summary gives after `label` (to the end of the line, or to export's '; checked')."""
+    return Path(re.search(rf"^{label}\s*(.+?)(?:; checked|$)", output, re.MULTILINE).group(1))
+
+
+def test_odd_paths_work_and_are_where_the_summary_says(tmp_path: Path) -> None:
+    """A folder with the characters a URL or a shell reads otherwise and a 255-byte name, for runs (MLflow and csv),
+    data, the sweep's default study store, predict's and export's output files (255-byte names too)."""
+    from project.infra import runs
+
+    odd = tmp_path / "f%78 a?b#c&d=e;f" / ("L" * 255)
+    write_image_folder(odd / "pets", per_class=6, size=8)
+    tracked = run_cli("--exp-dir", str(odd), *QUICK)
+    assert tracked.returncode == 0, tracked.stderr[-2000:]
+    assert (summary(tracked.stdout, "Run directory:") / "test_metrics.json").is_file()
+    store = runs.sqlite_file(re.search(r"--backend-store-uri (sqlite:.+?mlflow\.db)", tracked.stdout).group(1))
+    assert store == odd / "mlflow.db"
+    with sqlite3.connect(store) as database:
+        assert database.execute("select status from runs").fetchall() == [("FINISHED",)]
+
+    images = ["--dataset", "image-folder", "--data-dir", str(odd / "pets"), "--image-size", "8"]
+    plain = run_cli("--exp-dir", str(odd), "--exp-name", "csv", "--logger", "csv", *images, *QUICK)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert (summary(plain.stdout, "Run directory:") / "checkpoints" / "last.ckpt").is_file()
+    model = ["--checkpoint", "best", "--exp-dir", str(odd), "--exp-name", "csv"]
+    output = odd / f"{'P' * 251}.csv"
+    predicted = run_cli(*model, str(odd / "pets" / "cat"), "--output", str(output), module="project.predict")
+    assert predicted.returncode == 0 and predicted.stdout == f"Wrote 6 predictions to {output}\n", predicted.stderr
+    exported = run_cli(*model, "--format", "torchscript", "--output", str(odd / f"{'M' * 252}.pt"),
+                       module="project.export")  # fmt: skip
+    assert exported.returncode == 0 and summary(exported.stdout, "Wrote").is_file(), exported.stderr[-2000:]
+
+    swept = run_cli("--study", "s", "--n-trials", "1", "--exp-dir", str(odd), "--logger", "csv", *QUICK,
+                    module="project.sweep")  # fmt: skip
+    assert swept.returncode == 0, swept.stderr[-2000:]
+    assert (summary(swept.stdout, "Saved in") / "trials.csv").is_file()
+    storage = re.search(r"\(storage (.+)\)$", swept.stdout, re.MULTILINE).group(1)
+    assert runs.sqlite_file(storage) == odd / "optuna.db" and storage == runs.sqlite_url(odd / "optuna.db")

@@ -199,21 +199,19 @@ def alias_bomb(option: str = "") -> bytes:
      (b"- a list\n", "mapping"), (b"just text\n", "mapping"), (b"42\n", "mapping"), (b"[1, 2]\n", "mapping")],
 )  # fmt: skip
 def test_config_files_that_would_explode_are_one_line_before_any_work(tmp_path, capsys, content, named):
-    import time
     import tracemalloc
 
     config = tmp_path / "bad.yaml"
     config.write_bytes(content)
     tracemalloc.start()
-    started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--config", str(config)])
-    seconds, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
+    _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(error) == 2 and named in error[1], error
     assert error[1].startswith(f"python -m project.run: error: --config {config}: "), error
-    assert seconds < 1 and peak < 50 * 2**20, (seconds, peak)
+    assert peak < 50 * 2**20, peak  # refused before anything big was built (no wall-clock check: machines differ)
 
 
 def test_a_huge_sparse_config_file_is_not_read(tmp_path):

@@ -4,6 +4,7 @@ PyTorch does for any batch size, and every bad input is one line before any forw
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -326,3 +327,60 @@ def test_an_export_that_disagrees_is_not_kept(digits_run: dict, tmp_path: Path, 
     argv = ["--checkpoint", str(digits_run["checkpoint"]), "--format", "torchscript", "--output", str(output)]
     assert export.main(argv) == 2
     assert "disagrees with it" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def start(module: str, *argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=cli_env())  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_commands_writing_one_file_at_once_each_leave_it_whole(digits_run: dict, tmp_path: Path) -> None:
+    """Two predicts (of different inputs) into one --output, and two exports into one file, started together: each
+    finishes and says so; the file is then the whole work of one of them, never a mix or a half, and no temporary
+    file stays. (Each CSV is big enough that their writes overlap, which mixed them when each wrote in place.)"""
+    from project.predict import load_model
+
+    checkpoint, images = str(digits_run["checkpoint"]), digits_run["images"].numpy()
+    inputs = [tmp_path / "many.npy", tmp_path / "more.npy"]
+    for factor, npy in enumerate(inputs, start=40):
+        np.save(npy, np.tile(images, (factor, 1, 1, 1)))  # 14,400 and 14,760 rows
+    output, model = tmp_path / "out" / "p.csv", tmp_path / "out" / "m.onnx"
+    processes = [start("project.predict", "--checkpoint", checkpoint, str(npy), "--output", str(output))
+                 for npy in inputs] + [start("project.export", "--checkpoint", checkpoint, "--output", str(model))
+                                       for _ in range(2)]  # fmt: skip
+    for process in processes:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0 and out.startswith("Wrote "), err[-2000:]
+    _, rows = read_csv(output)
+    (npy,) = (npy for npy in inputs if rows[0]["input"].startswith(str(npy)))
+    served_rows = np.tile(digits_run["served"], (len(np.load(npy)) // len(images), 1))
+    assert [row["input"] for row in rows] == [f"{npy}[{i}]" for i in range(len(served_rows))]
+    np.testing.assert_allclose(probabilities(rows, digits_run["class_names"]), served_rows, atol=1e-6)
+    run, _ = load_model(str(model))
+    np.testing.assert_allclose(run(digits_run["images"].float()), digits_run["served"], atol=1e-5)
+    assert sorted(p.name for p in output.parent.iterdir()) == ["m.onnx", "p.csv"]
+
+
+SECRET = "Hunter2secret"
+
+
+@pytest.mark.slow
+def test_predict_and_export_print_no_secret_from_what_was_typed(digits_run: dict, tmp_path: Path, capsys) -> None:
+    """Written where asked, in a folder whose name holds a secret; said without it; errors quoting it, too."""
+    from project import export, predict
+
+    folder, checkpoint, npy = tmp_path / f"token={SECRET}", str(digits_run["checkpoint"]), str(digits_run["npy"])
+    assert predict.main(["--checkpoint", checkpoint, npy, "--output", str(folder / "p.csv")]) == 0
+    assert export.main(["--checkpoint", checkpoint, "--format", "torchscript", "--output", str(folder / "m.pt")]) == 0
+    assert (folder / "p.csv").is_file() and (folder / "m.pt").is_file()
+    for main, argv in (
+        (predict.main, ["--checkpoint", str(folder / "none.ckpt"), npy]),
+        (export.main, ["--checkpoint", f"api_key={SECRET}"]),
+        (predict.main, ["--checkpoint", checkpoint, npy, "--output", str(folder / "p.csv" / "under-a-file.csv")]),
+        (predict.main, [npy, "--batch-size", f"password={SECRET}"]),
+    ):
+        with pytest.raises(SystemExit) if "--batch-size" in argv else contextlib.nullcontext():
+            assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out.count("Wrote ") == 2 and err.count("error: ") == 4 and SECRET not in out + err, out + err

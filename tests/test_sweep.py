@@ -5,15 +5,21 @@ reruns as is."""
 from __future__ import annotations
 
 import csv
+import os
+import pwd
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, free_port, run_cli, wait_for
 
 from project import run, sweep
 
@@ -341,3 +347,162 @@ def test_a_study_continues_only_with_its_monitor(tmp_path: Path, capsys) -> None
     study.set_user_attr("monitor", "val/loss")
     assert sweep.main(["--study", "s", "--n-trials", "1", "--monitor", "val/acc", "--exp-dir", str(tmp_path)]) == 2
     assert "continue it with that --monitor" in capsys.readouterr().err
+
+
+def postgres_bin() -> Path | None:
+    """The folder of the OS's PostgreSQL server programs (Debian keeps them off the PATH), or None."""
+    on_path = shutil.which("pg_ctl")
+    folders = [Path(on_path).parent] if on_path else sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    return next((folder for folder in folders if (folder / "initdb").is_file()), None)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a unix socket only, in a temporary folder: its SQLAlchemy URL."""
+    pytest.importorskip("psycopg", reason="no PostgreSQL driver (pip install -e '.[test]')")
+    programs = postgres_bin()
+    if programs is None:
+        pytest.skip("no PostgreSQL server programs (Debian: apt-get install postgresql; .ci/run does)")
+    owner = {}
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root, and there is no user 'nobody' to run PostgreSQL as")
+        owner = {"user": nobody.pw_uid, "group": nobody.pw_gid}
+    # In /tmp: pytest's folders admit only their owner, and a socket's path must stay short (~100 bytes).
+    root = Path(tempfile.mkdtemp(prefix="sweep-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    if owner:
+        os.chown(root, owner["user"], owner["group"])
+    port, data = free_port(), root / "data"
+    server = f"-c listen_addresses='' -c unix_socket_directories={root} -p {port}"
+    try:
+        for command in (["initdb", "-D", data, "-U", "sweep", "--auth", "trust"],
+                        ["pg_ctl", "-D", data, "-l", root / "log", "-w", "-o", server, "start"]):  # fmt: skip
+            subprocess.run([programs / command[0], *command[1:]], cwd=root, check=True, capture_output=True, **owner)
+        yield f"postgresql+psycopg://sweep@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run([programs / "pg_ctl", "-D", data, "-m", "immediate", "stop"], cwd=root, capture_output=True,
+                       **owner)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# A worker as users start it, but a trial silent for 4 s (not 5 minutes) counts as lost.
+WORKER = "import sys; from project import sweep; sweep.HEARTBEAT_INTERVAL, sweep.GRACE_PERIOD = 1, 4; "
+WORKER += "sys.exit(sweep.main(sys.argv[1:]))"
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_finish_exactly_n_trials_and_requeue_a_killed_ones(
+    postgres: str, tmp_path: Path
+) -> None:
+    """Two machines' workers on one study in a PostgreSQL server: one is SIGKILLed mid-trial and started again; together
+    they finish exactly N trials, each run once, and the killed trial is run again with its parameters."""
+    import optuna
+
+    exp_dir, n = tmp_path / "experiments", 5
+    command = [sys.executable, "-c", WORKER, "--study", "pg", "--n-trials", str(n), "--storage", postgres, *TINY,
+               "--exp-dir", str(exp_dir)]  # fmt: skip
+    logs = [tmp_path / name for name in ("a", "b", "a-again")]
+    workers = [start_sweep(command, logs[0]), start_sweep(command, logs[1])]
+    try:
+        started = re.compile(r"--- study pg, trial (\d+):")
+        first = lambda: started.findall(logs[0].with_suffix(".out").read_text())  # noqa: E731
+        wait_for(first, workers[0], "worker a's first trial")
+        study = optuna.load_study(study_name="pg", storage=postgres)
+        killed = int(first()[0])
+        wait_for(lambda: study.trials[killed].user_attrs.get("run_dir"), workers[0], "its run to start")
+        workers[0].kill()
+        workers[0].wait()
+        time.sleep(sweep.GRACE_PERIOD)  # as a lost machine's worker restarted after that grace (or another joining)
+        workers.append(start_sweep(command, logs[2]))
+        for worker, log in zip(workers[1:], logs[1:], strict=True):
+            assert worker.wait(timeout=400) == 0, log.with_suffix(".err").read_text()[-3000:]
+    finally:
+        for worker in workers:
+            worker.kill()
+    trials = study.trials
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == n and not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    (retry,) = (t for t in trials if retried_number(t) is not None)
+    assert (trials[killed].state.name, retried_number(retry), retry.params) == ("FAIL", killed, trials[killed].params)
+    assert retry in finished
+    # Each trial ran in one worker only; every finished one is its own run, tested once.
+    ran = [[int(k) for k in started.findall(log.with_suffix(".out").read_text())] for log in logs]
+    assert sorted(sum(ran, [])) == sorted({*sum(ran, [])}) and {t.number for t in finished} <= {*sum(ran, [])}
+    tested = sorted(exp_dir.glob("pg/*/test_metrics.json"))
+    assert tested == sorted(Path(t.user_attrs["run_dir"]) / "test_metrics.json" for t in finished if t.value)
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_sqlite_study_at_once_finish_it_or_say_why_not(tmp_path: Path) -> None:
+    """SQLite serves one sweep per study: started together, one runs the study to exactly N and the other ends with
+    one line (or, if it comes after, finds the study finished); no trial runs twice."""
+    exp_dir = tmp_path / "experiments"
+    command = [sys.executable, "-m", "project.sweep", "--study", "s", "--n-trials", "2", *TINY, "--max-epochs", "1",
+               "--exp-dir", str(exp_dir)]  # fmt: skip
+    logs = [tmp_path / "a", tmp_path / "b"]
+    sweeps = [start_sweep(command, log) for log in logs]
+    try:
+        codes = sorted(process.wait(timeout=400) for process in sweeps)
+    finally:
+        for process in sweeps:
+            process.kill()
+    errors = [log.with_suffix(".err").read_text() for log in logs]
+    assert codes in ([0, 0], [0, 2]), errors
+    refused = [err.strip().splitlines() for err in errors if "being run by another sweep" in err]
+    assert len(refused) == codes.count(2) and all(len(lines) == 1 for lines in refused), errors
+    trials = load_study(exp_dir, "s").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert len(list(exp_dir.glob("s/*/test_metrics.json"))) == 2
+
+
+def test_a_trial_begun_when_n_were_already_claimed_steps_aside(capsys) -> None:
+    """Two workers that begin the last trial at once: the later one fails at once, runs nothing; its worker stops."""
+    import argparse
+
+    import optuna
+
+    study = optuna.create_study()
+    study.tell(study.ask(), 1.0)
+    args, started = argparse.Namespace(study="s", n_trials=1), []
+    study.optimize(lambda trial: sweep.objective(trial, args, [], set(), started), 3, catch=(sweep.Surplus,))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"] and started == []
+    assert "trial 1 not needed: 1 trials are finished or running" in capsys.readouterr().out
+
+
+SECRET = "Hunter2secret"
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [f"postgresql+psycopg://bob:{SECRET}@127.0.0.1:1/db", f"postgresql://bob@127.0.0.1:1/db?password={SECRET}",
+     f"mysql://bob:{SECRET}@127.0.0.1:1/db", f"bogus:/x?token={SECRET}", f"postgresql://127.0.0.1:1/{SECRET}"],
+    ids=["url-password", "query-password", "no-driver", "not-a-url", "environment"],
+)  # fmt: skip
+def test_a_storage_that_cannot_be_opened_is_one_line_without_its_secret(storage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DB_PASSWORD", SECRET)  # the last case: a secret the environment names, typed in plain
+    assert sweep.main(["--study", "s", "--n-trials", "1", "--storage", storage, "--exp-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: cannot open --storage ") and len(err.strip().splitlines()) == 1, err
+    assert SECRET not in out + err
+
+
+def test_a_sweep_prints_and_writes_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Its storage URL and its trials' options (best.yaml, the table, the study's records): no secret stays."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    fake_run = SimpleNamespace(test_metrics={"test/acc": 0.5}, best_score=0.25)  # the trial's work is not the point
+    monkeypatch.setattr(run, "train_and_test", lambda args, callbacks: fake_run)
+    storage, exp_dir = f"sqlite:///{tmp_path}/token={SECRET}/optuna.db", tmp_path / f"api_key={SECRET}"
+    argv = ["--study", "s", "--n-trials", "2", "--storage", storage, "--exp-dir", str(exp_dir), "--logger", "csv",
+            "--data-dir", f"{tmp_path}/password={SECRET}"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "Study s: 0 of 2 trials finished (storage sqlite:///" in out and SECRET not in out + err
+    written = [(exp_dir / "s" / "sweep" / name).read_text() for name in ("best.yaml", "trials.csv")]
+    assert "password=[redacted]" in written[0] and not [text for text in written if SECRET in text]
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert len(trials) == 2 and SECRET not in str([t.user_attrs for t in trials])

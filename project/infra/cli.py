@@ -105,8 +105,9 @@ class Parser(argparse.ArgumentParser):
                 arg.encode(encoding)
             except UnicodeEncodeError:
                 option = (arg if arg.startswith("-") else previous).partition("=")[0]
-                self.error(f"{option}: not text in this locale's encoding ({encoding}); use a UTF-8 locale "
-                           "(e.g. LC_ALL=C.UTF-8)")  # fmt: skip
+                utf8 = encoding.lower().replace("-", "") == "utf8"  # then it is a name in another encoding
+                advice = "rename it in UTF-8" if utf8 else "use a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
+                self.error(f"{option}: not text in this locale's encoding ({encoding}); {advice}")
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:

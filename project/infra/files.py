@@ -15,9 +15,9 @@ from project.infra.errors import UserError
 def write_file(path: Path, write: Callable[[Path], Any], flag: str = "") -> None:
     """`write(temporary path)`, then rename it onto `path`: a crash or a full disk leaves the old file or none, never
     half of one, and two processes writing one file at once each leave a whole one (their temporary names differ). The
-    temporary name keeps the suffix (matplotlib and the exporters go by it). An OSError becomes one line naming the
-    file, after the option that named it (`flag`, e.g. "--output: ")."""
-    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    temporary name keeps the suffix (matplotlib and the exporters go by it) and fits where the name fits (255 bytes). An
+    OSError becomes one line naming the file, after the option that named it (`flag`, e.g. "--output: ")."""
+    partial = path.with_name(f".{path.stem[:64]}.partial-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         if path.is_dir():
             raise UserError(f"{flag}{path} is a folder; name the file to write")
