@@ -123,6 +123,21 @@ def test_image_folder_with_given_splits(tmp_path):
     assert datamodule.split_sizes == {"train": 12, "val": 4, "test": 6}
 
 
+def test_random_flip_and_translate_moves_each_image_as_one_piece():
+    """Each image comes out as its own reflect-padded copy, flipped or not, cropped at one offset of up to 4 pixels."""
+    from project.infra.batches import random_flip_and_translate
+
+    images = torch.rand(64, 3, 12, 10)
+    moved = random_flip_and_translate(images)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+    for image, out in zip(padded, moved, strict=True):
+        crops = [
+            view[:, y : y + 12, x : x + 10] for view in (image, image.flip(-1)) for y in range(9) for x in range(9)
+        ]
+        assert any(torch.equal(out, crop) for crop in crops)
+    assert not torch.equal(moved, images)
+
+
 def epoch_batches(loader, epoch: int) -> list:
     return [(images.clone(), labels.clone()) for images, labels in loader.iterate(epoch)]
 
