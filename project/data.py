@@ -210,7 +210,7 @@ class KeptImages(Batches):
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
         images, labels, read = self.kept
         if read[self.plan.shard(epoch)].all():
-            return ((images[index], labels[index]) for index in self.plan.batches(epoch, skip))
+            return ((images.index_select(0, i), labels.index_select(0, i)) for i in self.plan.batches(epoch, skip))
         return self.keep(super().iterate(epoch, skip), list(self.index_lists))
 
     def keep(self, batches: Iterator[Any], index_lists: list[list[int]]) -> Iterator[Any]:
