@@ -4,6 +4,7 @@ test passes), on folders of 256 x 256 JPEGs in 10 classes that it writes once un
 
     python benchmarks/image_folder.py                                  # 1k, 4k and 16k images, 2 rounds
     python benchmarks/image_folder.py --counts 1000 4000 --rounds 3
+    python benchmarks/image_folder.py --counts 16000 --plain-augments     # the plain loop flips and shifts too
 
 Each round runs the plain loop, then the template (A B A B), each for 2 epochs in its own process. "first" is the
 command as a 1-epoch run would take it: start-up, the first epoch with its validation, then the test pass and what
@@ -38,13 +39,17 @@ def write_folder(root: Path, count: int, size: int) -> Path:
     return folder
 
 
-def plain_loop(data_dir: str, image_size: int, hidden_dim: int, epochs: int, batch_size: int = 128) -> None:
-    """What a user would write by hand, printing the time at the end of each epoch's validation."""
+def plain_loop(
+    data_dir: str, image_size: int, hidden_dim: int, epochs: int, augment: int, batch_size: int = 128
+) -> None:
+    """What a user would write by hand, printing the time at the end of each epoch's validation; with `augment`, the
+    template's random flips and shifts too (the same work per step, beside the template's own)."""
     import torch
     import torchvision
     from torch.utils.data import DataLoader, Subset
 
     from project.data import stratified_split
+    from project.infra.batches import random_flip_and_translate
     from project.infra.images import read_image
     from project.model import build_model
 
@@ -73,7 +78,8 @@ def plain_loop(data_dir: str, image_size: int, hidden_dim: int, epochs: int, bat
         model.train()
         for x, y in loaders["train"]:
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x.float()), y).backward()
+            x = random_flip_and_translate(x.float()) if augment else x.float()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
         print(f"{EPOCH_END} {time.time()} val/acc {accuracy(loaders['val']):.3f}", flush=True)
     print(f"test/acc {accuracy(loaders['test']):.3f}", flush=True)
@@ -107,7 +113,7 @@ def timed(command: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     if sys.argv[1:2] == ["plain"]:
-        return plain_loop(sys.argv[2], *map(int, sys.argv[3:6]))
+        return plain_loop(sys.argv[2], *map(int, sys.argv[3:7]))
     if sys.argv[1:2] == ["template"]:
         return template(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -116,6 +122,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "image-folder-benchmark")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--hidden-dim", type=int, default=32, help="the MLP's width, in both (its compute is small)")
+    parser.add_argument("--plain-augments", action="store_true", help="the plain loop flips and shifts as the template")
     args = parser.parse_args()
     print("| images | plain first | template first | ratio | plain later | template later | plain / template |")
     print("|---|---|---|---|---|---|---|")
@@ -125,7 +132,14 @@ def main() -> None:
             template_run = ["template", "--dataset", "image-folder", "--data-dir", folder, "--model", "mlp"]
             template_run += ["--image-size", str(args.image_size), "--hidden-dim", str(args.hidden_dim)]
             template_run += ["--logger", "csv", "--num-workers", "2", "--max-epochs", "2", "--exp-dir", runs]
-            plain_run = ["plain", folder, str(args.image_size), str(args.hidden_dim), "2"]
+            plain_run = [
+                "plain",
+                folder,
+                str(args.image_size),
+                str(args.hidden_dim),
+                "2",
+                str(int(args.plain_augments)),
+            ]
             times = {"plain": [], "template": []}
             for _ in range(args.rounds):  # interleaved: a machine that gets busier slows both alike
                 times["plain"].append(timed(plain_run))
