@@ -13,13 +13,16 @@ DATASETS and its name in run.py's DATASET_NAMES. The README shows an example.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from project.infra import images
-from project.infra.batches import Batches, DataModule, InMemoryData, Split
+from project.infra.batches import Batches, DataModule, EpochBatches, InMemoryData, Split
 from project.infra.errors import UserError
 
 
@@ -194,21 +197,45 @@ class CIFAR10(TorchvisionData):
         return dataset.data.transpose(0, 3, 1, 2), np.asarray(dataset.targets)  # stored N x H x W x C
 
 
+class KeptImages(Batches):
+    """An image folder split's batches, each image kept as decoded once read: an epoch whose samples (on this rank) were
+    all read before gathers them by index from memory, as in-memory data are, in the same batches; any other epoch is
+    read by the DataLoader's workers, and what they decode is kept. `kept` (images, labels, read) is the split's, shared
+    by its loaders (precise BatchNorm's too)."""
+
+    def __init__(self, plan: EpochBatches, source: Any, num_workers: int, pin_memory: bool, kept: tuple) -> None:
+        super().__init__(plan, source, num_workers, pin_memory)
+        self.kept = kept
+
+    def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+        images, labels, read = self.kept
+        if read[self.plan.shard(epoch)].all():
+            return ((images.index_select(0, i), labels.index_select(0, i)) for i in self.plan.batches(epoch, skip))
+        return self.keep(super().iterate(epoch, skip), list(self.index_lists))
+
+    def keep(self, batches: Iterator[Any], index_lists: list[list[int]]) -> Iterator[Any]:
+        images, labels, read = self.kept
+        for index, (inputs, targets) in zip(map(torch.tensor, index_lists), batches, strict=False):
+            images[index], labels[index], read[index] = inputs, targets, True
+            yield inputs, targets
+
+
 class ImageFolderData(DataModule):
     """Your own images, one folder per class, read by DataLoader workers.
 
     Layouts: <data-dir>/<class>/<image> (split 80/10/10, stratified, fixed by --seed), or <data-dir>/train/<class>/...
     with optional val/ and test/ beside it (a missing one is split off train). Images are converted to RGB and resized
     to --image-size squared. Hidden entries are skipped, links to folders refused, every file's header is checked
-    before training starts and its pixels when training first reads it (infra/images.py).
+    before training starts and its pixels when training first reads it (infra/images.py). When all of them, resized,
+    fit in --image-memory GiB, each is decoded once: later epochs read it from memory (KeptImages).
     """
 
     augment = True
     mean, std = (123.68, 116.28, 103.53), (58.40, 57.12, 57.38)  # ImageNet's, in 0-255 units
 
-    def __init__(self, image_size: int = 64, **kwargs: Any) -> None:
+    def __init__(self, image_size: int = 64, image_memory: float = 4.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.input_shape = (3, image_size, image_size)
+        self.input_shape, self.image_memory = (3, image_size, image_size), image_memory
         self.folders = images.open_image_folder(self.data_dir, self.input_shape)
         base = "train" if "train" in self.folders else "all"
         self.output_names = list(self.folders[base].classes)
@@ -217,6 +244,13 @@ class ImageFolderData(DataModule):
             (name, self.val_fraction) for name in ("val", "test") if name not in self.folders]  # fmt: skip
         images.require_splittable(self.folders[base], self.held_out)
         self.subsets: dict[str, Any] = {}
+        self.kept: dict[str, tuple] = {}
+        # What decides the splits: the files listed (relative to --data-dir) and their classes, in order.
+        listed = hashlib.sha256()
+        for name, folder in self.folders.items():
+            for path, label in folder.samples:
+                listed.update(f"{name}/{Path(path).relative_to(folder.data_root)}/{label}\n".encode(errors="replace"))
+        self.listed = {"images": sum(map(len, self.folders.values())), "sha256": listed.hexdigest()}
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -234,9 +268,30 @@ class ImageFolderData(DataModule):
             self.subsets[name], index = Subset(base, index[held]), index[keep]
         self.subsets.update({name: folder for name, folder in self.folders.items() if name in ("val", "test")})
         self.subsets["train"] = Subset(base, index)
+        if self.listed["images"] * np.prod(self.input_shape) <= self.image_memory * 2**30:
+            self.kept = {name: (torch.empty(len(subset), *self.input_shape, dtype=torch.uint8),
+                                torch.empty(len(subset), dtype=torch.int64), torch.zeros(len(subset), dtype=torch.bool))
+                         for name, subset in self.subsets.items()}  # fmt: skip
 
     def batches(self, split: str, shuffle: bool) -> Batches:
-        return self.loader(self.subsets[split], shuffle)
+        if split not in self.kept:
+            return self.loader(self.subsets[split], shuffle)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        plan = EpochBatches(len(self.subsets[split]), self.batch_size, shuffle, self.seed, rank, world_size)
+        pin_memory = self.training_device().type == "cuda"
+        return KeptImages(plan, self.subsets[split], self.num_workers, pin_memory, self.kept[split])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"listed": self.listed}  # in every checkpoint: a resumed or tested run checks its folder against it
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        then = state.get("listed", self.listed)
+        if then != self.listed:
+            raise UserError(
+                f"image-folder: {self.data_dir} has changed since this run started ({then['images']} images then, "
+                f"{self.listed['images']} now): its splits would change, and its test scores with them; put the "
+                "folder back as it was, or start a new run"
+            )
 
 
 DATASETS: dict[str, type[DataModule]] = {

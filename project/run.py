@@ -45,7 +45,7 @@ LOG_EVERY_N_STEPS = 10
 # records. Anything else would change its data, its split, its model or its optimisation, and is refused.
 MAY_CHANGE_ON_RESUME = {"max_epochs", "accelerator", "devices", "gpus", "num_nodes", "strategy", "precision",
                         "half_precision", "compile", "deterministic", "num_workers", "data_on_device", "logger",
-                        "checkpoint_every_n_steps", "fast_dev_run", "exp_dir", "exp_name"}  # fmt: skip
+                        "checkpoint_every_n_steps", "fast_dev_run", "exp_dir", "exp_name", "image_memory"}  # fmt: skip
 # --only-test scores a checkpoint on its run's own test split: what picks those images cannot change.
 FIXED_ON_TEST = {"dataset", "data_dir", "image_size", "seed", "val_fraction"}
 
@@ -78,6 +78,8 @@ def build_parser() -> Parser:
     add("--deterministic", action="store_true", help="deterministic algorithms only (bit-exact reruns)")
     add("--data-dir", default="data", help="where datasets are (downloaded to), or your image folder")
     add("--image-size", type=positive_int, default=64, help="image-folder: resize images to this square")
+    add("--image-memory", type=positive_float, default=4.0, metavar="GIB", help="image-folder: keep the resized images "
+        "in memory when they fit in this many GiB, so epochs after the first decode none")
     add("--val-fraction", type=fraction, default=0.1, help="share of the training set held out for validation")
     add("--data-on-device", choices=("auto", "yes", "no"), default="auto",
         help="hold in-memory datasets on the GPU (auto: when they fit; no: a standard DataLoader)")
@@ -193,6 +195,9 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
 
     # 2. Model: fresh, or the weights being resumed or tested (checked against the data and --max-epochs first).
     checkpoint = Path(args.resume or args.checkpoint) if (args.resume or args.only_test) else None
+    if checkpoint is not None:  # what the data saved there (an image folder: its files) is checked before a run opens
+        saved = checkpoints.read(checkpoint, "--resume" if args.resume else "--checkpoint")
+        datamodule.load_state_dict(saved.get(type(datamodule).__qualname__, {}))
     if args.only_test:
         solver = checkpoints.load_solver(checkpoint, datamodule)
     else:

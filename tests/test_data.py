@@ -12,6 +12,12 @@ from project.infra.batches import EpochBatches
 from project.infra.errors import UserError
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test's record of checked image headers is its own (infra/images.check_headers)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def setup_module_data(name: str, data_dir: Path | str = "data", **kwargs):
     datamodule = DATASETS[name](data_dir=str(data_dir), batch_size=8, num_workers=0, **kwargs)
     datamodule.setup("fit")
@@ -115,6 +121,71 @@ def test_image_folder_with_given_splits(tmp_path):
         write_image_folder(tmp_path / "pets" / split, per_class=n, size=8)
     datamodule = setup_module_data("image-folder", tmp_path / "pets", image_size=8, val_fraction=0.25)
     assert datamodule.split_sizes == {"train": 12, "val": 4, "test": 6}
+
+
+def test_random_flip_and_translate_moves_each_image_as_one_piece():
+    """Each image comes out as its own reflect-padded copy, flipped or not, cropped at one offset of up to 4 pixels."""
+    from project.infra.batches import random_flip_and_translate
+
+    images = torch.rand(64, 3, 12, 10)
+    moved = random_flip_and_translate(images)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4), mode="reflect")
+    for image, out in zip(padded, moved, strict=True):
+        crops = [
+            view[:, y : y + 12, x : x + 10] for view in (image, image.flip(-1)) for y in range(9) for x in range(9)
+        ]
+        assert any(torch.equal(out, crop) for crop in crops)
+    assert not torch.equal(moved, images)
+
+
+def epoch_batches(loader, epoch: int) -> list:
+    return [(images.clone(), labels.clone()) for images, labels in loader.iterate(epoch)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_image_folder_epochs_after_the_first_read_the_images_kept_in_memory(tmp_path, num_workers):
+    """The same batches as decoding every epoch, with the files gone after the first epoch (and after precise
+    BatchNorm's first look, which reads the training split's kept images too); without the memory, a second epoch
+    decodes again."""
+    root = tmp_path / "pets"
+    write_image_folder(root, classes=("cat", "dog", "fox"), per_class=10, size=12)
+    kwargs = {"image_size": 16, "num_workers": num_workers}
+    decoding = DATASETS["image-folder"](data_dir=str(root), batch_size=4, image_memory=1e-9, **kwargs)
+    kept = DATASETS["image-folder"](data_dir=str(root), batch_size=4, **kwargs)
+    for datamodule in (decoding, kept):
+        datamodule.setup("fit")
+    assert not decoding.kept and kept.kept.keys() == {"train", "val", "test"}
+    train = kept.train_dataloader()
+    expected = [epoch_batches(decoding.train_dataloader(), epoch) for epoch in (0, 1)]
+    first = epoch_batches(train, 0)
+    for path in root.rglob("*.png"):
+        path.unlink()
+    statistics = next(kept.statistics_batches(4))  # the training split's, from memory
+    assert torch.equal(statistics, expected[0][0][0].float())
+    for got, want in zip([first, epoch_batches(train, 1)], expected, strict=True):
+        assert len(got) == len(want) == 6
+        assert all(torch.equal(a, b) and torch.equal(x, y) for (a, x), (b, y) in zip(got, want, strict=True))
+    with pytest.raises(UserError, match="cannot read image"):  # never read: the test split is still on disk only
+        next(iter(kept.test_dataloader()))
+    with pytest.raises(UserError, match="cannot read image"):
+        epoch_batches(decoding.train_dataloader(), 2)
+
+
+def test_image_folder_remembers_which_headers_it_checked(tmp_path, monkeypatch):
+    from project.infra import images
+
+    root = tmp_path / "pets"
+    write_image_folder(root)
+    setup_module_data("image-folder", root)
+    read = []
+    original = images.header_problem
+    monkeypatch.setattr(images, "header_problem", lambda path: read.append(path) or original(path))
+    setup_module_data("image-folder", root)
+    assert read == []  # nothing changed: no header read again
+    (root / "dog" / "3.png").write_bytes(b"not a png at all")  # another size: read again, and named
+    with pytest.raises(UserError, match=f"cannot read image {root / 'dog' / '3.png'}"):
+        setup_module_data("image-folder", root)
+    assert read == [str(root / "dog" / "3.png")]
 
 
 @pytest.mark.parametrize("problem", ["missing", "one-class", "unreadable"])

@@ -21,6 +21,12 @@ from project.infra.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test's record of checked image headers is its own (infra/images.check_headers)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def plant_payload(data_dir: Path, name: str, marker: Path) -> None:
     """Replace one CIFAR-10 file by a pickle of the same shape whose data runs code when unpickled."""
     payload = {"batch_label": "training batch 1 of 5", "labels": [0], "data": Payload(marker)}
@@ -435,3 +441,26 @@ def test_image_folder_through_the_cli_skips_hidden_and_stops_at_an_image_that_no
     assert len(errors) == 1, bad.stderr[-2000:]
     assert f"cannot read image {root / 'cat'}" in errors[0] and "image file is truncated" in errors[0], errors[0]
     assert last.read_bytes() == saved
+
+
+@pytest.mark.slow
+def test_a_folder_changed_before_a_resume_or_a_test_is_refused_in_one_line(tmp_path):
+    """Images added (or removed, or renamed) after a run started would move others between its splits: --resume and
+    --only-test refuse, naming the folder, before any run is opened or changed; put back, the folder resumes."""
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=10, size=16)
+    quick = ["--dataset", "image-folder", "--data-dir", str(root), "--image-size", "16", "--model", "mlp"]
+    quick += ["--hidden-dim", "8", "--max-epochs", "1", "--logger", "none", "--num-workers", "0"]
+    assert run_cli(*quick, "--exp-dir", str(tmp_path / "runs")).returncode == 0
+    last = only_run_dir(tmp_path / "runs") / "checkpoints" / "last.ckpt"
+    files = {path: path.read_bytes() for path in (tmp_path / "runs").rglob("*") if path.is_file()}
+    added = write_jpeg(root / "cat" / "new.jpg")
+    for command in (["--resume", str(last), "--max-epochs", "2"], ["--only-test", "--checkpoint", str(last)]):
+        bad = run_cli(*command)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        errors = [line for line in bad.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"{root} has changed since this run started (20 images then, 21 now)" in errors[0]
+        assert {path: path.read_bytes() for path in (tmp_path / "runs").rglob("*") if path.is_file()} == files
+    added.unlink()
+    resumed = run_cli("--resume", str(last), "--max-epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]

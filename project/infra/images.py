@@ -5,15 +5,19 @@ Image folders: torchvision's ImageFolder, whose own walk lists hidden folders as
 to skip names starting with '.' at any depth, refuse links to folders, and read a link to a file only inside
 --data-dir and only if its file is not counted elsewhere, so no image is in two splits. Pillow may use only the
 decoders in FORMATS, which run no interpreter (EPS would run Ghostscript). Before training, each file's header is read
-(no pixel is decoded); an image that does not decode is named in one line when training first reads it.
+(no pixel is decoded; a file whose size and modification time have not changed since is not read again); an image
+that does not decode is named in one line when training first reads it.
 
 CIFAR-10's files are Python pickles, which can run code: `verify_cifar10` checks their official MD5s first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import itertools
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -58,6 +62,28 @@ def header_problem(path: str) -> str | None:
     except Exception as error:
         return unreadable(path, error)
     return None
+
+
+def check_headers(paths: list[str], root: Path) -> list[str]:
+    """Each problem with the files' headers. A file whose size and modification time are those it had when its header
+    last read well is not read again: a folder already seen starts in the time it takes to list it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "deep-learning-project-template")
+    record = cache / "image-headers" / f"{hashlib.sha256(os.fsencode(root)).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    seen = {path: [(stat := os.stat(path)).st_size, stat.st_mtime_ns] for path in paths}
+    unchecked = [path for path in paths if known.get(path) != seen[path]]
+    with ThreadPoolExecutor() as pool:  # reading headers mostly waits for the disk
+        problems = dict(zip(unchecked, pool.map(header_problem, unchecked), strict=True))
+    with contextlib.suppress(OSError):  # a cache only: where it cannot be written, every start checks every header
+        if unchecked:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            temporary = record.with_name(f".{record.name}.{os.getpid()}")
+            temporary.write_text(json.dumps({path: seen[path] for path in paths if not problems.get(path)}))
+            os.replace(temporary, record)  # whole or absent, whatever stops the process
+    return [*filter(None, problems.values())]
 
 
 class UnreadableImage(UserError):
@@ -148,8 +174,7 @@ def open_image_folder(data_dir: Path, input_shape: tuple[int, int, int]) -> dict
     for folder in folders.values():
         if folder.classes != base.classes:
             raise UserError(f"image-folder: {folder.root} has classes {folder.classes}, expected {base.classes}")
-    with ThreadPoolExecutor() as pool:  # reading headers mostly waits for the disk
-        problems = [*filter(None, pool.map(header_problem, [path for f in folders.values() for path, _ in f.samples]))]
+    problems = check_headers([path for folder in folders.values() for path, _ in folder.samples], root)
     if problems:
         raise UserError(problems[0] + (f" ({len(problems) - 1} more images cannot be read)" if problems[1:] else ""))
     return folders
