@@ -58,7 +58,11 @@ def sync(run_dirs: list[Path]) -> None:
         for _, _, uri in found:
             clients[uri] = clients.get(uri) or tracking.open_client(uri)
         for run_dir, manifest, uri in found:
-            run_id, problem, _ = sync_run(clients[uri], uri, run_dir.resolve(), manifest)
+            try:
+                run_id, problem, _ = sync_run(clients[uri], uri, run_dir.resolve(), manifest)
+            except Exception as error:  # a server gone mid-way (--debug: the traceback)
+                raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}); the same command sends the rest "
+                                "once MLflow answers") from error  # fmt: skip
             print(f"{run_dir}: MLflow run {run_id} at {redact_text(uri)}" + (f" ({problem})" if problem else ""))
     finally:
         for lock in locks:
@@ -71,7 +75,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / runs.MANIFEST).is_file() or not (run_dir / runs.CONFIG).is_file():
         raise UserError(f"{run_dir} is not a run directory (no {runs.MANIFEST} and {runs.CONFIG})")
     manifest = read_manifest(run_dir)
-    if not re.fullmatch(r"[\w.-]+", str(manifest.get("run_id"))) or not isinstance(manifest.get("tags", {}), dict):
+    parts = [manifest.get(key, {}) for key in ("tags", "trackers", "git", "test")]
+    if not re.fullmatch(r"[\w.-]+", str(manifest.get("run_id"))) or not all(isinstance(p, dict) for p in parts):
         raise UserError(f"{run_dir / runs.MANIFEST} is not a run's manifest (no run_id); restore it")
     return manifest
 
@@ -82,7 +87,7 @@ def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], 
     import yaml
     from mlflow.entities import Metric, RunTag
 
-    run = client.get_run(run_id) if run_id else find(client, uri, run_dir, manifest)
+    run = client.get_run(run_id) if run_id else find(client, uri, run_dir, manifest, run_tags(manifest, run_dir))[0]
     run_id, held = run.info.run_id, run.data
     tags = [RunTag(k, v) for k, v in run_tags(manifest, run_dir).items() if held.tags.get(k) != v]
     config = yaml.safe_load((run_dir / runs.CONFIG).read_text()) if (run_dir / runs.CONFIG).is_file() else {}
@@ -128,8 +133,9 @@ def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], 
     return run_id, problem, model_uri
 
 
-def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any]) -> Any:
-    """The MLflow run of `run_dir` in this store (by its tag, else by the id its manifest recorded), or a new one."""
+def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags: dict[str, str]) -> tuple[Any, bool]:
+    """The MLflow run of `run_dir` in this store (by its tag, else by the id its manifest recorded), and True; or a
+    new one, with `tags`, and False. A deleted run is not found."""
     from mlflow.exceptions import MlflowException
 
     name = manifest.get("experiment") or run_dir.parent.name
@@ -137,13 +143,13 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any]) -> A
     if experiment is not None:
         found = client.search_runs([experiment.experiment_id], f"tags.{TAG} = '{manifest['run_id']}'", max_results=1)
         if found:
-            return found[0]
+            return found[0], True
     recorded = manifest.get("trackers", {}).get("mlflow") or {}
     if recorded.get("tracking_uri") == redact_text(uri) and recorded.get("run_id"):
         try:
             run = client.get_run(recorded["run_id"])
             if run.info.lifecycle_stage == "active":
-                return run
+                return run, True
         except MlflowException:
             pass
     if experiment is None:
@@ -151,7 +157,8 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any]) -> A
         experiment_id = client.create_experiment(name, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
-    return client.create_run(experiment_id, start_time=milliseconds(manifest.get("start_time")), run_name=run_dir.name)
+    started = milliseconds(manifest.get("start_time"))
+    return client.create_run(experiment_id, start_time=started, tags=tags, run_name=run_dir.name), False
 
 
 def run_tags(manifest: Mapping[str, Any], run_dir: Path) -> dict[str, str]:

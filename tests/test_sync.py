@@ -223,3 +223,22 @@ def test_metrics_csv_keeps_its_readers_with_a_time_column(tmp_path):
         "train/loss": {0: 0.5},
         "val/loss": {0: 0.25},
     }
+
+
+def test_a_run_whose_process_died_ends_failed_in_its_own_local_store(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text(json.dumps({**manifest, "exit_status": "running"}))  # SIGKILLed
+    assert sync.main([str(run_dir)]) == 0
+    client = mlflow.MlflowClient(local_store(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert f"MLflow run {run.info.run_id} at {local_store(tmp_path)}" in capsys.readouterr().out
+    held = snapshot(client, run.info.run_id)
+    assert held["status"] == "FAILED" and held["metrics"] == csv_histories(run_dir / "metrics.csv")
+    assert held["tags"]["project_run_id"] == run_dir.name and held["params"] == {"lr": "0.1"}
+    assert sync.main([str(run_dir)]) == 0 and snapshot(client, run.info.run_id) == held

@@ -199,7 +199,7 @@ class MLflowRun:
     first call that fails stops live tracking (one warning, no waiting on a dead server); the end tries again."""
 
     def __init__(self, directory: Path, args: argparse.Namespace, previous: Mapping | None, tags: dict) -> None:
-        from project.sync import TAG
+        from project.sync import TAG, find
 
         logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)  # "Creating" the experiment
         # MLflow's asynchronous logging reports a batch it could not log only to its logger, from its own thread: the
@@ -220,35 +220,16 @@ class MLflowRun:
         # Lightning's logger calls, exports its URI to the environment: a next run in this process would take it.
         try:
             with store_lock(self.uri), keep_environment("MLFLOW_TRACKING_URI"):
-                reopen = self.find(previous)
-                self.logger = mlflow_logger(self, experiment_name=args.exp_name, run_name=directory.name,
-                                            tracking_uri=self.uri, tags={**tags, TAG: directory.name}, run_id=reopen,
-                                            synchronous=False, artifact_location=artifact_location(
-                                                self.uri, args.exp_dir, args.exp_name))  # fmt: skip
-                self.experiment_id, self.run_id = self.logger.experiment_id, self.logger.run_id
+                seen = {"run_id": directory.name, "experiment": args.exp_name, "trackers": {"mlflow": previous or {}}}
+                run, self.reopened = find(self.client, self.uri, directory, seen, {**tags, TAG: directory.name})
+                self.experiment_id, self.run_id = run.info.experiment_id, run.info.run_id
+                self.logger = mlflow_logger(self, tracking_uri=self.uri, run_id=self.run_id, synchronous=False)
+                _ = self.logger.experiment  # now, inside keep_environment
         except Exception as error:
             raise UserError(f"MLflow at {redact_text(self.uri)} cannot be used ({reason(error)}): {advice}") from None
-
-    def find(self, previous: Mapping | None) -> str | None:
-        """The id of the run being resumed if it is in this store and not deleted; else None (a new run), and why."""
-        if not previous:
-            return None
-        from mlflow.exceptions import MlflowException
-
-        where, run = previous.get("tracking_uri"), None
-        if where == redact_text(self.uri):
-            try:
-                run = self.client.get_run(previous["run_id"])
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-        if run is None or run.info.lifecycle_stage == "deleted":
-            gone = f"MLflow run {previous.get('run_id')} is gone (deleted?)" if where == redact_text(self.uri) else (
-                f"the resumed run was tracked at {where}, not {redact_text(self.uri)}")  # fmt: skip
-            print(f"warning: {gone}; this run's metrics go to a new MLflow run", file=sys.stderr)
-            return None
-        self.reopened = True  # left exactly as it was until training starts (mark_running)
-        return run.info.run_id
+        if previous and not self.reopened:  # a reopened run is left exactly as it was until training starts
+            print(f"warning: MLflow run {previous.get('run_id')} is not in {redact_text(self.uri)} (deleted, or "
+                  "tracked elsewhere); this run's metrics go to a new MLflow run", file=sys.stderr)  # fmt: skip
 
     def call(self, method: Any, *args: Any) -> None:
         """`method(*args)` unless tracking has stopped; the first failure stops it, with one warning line, printed by
