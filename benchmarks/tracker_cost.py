@@ -7,6 +7,8 @@ own fresh --exp-dir.
     python benchmarks/tracker_cost.py --rounds 5 -- --max-epochs 20
     python benchmarks/tracker_cost.py --server-dies          # one mlflow job against a local `mlflow server`
                                                              # killed after the first epoch
+    python benchmarks/tracker_cost.py --per-epoch            # seconds per epoch on MNIST-shaped 60,000-sample
+                                                             # epochs (gpu_benchmark.py's mlp setting, on the CPU)
 
 Rounds run the variants in rotated order, so that a machine that slows down over time does not favour one
 of them. Prints per-job wall and CPU seconds (the job and every process it started) and test accuracy, then
@@ -298,18 +300,39 @@ def _first_epoch_logged(exp_dir: Path) -> bool:
     return any(row.get("val/acc") for row in _rows(exp_dir))
 
 
+def per_epoch(args: argparse.Namespace) -> int:
+    """gpu_benchmark.py's MNIST-shaped setting (60,000 samples an epoch, the template's MLP, batch 128) on the CPU
+    with each tracker, in rotated order; its table's template seconds per epoch and the part spent in tracker calls."""
+    variants, results = args.variants.split(","), {}
+    for round_index in range(args.rounds):
+        for variant in variants[round_index % len(variants) :] + variants[: round_index % len(variants)]:
+            command = [sys.executable, "benchmarks/gpu_benchmark.py", "--device", "cpu", "--settings", "mlp",
+                       "--epochs", "3", "--logger", variant, *args.job_args]  # fmt: skip
+            done = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            row = [line for line in done.stdout.splitlines() if line.startswith("| MNIST")][0].split(" | ")
+            results.setdefault(variant, []).append((float(row[2]), float(row[4])))
+            print(f"round {round_index + 1} {variant:<8} s/epoch {row[2]}  of which trackers {row[4]}", flush=True)
+    for variant, rows in results.items():
+        print(f"{variant:<8} median s/epoch {statistics.median(r[0] for r in rows):.3f}  "
+              f"of which trackers {statistics.median(r[1] for r in rows):.4f}")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one job per variant each)")
     parser.add_argument("--variants", default="csv,mlflow", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--existing-store", action="store_true", help="tracker jobs log into a store made beforehand")
     parser.add_argument("--server-dies", action="store_true", help="one job per tracker variant, server killed")
+    parser.add_argument("--per-epoch", action="store_true", help="seconds per 60,000-sample epoch, per tracker")
     parser.add_argument("--idle-below", type=float, default=0.3, help="start a job when others use fewer cores")
     parser.add_argument("--max-others", type=float, default=2.0, help="redo a job if others took more CPU s")
     parser.add_argument("--retries", type=int, default=2, help="how often to redo a disturbed job")
     parser.add_argument("job_args", nargs="*", help="more project.run arguments (after --), e.g. -- --max-epochs 5")
     args = parser.parse_args()
-    return server_dies(args) if args.server_dies else measure(args)
+    return server_dies(args) if args.server_dies else per_epoch(args) if args.per_epoch else measure(args)
 
 
 if __name__ == "__main__":

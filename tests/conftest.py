@@ -190,8 +190,18 @@ class MlflowServer:
                    "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                    "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
         self.log = open(root / "server.log", "w")  # noqa: SIM115 (closed in stop)
+        self.root, self.command = root, command
+        self.start()
+
+    def start(self) -> None:
+        """(Again, after kill: the same port and store.)"""
         self.process = subprocess.Popen(
-            command, cwd=root, env=cli_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command,
+            cwd=self.root,
+            env=cli_env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_until_up(self, timeout: float = 120) -> None:

@@ -240,13 +240,14 @@ class Run(pl.Callback):
         self.closed, problems = True, []
         try:
             if self.zero:
-                self.manifest.update(end_time=now(), exit_status=status)
+                self.manifest.update(end_time=now(), exit_status=status, trackers=self.trackers.describe())
                 for session in self.manifest.get("resumed", [])[-1:]:
                     session.update(end_time=self.manifest["end_time"], exit_status=status)
-                self.write_manifest()
+                self.write_manifest()  # the trackers get this copy: unchanged below unless they failed
                 problems = self.trackers.close(self.directory / runs.MANIFEST, status)
-                self.manifest["trackers"] = self.trackers.describe()
-                self.write_manifest()
+                if self.manifest["trackers"] != self.trackers.describe():
+                    self.manifest["trackers"] = self.trackers.describe()
+                    self.write_manifest()
         finally:
             self.lock.note("")
             self.lock.release()

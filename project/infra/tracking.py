@@ -5,9 +5,12 @@
 - tensorboard: event files in the run directory; wandb: the hosted service, or offline files (an optional extra);
 - csv: metrics.csv in the run directory, written for every run whatever --logger says.
 
-A tracker is a convenience on top of the run directory, never a reason to lose a run: a tracker server that stops
-answering mid-run gets one warning, and training goes on with the local records complete. Heavy imports (Lightning,
-MLflow, W&B, TensorBoard) happen inside functions, after the command line is parsed.
+The run directory is the record; a tracker is a view of it, never a reason to lose a run. MLflow gets metrics and
+params live; the files, the model and the status, and whatever a server that stopped answering missed, arrive at the
+run's end through project.sync, the code that also puts a run there later (`python -m project.sync RUN_DIR`).
+PROJECT_TRACKING=offline trains with no MLflow run at all, to sync later (W&B's WANDB_MODE=offline, in this project's
+PROJECT_ names: MLflow owns MLFLOW_ and might give one a meaning). Heavy imports (Lightning, MLflow, W&B, TensorBoard)
+happen inside functions, after the command line is parsed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ LOCAL_STORE = "mlflow.db"
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}  # fmt: skip
 LOCK_SECONDS = 300.0  # how long a run waits for another that is creating the same local store
-EXAMPLE_BATCH = 2  # torch.export makes a batch of 1 a constant: the example batch keeps the axis dynamic
+OFFLINE = "PROJECT_TRACKING"  # =offline: no MLflow run; project.sync puts the run there later
 ASYNC_LOGGER = "mlflow.utils.async_logging.async_logging_queue"  # where MLflow reports a batch it could not log
 
 
@@ -55,7 +59,8 @@ def start(args: argparse.Namespace) -> Trackers:
     rank_zero = all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
     if args.fast_dev_run or not rank_zero:  # Lightning gives a fast dev run a dummy logger; trackers are rank 0's
         return Trackers([])
-    return Trackers(names)
+    offline = os.environ.get(OFFLINE) == "offline" and "mlflow" in names
+    return Trackers([name for name in names if not offline or name != "mlflow"], offline)
 
 
 def importable(module: str) -> bool:
@@ -70,11 +75,36 @@ def local_store(exp_dir: str | Path) -> str:
     return runs.sqlite_url(Path(exp_dir) / LOCAL_STORE)
 
 
+def artifact_location(uri: str, exp_dir: str | Path, experiment: str) -> str | None:
+    """A server keeps artifacts where its --artifacts-destination says; straight into a database, MLflow would put
+    them in ./mlruns of whatever the working directory is: they stay under --exp-dir instead."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return (Path(exp_dir).expanduser().resolve() / "mlflow-artifacts" / experiment).as_uri()
+
+
+def open_client(uri: str, advice: str = "start the server or fix MLFLOW_TRACKING_URI") -> Any:
+    """MLflow's client of the store `uri`, answering (one line within seconds if not)."""
+    import mlflow
+
+    for name, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
+    try:
+        with store_lock(uri):  # two runs that start together must not both create the store
+            client = mlflow.MlflowClient(uri)
+            client.search_experiments(max_results=1)
+        return client
+    except Exception as error:
+        raise UserError(f"MLflow at {redact_text(uri)} cannot be used ({reason(error)}): {advice}") from None
+
+
 class Trackers:
     """The Lightning loggers of one run (metrics.csv first, always) and what the records ask of them."""
 
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
+    def __init__(self, names: list[str], offline: bool = False) -> None:
+        self.names, self.offline, self.directory = names, offline, Path()
         self.loggers: list[Any] = []
         self.mlflow: MLflowRun | None = None  # once open
 
@@ -83,7 +113,7 @@ class Trackers:
     ) -> None:
         """Start (or, resuming, reopen) the tracker runs; a server that cannot be used is an error now, not later.
         `previous`: the trackers' ids of the run being resumed (its manifest.json)."""
-        self.loggers = [csv_logger(directory / runs.METRICS)]
+        self.loggers, self.directory = [csv_logger(directory / runs.METRICS)], directory
         for name in self.names:
             if name == "mlflow":
                 self.mlflow = MLflowRun(directory, args, previous.get("mlflow"), tags)
@@ -111,8 +141,6 @@ class Trackers:
         """Copies of the run's records (plots, config, reports) for each tracker; TensorBoard gets the plots as images
         and the hyperparameters beside the test scores (its HPARAMS tab)."""
         files = [path for path in files if path.is_file()]
-        if self.mlflow is not None:
-            self.mlflow.log_files(files)
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for path in files:
@@ -124,9 +152,7 @@ class Trackers:
         """End the tracker runs with a status ("finished", "interrupted", "failed: ..."); returns what went wrong."""
         problems = []
         if self.mlflow is not None:
-            self.mlflow.log_files([manifest])
-            ended = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}.get(status, "FAILED")
-            problems += filter(None, [self.mlflow.close(ended)])
+            problems += filter(None, [self.mlflow.close(manifest, status)])
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger":
                 with contextlib.suppress(Exception):  # W&B keeps its own offline copy when its service fails
@@ -155,6 +181,8 @@ class Trackers:
     def how_to_open(self) -> list[str]:
         """One line per tracker: the command or address that shows this run."""
         lines = [self.mlflow.how_to_open()] if self.mlflow is not None else []
+        if self.offline:
+            lines.append(f"MLflow offline ({OFFLINE}=offline): python -m project.sync {self.directory} puts it there")
         for logger in self.loggers:
             kind = type(logger).__name__
             if kind == "TensorBoardLogger":
@@ -167,17 +195,13 @@ class Trackers:
 
 class MLflowRun:
     """One MLflow run: Lightning's MLFlowLogger logs metrics and params (MLflow's asynchronous logging: a step never
-    waits for the store), MLflow's client the run's status, files and model. The first call that fails ends tracking:
-    one warning, and every later call is dropped."""
+    waits for the store), project.sync the model, and at the end the files, the status and what the store missed. The
+    first call that fails stops live tracking (one warning, no waiting on a dead server); the end tries again."""
 
     def __init__(self, directory: Path, args: argparse.Namespace, previous: Mapping | None, tags: dict) -> None:
-        import mlflow
+        from project.sync import TAG, find
 
-        for name, value in MLFLOW_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
         logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)  # "Creating" the experiment
-        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
         # MLflow's asynchronous logging reports a batch it could not log only to its logger, from its own thread: the
         # first is the run's failure (the training thread prints it), and none reaches the terminal.
         logging.getLogger(ASYNC_LOGGER).filters = [
@@ -188,46 +212,24 @@ class MLflowRun:
         self.problem: str | None = None  # why the model was not logged (the rest of the run was)
         self.model_uri: str | None = None
         self.run_id, self.reopened, self.warned = None, False, False
-        # A server keeps artifacts where its --artifacts-destination says; straight into a database, MLflow would put
-        # them in ./mlruns of whatever the working directory is: they stay under --exp-dir instead.
-        served = self.uri.startswith(("http://", "https://", "databricks"))
-        artifacts = Path(args.exp_dir).expanduser().resolve() / "mlflow-artifacts" / args.exp_name
-        # Two runs that start together must not both create the store or the experiment. MLflow's set_tracking_uri,
-        # which Lightning's logger calls, exports its URI to the environment: a next run in this process would take it.
+        local = self.uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI")
+        advice = "check --exp-dir" if local else "start the server or fix MLFLOW_TRACKING_URI"
+        advice += f", train offline ({OFFLINE}=offline) and sync later, or choose another --logger"
+        self.client = open_client(self.uri, advice)
+        # Two runs that start together must not both create the experiment. MLflow's set_tracking_uri, which
+        # Lightning's logger calls, exports its URI to the environment: a next run in this process would take it.
         try:
             with store_lock(self.uri), keep_environment("MLFLOW_TRACKING_URI"):
-                self.client = mlflow.MlflowClient(self.uri)
-                reopen = self.find(previous)
-                self.logger = mlflow_logger(self, experiment_name=args.exp_name, run_name=directory.name,
-                                            tracking_uri=self.uri, tags=dict(tags), run_id=reopen, synchronous=False,
-                                            artifact_location=None if served else artifacts.as_uri())  # fmt: skip
-                self.experiment_id, self.run_id = self.logger.experiment_id, self.logger.run_id
+                seen = {"run_id": directory.name, "experiment": args.exp_name, "trackers": {"mlflow": previous or {}}}
+                run, self.reopened = find(self.client, self.uri, directory, seen, {**tags, TAG: directory.name})
+                self.experiment_id, self.run_id = run.info.experiment_id, run.info.run_id
+                self.logger = mlflow_logger(self, tracking_uri=self.uri, run_id=self.run_id, synchronous=False)
+                _ = self.logger.experiment  # now, inside keep_environment
         except Exception as error:
-            local = self.uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI")
-            advice = "check --exp-dir" if local else "start the server or fix MLFLOW_TRACKING_URI"
-            raise UserError(f"MLflow at {redact_text(self.uri)} cannot be used ({reason(error)}): {advice}, "
-                            "or choose another --logger") from None  # fmt: skip
-
-    def find(self, previous: Mapping | None) -> str | None:
-        """The id of the run being resumed if it is in this store and not deleted; else None (a new run), and why."""
-        if not previous:
-            return None
-        from mlflow.exceptions import MlflowException
-
-        where, run = previous.get("tracking_uri"), None
-        if where == redact_text(self.uri):
-            try:
-                run = self.client.get_run(previous["run_id"])
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-        if run is None or run.info.lifecycle_stage == "deleted":
-            gone = f"MLflow run {previous.get('run_id')} is gone (deleted?)" if where == redact_text(self.uri) else (
-                f"the resumed run was tracked at {where}, not {redact_text(self.uri)}")  # fmt: skip
-            print(f"warning: {gone}; this run's metrics go to a new MLflow run", file=sys.stderr)
-            return None
-        self.reopened = True  # left exactly as it was until training starts (mark_running)
-        return run.info.run_id
+            raise UserError(f"MLflow at {redact_text(self.uri)} cannot be used ({reason(error)}): {advice}") from None
+        if previous and not self.reopened:  # a reopened run is left exactly as it was until training starts
+            print(f"warning: MLflow run {previous.get('run_id')} is not in {redact_text(self.uri)} (deleted, or "
+                  "tracked elsewhere); this run's metrics go to a new MLflow run", file=sys.stderr)  # fmt: skip
 
     def call(self, method: Any, *args: Any) -> None:
         """`method(*args)` unless tracking has stopped; the first failure stops it, with one warning line, printed by
@@ -242,8 +244,12 @@ class MLflowRun:
     def warn(self) -> None:
         if self.failure is not None and not self.warned:
             self.warned = True
-            print(f"warning: MLflow stopped answering ({self.failure}); training goes on without it, and "
-                  f"{self.directory} keeps the complete records of this run", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: MLflow stopped answering ({self.failure}); training goes on, {self.directory} keeps "
+                "the complete records, and the run's end sends MLflow what it missed",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def fail(self, why: str) -> bool:
         self.failure = self.failure or why
@@ -254,60 +260,21 @@ class MLflowRun:
             self.call(self.client.update_run, self.run_id, "RUNNING")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Values cut at MLflow's limit. MLflow refuses to change a param: a resumed run that runs with another value
-        records it as the tag `resumed.<key>`."""
-        from mlflow.entities import Param, RunTag
-        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+        from project.sync import log_params
 
         def log() -> None:
             held = self.client.get_run(self.run_id).data.params if self.reopened else {}
-            flat = {str(key): str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
-            changed = [RunTag(f"resumed.{k}", v) for k, v in flat.items() if held.get(k, v) != v]
-            self.client.log_batch(
-                self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in held], tags=changed
-            )
+            log_params(self.client, self.run_id, params, held, [])
 
         self.call(log)
 
-    def log_files(self, paths: list[Path]) -> None:
-        for path in paths:
-            if path.is_file():
-                self.call(self.client.log_artifact, self.run_id, str(path))
-
     def log_model(self, checkpoint: Path) -> None:
-        """The network of `checkpoint` as an MLflow model, in torch.export's pt2 format (MLflow's default: loading it
-        runs no pickle and needs neither this project nor Lightning), with a signature and an example of raw pixels;
-        metadata["project"] holds what project.predict needs to feed it."""
-        import importlib.metadata
-
-        # mlflow.pytorch imports pytorch_lightning, if installed, for an autologging callback this run never uses
-        # (2 s, and its log lines); a None entry in sys.modules makes that import fail, which mlflow.pytorch allows.
-        sys.modules.setdefault("pytorch_lightning", None)
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-
-        from project.export import example_input
-        from project.infra.checkpoints import read_model
-
-        def log() -> None:
-            network, spec = read_model(checkpoint)  # weights only: a checkpoint may come from anyone
-            example = example_input(spec, EXAMPLE_BATCH).numpy()
-            # MLflow files a logged model under the fluent API's current experiment (else "Default"), not its run's.
-            mlflow.set_experiment(experiment_id=self.experiment_id)
-            with torch.no_grad():
-                signature = infer_signature(example, network(torch.from_numpy(example)).numpy())
-                self.model_uri = mlflow.pytorch.log_model(
-                    network, name="model", run_id=self.run_id, input_example=example, signature=signature,
-                    metadata={"project": spec},
-                    # explicit: inferring them loads the model in another process (seconds)
-                    pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
-                    validate_serving_input=False,  # tests load the logged model and predict with it instead
-                ).model_uri  # fmt: skip
+        """The tested model, before the test (a run that fails in its test keeps it); see project.sync.log_model."""
+        from project.sync import log_model
 
         if self.failure is None:
             try:
-                log()
+                self.model_uri = log_model(self.uri, self.run_id, self.experiment_id, checkpoint)
             except Exception as error:
                 if unreachable(error):
                     self.fail(reason(error))
@@ -315,15 +282,26 @@ class MLflowRun:
                     self.problem = f"the model was not logged ({reason(error)})"
         self.warn()
 
-    def close(self, status: str) -> str | None:
-        """Wait for the metrics still queued, then set the run's status (FINISHED, FAILED or KILLED); returns what
-        went wrong, as one line, or None."""
+    def close(self, manifest: Path, status: str) -> str | None:
+        """Wait for the metrics still queued, then sync the run directory (what the store missed, the files, the
+        model, the status: FINISHED, FAILED or KILLED); returns what went wrong, as one line, or None."""
+        import json
+
         import mlflow
 
-        self.call(mlflow.flush_async_logging)  # Lightning's logger set MLflow's tracking URI to this store
-        self.call(self.client.set_terminated, self.run_id, status)
-        if self.failure:
-            return f"MLflow: records stop where the server stopped answering ({self.failure})"
+        from project.sync import sync_run
+
+        with contextlib.suppress(Exception):  # what failed to arrive, sync_run sends
+            mlflow.flush_async_logging()  # Lightning's logger set MLflow's tracking URI to this store
+        recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        try:
+            _, problem, model_uri = sync_run(self.client, self.uri, self.directory, {**recorded, "exit_status": status},
+                                             self.run_id)  # fmt: skip
+        except Exception as error:
+            self.fail(reason(error))
+            return (f"MLflow still does not answer ({self.failure}); to complete its record: "
+                    f"python -m project.sync {self.directory}")  # fmt: skip
+        self.failure, self.problem, self.model_uri = None, problem or self.problem, model_uri or self.model_uri
         return f"MLflow: {self.problem}" if self.problem else None
 
     def abandon(self) -> None:
@@ -425,8 +403,8 @@ def csv_logger(path: Path) -> Any:
     from lightning.pytorch.utilities import rank_zero_only
 
     class AppendingCsvLogger(Logger):
-        """metrics.csv: one row per logged step, a column per metric. Ours, not Lightning's CSVLogger, which deletes
-        an existing metrics.csv when it starts: a resumed run keeps the rows of its earlier sessions."""
+        """metrics.csv: one row per logged step, a column per metric, and its time in ms. Ours, not Lightning's
+        CSVLogger, which deletes an existing metrics.csv when it starts: a resumed run keeps its earlier rows."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -449,7 +427,8 @@ def csv_logger(path: Path) -> Any:
 
         @rank_zero_only
         def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-            row = {"step": step, **{k: v if isinstance(v, (int, float)) else float(v) for k, v in metrics.items()}}
+            row = {"step": step, **{k: v if isinstance(v, (int, float)) else float(v) for k, v in metrics.items()},
+                   "timestamp": int(time.time() * 1000)}  # as MLflow keeps it: project.sync sends it  # fmt: skip
             if set(row) - set(self.columns):  # a new column: rewrite the file with the wider header, atomically
                 from project.infra.files import write_text
 

@@ -1,0 +1,242 @@
+"""Put runs into MLflow after the fact: `python -m project.sync RUN_DIR [RUN_DIR ...]`.
+
+The run directory is the record; an MLflow run is a view of it. Sync gives the view what the directory holds: the
+parameters and tags a live run logs, every point of metrics.csv with its step and time, the run's files, the tested
+checkpoint as an MLflow model and the status the run ended with. It goes to the store MLFLOW_TRACKING_URI names, else
+to the run's own local store (<exp-dir>/mlflow.db), and finds the MLflow run again by the tag `project_run_id` (or the
+id manifest.json recorded): a second sync adds nothing. A live run ends by calling `sync_run` itself, so a server that
+missed part of it gets the rest then. A run whose process died without recording how it ended ("running", and no
+process holds its lock) ends FAILED: it crashed (killed outright, out of memory, a lost node); --resume continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import datetime
+import importlib.metadata
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from project.infra import runs, tracking
+from project.infra.errors import UserError, run_command
+from project.infra.redact import redact_text
+
+TAG = "project_run_id"  # names the run directory in any store
+STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}  # any other end: FAILED
+FILES = (runs.CONFIG, runs.MANIFEST, runs.METRICS, runs.CURVES, runs.REPORT, runs.TEST_METRICS)
+EXAMPLE_BATCH = 2  # torch.export makes a batch of 1 a constant: the example batch keeps the axis dynamic
+BATCH = 1000  # MLflow's limit of metrics in one log_batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m project.sync", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="<exp-dir>/<exp-name>/<run-id>")
+    parser.add_argument("--debug", action="store_true", help="a traceback instead of one line on errors")
+    args = parser.parse_args(argv)
+    return run_command(lambda: sync(args.run_dirs), args.debug)
+
+
+def sync(run_dirs: list[Path]) -> None:
+    """Every run checked, locked and its store reached before the first is changed."""
+    from project.infra.records import RunLock
+
+    locks, found, clients = [], [], {}
+    try:
+        for run_dir in run_dirs:
+            manifest = read_run(run_dir)
+            locks.append(RunLock(run_dir / runs.LOCK))
+            locks[-1].acquire()  # a run still running is synced by its own process at its end
+            found.append((run_dir, manifest, os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(
+                run_dir.resolve().parent.parent)))  # fmt: skip
+        for _, _, uri in found:
+            clients[uri] = clients.get(uri) or tracking.open_client(uri)
+        for run_dir, manifest, uri in found:
+            try:
+                run_id, problem, _ = sync_run(clients[uri], uri, run_dir.resolve(), manifest)
+            except Exception as error:  # a server gone mid-way (--debug: the traceback)
+                raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}); the same command sends the rest "
+                                "once MLflow answers") from error  # fmt: skip
+            print(f"{run_dir}: MLflow run {run_id} at {redact_text(uri)}" + (f" ({problem})" if problem else ""))
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    from project.infra.records import read_manifest
+
+    if not (run_dir / runs.MANIFEST).is_file() or not (run_dir / runs.CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {runs.MANIFEST} and {runs.CONFIG})")
+    manifest = read_manifest(run_dir)
+    parts = [manifest.get(key, {}) for key in ("tags", "trackers", "git", "test")]
+    if not re.fullmatch(r"[\w.-]+", str(manifest.get("run_id"))) or not all(isinstance(p, dict) for p in parts):
+        raise UserError(f"{run_dir / runs.MANIFEST} is not a run's manifest (no run_id); restore it")
+    return manifest
+
+
+def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], run_id: str | None = None) -> tuple:
+    """What the MLflow run (`run_id`, else found or created) lacks of `run_dir`; the caller holds the run's lock.
+    Returns the MLflow run's id, why the model was not logged (or None) and the model's URI if logged now."""
+    import yaml
+    from mlflow.entities import Metric, RunTag
+
+    run = client.get_run(run_id) if run_id else find(client, uri, run_dir, manifest, run_tags(manifest, run_dir))[0]
+    run_id, held = run.info.run_id, run.data
+    tags = [RunTag(k, v) for k, v in run_tags(manifest, run_dir).items() if held.tags.get(k) != v]
+    config = yaml.safe_load((run_dir / runs.CONFIG).read_text()) if (run_dir / runs.CONFIG).is_file() else {}
+    who = {key: manifest[key] for key in ("user", "command") if manifest.get(key) is not None}
+    log_params(client, run_id, {**(config or {}), **who}, held.params, tags)
+
+    wanted, now = collections.defaultdict(list), int(time.time() * 1000)
+    if (run_dir / runs.METRICS).is_file():
+        with open(run_dir / runs.METRICS, newline="") as file:
+            for row in csv.DictReader(file):
+                stamp, step = int(float(row.pop("timestamp", "") or now)), int(float(row.pop("step", "") or 0))
+                for key, value in row.items():
+                    if value:
+                        wanted[key].append(Metric(key, float(value), stamp, step))
+    missing = []
+    for key, points in wanted.items():  # a point is (key, step, value); one logged twice counts twice
+        there = collections.Counter((m.step, str(m.value)) for m in client.get_metric_history(run_id, key))
+        for point in points:
+            there[point.step, str(point.value)] -= 1
+            if there[point.step, str(point.value)] < 0:
+                missing.append(point)
+    for start in range(0, len(missing), BATCH):
+        client.log_batch(run_id, metrics=missing[start : start + BATCH])
+
+    stored = {a.path: a.file_size for a in client.list_artifacts(run_id)}
+    figures = sorted(path.name for path in run_dir.glob("*.png"))  # the curves and the task's own figures
+    for path in (run_dir / name for name in dict.fromkeys([*FILES, *figures])):
+        if path.is_file() and stored.get(path.name) != path.stat().st_size:
+            client.log_artifact(run_id, str(path))
+
+    problem = model_uri = None
+    checkpoint = tested_checkpoint(run_dir, manifest)
+    if checkpoint is not None and not has_model(client, run):
+        try:
+            model_uri = log_model(uri, run_id, run.info.experiment_id, checkpoint)
+        except Exception as error:
+            if tracking.unreachable(error):
+                raise
+            problem = f"the model was not logged ({tracking.reason(error)})"
+    status = STATUS.get(manifest.get("exit_status"), "FAILED")
+    if client.get_run(run_id).info.status != status:
+        client.set_terminated(run_id, status, milliseconds(manifest.get("end_time")) or now)
+    return run_id, problem, model_uri
+
+
+def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags: dict[str, str]) -> tuple[Any, bool]:
+    """The MLflow run of `run_dir` in this store (by its tag, else by the id its manifest recorded), and True; or a
+    new one, with `tags`, and False. A deleted run is not found."""
+    from mlflow.exceptions import MlflowException
+
+    name = manifest.get("experiment") or run_dir.parent.name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        found = client.search_runs([experiment.experiment_id], f"tags.{TAG} = '{manifest['run_id']}'", max_results=1)
+        if found:
+            return found[0], True
+    recorded = manifest.get("trackers", {}).get("mlflow") or {}
+    if recorded.get("tracking_uri") == redact_text(uri) and recorded.get("run_id"):
+        try:
+            run = client.get_run(recorded["run_id"])
+            if run.info.lifecycle_stage == "active":
+                return run, True
+        except MlflowException:
+            pass
+    if experiment is None:
+        location = tracking.artifact_location(uri, run_dir.parent.parent, name)
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    started = milliseconds(manifest.get("start_time"))
+    return client.create_run(experiment_id, start_time=started, tags=tags, run_name=run_dir.name), False
+
+
+def run_tags(manifest: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
+    """The tags a live run gets (records.Run.tags), from its manifest."""
+    git = manifest.get("git") or {}
+    found = {"user": manifest.get("user"), "host": manifest.get("host"), "run_dir": str(run_dir), "mode":
+             manifest.get("mode"), **manifest.get("tags", {}), TAG: manifest.get("run_id") or run_dir.name}  # fmt: skip
+    if git.get("commit"):
+        found |= {"git_commit": git["commit"], "git_dirty": str(git.get("dirty"))}
+    return {key: str(value) for key, value in found.items() if value is not None}
+
+
+def log_params(client: Any, run_id: str, params: Mapping[str, Any], held: Mapping[str, str], tags: list) -> None:
+    """Values cut at MLflow's limit; those `held` already are skipped. MLflow refuses to change a param: a run that
+    ran on with another value (resumed) records it as the tag `resumed.<key>`."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    flat = {str(key): str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
+    tags = [*tags, *(RunTag(f"resumed.{k}", v) for k, v in flat.items() if held.get(k, v) != v)]
+    new = [Param(k, v) for k, v in flat.items() if k not in held]
+    if new or tags:
+        client.log_batch(run_id, params=new, tags=tags)
+
+
+def tested_checkpoint(run_dir: Path, manifest: Mapping[str, Any]) -> Path | None:
+    """The checkpoint the run tested; one the run kept is found in the run directory, wherever that was moved."""
+    recorded = (manifest.get("test") or {}).get("checkpoint")
+    if not recorded:
+        return None
+    path = Path(recorded)
+    moved = run_dir / runs.CHECKPOINT_DIR / path.name
+    return path if path.is_file() else moved if moved.is_file() else None
+
+
+def has_model(client: Any, run: Any) -> bool:
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+    return any(model.status == LoggedModelStatus.READY for model in found)
+
+
+def log_model(uri: str, run_id: str, experiment_id: str, checkpoint: Path) -> str:
+    """The network of `checkpoint` as an MLflow model, in torch.export's pt2 format (MLflow's default: loading it
+    runs no pickle and needs neither this project nor Lightning), with a signature and an example of raw pixels;
+    metadata["project"] holds what project.predict needs to feed it. Returns its URI."""
+    # mlflow.pytorch imports pytorch_lightning, if installed, for an autologging callback this run never uses
+    # (2 s, and its log lines); a None entry in sys.modules makes that import fail, which mlflow.pytorch allows.
+    sys.modules.setdefault("pytorch_lightning", None)
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    from project.export import example_input
+    from project.infra.checkpoints import read_model
+
+    network, spec = read_model(checkpoint)  # weights only: a checkpoint may come from anyone
+    example = example_input(spec, EXAMPLE_BATCH).numpy()
+    with tracking.keep_environment("MLFLOW_TRACKING_URI"), torch.no_grad():
+        mlflow.set_tracking_uri(uri)
+        # MLflow files a logged model under the fluent API's current experiment (else "Default"), not its run's.
+        mlflow.set_experiment(experiment_id=experiment_id)
+        signature = infer_signature(example, network(torch.from_numpy(example)).numpy())
+        return mlflow.pytorch.log_model(
+            network, name="model", run_id=run_id, input_example=example, signature=signature,
+            metadata={"project": spec},
+            # explicit: inferring them loads the model in another process (seconds)
+            pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
+            validate_serving_input=False,  # tests load the logged model and predict with it instead
+        ).model_uri  # fmt: skip
+
+
+def milliseconds(when: Any) -> int | None:
+    try:
+        return int(datetime.datetime.fromisoformat(when).timestamp() * 1000)
+    except (TypeError, ValueError):  # none recorded (a run still running), or not a time
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

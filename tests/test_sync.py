@@ -1,0 +1,244 @@
+"""project.sync: a run directory put into MLflow after the fact (a `--logger csv` run, an offline run, a live run
+whose server went away), against a real `mlflow server` on loopback or the local store; idempotence; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli_env, free_port, only_run_dir, run_cli, wait_for
+from test_tracking import TINY, open_trackers, rows_of, tiny_checkpoint
+
+from project import sync
+
+
+def snapshot(client, run_id: str, artifacts_root: Path | None = None) -> dict:
+    """All an MLflow run holds, and the stored artifact files' modification times (a re-upload changes them)."""
+    run = client.get_run(run_id)
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    return {
+        "status": run.info.status,
+        "params": run.data.params,
+        "tags": run.data.tags,
+        "metrics": {
+            k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
+            for k in run.data.metrics
+        },  # fmt: skip
+        "artifacts": sorted((a.path, a.file_size) for a in client.list_artifacts(run_id)),
+        "models": sorted((m.model_id, str(m.status)) for m in models),
+        "files": {
+            p: p.stat().st_mtime_ns
+            for p in (artifacts_root or Path("/nonexistent")).rglob("*")
+            if p.is_file() and run_id in p.parts
+        },  # fmt: skip
+    }
+
+
+def csv_histories(metrics_csv: Path) -> dict[str, list[tuple[int, float, int]]]:
+    histories: dict[str, list] = {}
+    for row in rows_of(metrics_csv):
+        step, stamp = int(row.pop("step")), int(row.pop("timestamp"))
+        for key, value in row.items():
+            if value:
+                histories.setdefault(key, []).append((step, float(value), stamp))
+    return {key: sorted(points) for key, points in histories.items()}
+
+
+@pytest.mark.slow
+def test_a_server_restarted_mid_run_gets_the_whole_run_at_its_end(mlflow_server, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    trackers = open_trackers(tmp_path, "run")
+    run_dir = tmp_path / "exp" / "run"
+    trackers.start({"lr": 0.1})
+    steps = iter(range(10_000))
+
+    def train_step() -> float:  # every logger, as Lightning calls them: metrics.csv and MLflow
+        step, started = next(steps), time.perf_counter()
+        for logger in trackers.loggers:
+            logger.log_metrics({"loss": 1.0 / (step + 1), "epoch": step // 3}, step)
+        return time.perf_counter() - started
+
+    for _ in range(5):
+        train_step()
+    client = mlflow.MlflowClient(mlflow_server.url)
+    run_id = trackers.describe()["mlflow"]["run_id"]
+    wait_for(lambda: len(client.get_metric_history(run_id, "loss")) == 5, None, "the metrics on the server", seconds=30)
+
+    mlflow_server.kill()
+    slowest, deadline = 0.0, time.monotonic() + 120
+    while trackers.describe()["mlflow"]["complete"]:  # training goes on: calls keep returning at once
+        assert time.monotonic() < deadline, "the dead server was never noticed"
+        slowest = max(slowest, train_step())
+        time.sleep(0.05)
+    mlflow_server.start()  # the same port and store: a deploy, say
+    mlflow_server.wait_until_up()
+    for _ in range(5):  # live logging stopped at the failure: these are in metrics.csv only
+        slowest = max(slowest, train_step())
+    checkpoint = tiny_checkpoint(run_dir / "best.ckpt")
+    trackers.log_model(checkpoint)  # dropped too: the end logs it
+    assert slowest < 0.05
+    (run_dir / "config.yaml").write_text("lr: 0.1\n")
+    (run_dir / "curves.png").write_bytes(b"not really a png")
+    manifest = {"run_id": "run", "experiment": "exp", "test": {"checkpoint": str(checkpoint)}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    assert trackers.close(run_dir / "manifest.json", "finished") == []
+    assert trackers.describe()["mlflow"]["complete"] is True
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: MLflow stopped answering (no answer from")
+    held = snapshot(client, run_id)
+    assert held["status"] == "FINISHED" and held["params"] == {"lr": "0.1"}
+    assert {key: [p[:2] for p in points] for key, points in held["metrics"].items()} == {
+        key: [p[:2] for p in points] for key, points in csv_histories(run_dir / "metrics.csv").items()
+    }
+    assert {"config.yaml", "curves.png", "manifest.json", "metrics.csv"} <= {path for path, _ in held["artifacts"]}
+    assert [status for _, status in held["models"]] == ["READY"]
+    mlflow.set_tracking_uri(mlflow_server.url)
+    assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
+        __import__("numpy").zeros((2, 1, 8, 8), "float32")
+    ).shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_csv_live_and_offline_runs_synced_equal_their_records_and_a_second_sync_adds_nothing(
+    mlflow_server, exp_dir, monkeypatch, capsys
+):
+    import mlflow
+
+    common = ("--exp-dir", str(exp_dir), "--max-epochs", "2", *TINY)
+    offline = run_cli(*common, "--exp-name", "offline", env=cli_env(PROJECT_TRACKING="offline"))
+    assert offline.returncode == 0, offline.stderr
+    offline_dir = only_run_dir(exp_dir, "offline")
+    assert f"python -m project.sync {offline_dir}" in offline.stdout and not (exp_dir / "mlflow.db").exists()
+    logged = run_cli(*common, "--exp-name", "csv", "--logger", "csv")
+    live = run_cli(*common, "--exp-name", "live", env=cli_env(MLFLOW_TRACKING_URI=mlflow_server.url))
+    assert logged.returncode == 0 and live.returncode == 0, logged.stderr + live.stderr
+    csv_dir, live_dir = only_run_dir(exp_dir, "csv"), only_run_dir(exp_dir, "live")
+
+    # The offline run, by the command its summary printed: into its own local store.
+    done = subprocess.run([sys.executable, "-m", "project.sync", str(offline_dir)], capture_output=True, text=True,
+                          cwd=ROOT, env=cli_env(), timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    local = mlflow.MlflowClient(f"sqlite:///{(exp_dir / 'mlflow.db').resolve()}")
+    (found,) = local.search_runs([local.get_experiment_by_name("offline").experiment_id])
+    assert found.info.status == "FINISHED" and f"MLflow run {found.info.run_id}" in done.stdout
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    client = mlflow.MlflowClient(mlflow_server.url)
+    live_id = json.loads((live_dir / "manifest.json").read_text())["trackers"]["mlflow"]["run_id"]
+    before_live = snapshot(client, live_id, mlflow_server.root / "artifacts")
+    assert sync.main([str(csv_dir), str(live_dir)]) == 0
+    (csv_run,) = client.search_runs([client.get_experiment_by_name("csv").experiment_id])
+    synced = snapshot(client, csv_run.info.run_id)
+    after = snapshot(client, live_id, mlflow_server.root / "artifacts")
+    assert after == before_live  # a live-logged run: nothing to add
+
+    # Synced from metrics.csv: every point with its step and time; and what a live run holds.
+    assert synced["metrics"] == csv_histories(csv_dir / "metrics.csv")
+    assert synced["status"] == "FINISHED" and len(synced["models"]) == 1
+    assert synced["params"]["command"] == json.loads((csv_dir / "manifest.json").read_text())["command"]
+    assert set(synced["params"]) == set(after["params"]) and set(synced["metrics"]) == set(after["metrics"])
+    assert [p for p, _ in synced["artifacts"]] == [p for p, _ in after["artifacts"]]
+    assert {k for k in synced["tags"] if not k.startswith("mlflow.")} == {
+        k for k in after["tags"] if not k.startswith("mlflow.")
+    }
+
+    # Again: nothing changes, not even a stored file.
+    before = snapshot(client, csv_run.info.run_id, mlflow_server.root / "artifacts")
+    capsys.readouterr()
+    assert sync.main([str(csv_dir), str(live_dir)]) == 0
+    assert snapshot(client, csv_run.info.run_id, mlflow_server.root / "artifacts") == before
+    assert snapshot(client, live_id) == {**after, "files": {}}
+    assert capsys.readouterr().out.count("MLflow run ") == 2
+
+
+def fake_run(root: Path, name: str = "20260101-000000-abcd1234") -> Path:
+    """A run directory as a run leaves it (no training needed for what sync refuses)."""
+    run_dir = root / "exp" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("lr: 0.1\n")
+    (run_dir / "manifest.json").write_text(json.dumps({"run_id": name, "experiment": "exp", "exit_status": "finished"}))
+    (run_dir / "metrics.csv").write_text("step,epoch,timestamp,val/loss\n0,0,1700000000000,0.5\n")
+    (run_dir / ".lock").write_text("")
+    return run_dir
+
+
+def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    from project.infra.records import RunLock
+
+    good = fake_run(tmp_path)
+    locked = fake_run(tmp_path, "20260101-000000-locked00")
+    not_json, a_list, no_id = (fake_run(tmp_path, f"20260101-000000-bad{i}") for i in range(3))
+    (not_json / "manifest.json").write_text("{not json")
+    (a_list / "manifest.json").write_text("[]")
+    (no_id / "manifest.json").write_text('{"run_id": "x\' OR 1=1"}')
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "empty").mkdir()
+    holder = RunLock(locked / ".lock")
+    holder.acquire()
+    holder.note("pid 123 on elsewhere")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cases = {  # each with a good run beside it: nothing of that one is synced either
+        "does-not-exist": ([tmp_path / "missing"], "is not a run directory"),
+        "a file": ([tmp_path / "a-file"], "is not a run directory"),
+        "not a run": ([tmp_path / "empty"], "is not a run directory"),
+        "not JSON": ([not_json], "is not a manifest"),
+        "a JSON list": ([a_list], "is not a manifest"),
+        "no usable run_id": ([no_id], "is not a run's manifest"),
+        "locked": ([locked], "is in use by pid 123 on elsewhere"),
+    }
+    for what, (dirs, message) in cases.items():
+        assert sync.main([str(good), *map(str, dirs)]) == 2, what
+        captured = capsys.readouterr()
+        (line,) = captured.err.splitlines()
+        assert line.startswith("error: ") and message in line and captured.out == "", what
+    holder.release()
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    assert sync.main([str(good)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: MLflow at {url} cannot be used (no answer from {url}")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no store created either
+    assert run_cli(module="project.sync").returncode == 2  # no RUN_DIR: argparse's usage line
+
+
+def test_metrics_csv_keeps_its_readers_with_a_time_column(tmp_path):
+    from project.infra.plots import epoch_curves
+    from project.infra.tracking import csv_logger
+
+    logger = csv_logger(tmp_path / "metrics.csv")
+    logger.log_metrics({"train/loss": 0.5, "epoch": 0}, 0)
+    logger.log_metrics({"val/loss": 0.25, "epoch": 0}, 1)
+    assert all(
+        int(row["timestamp"]) > 1.7e12 for row in rows_of(tmp_path / "metrics.csv")
+    )  # ms since 1970: MLflow's unit
+    assert epoch_curves(tmp_path / "metrics.csv", ("train/loss", "val/loss")) == {
+        "train/loss": {0: 0.5},
+        "val/loss": {0: 0.25},
+    }
+
+
+def test_a_run_whose_process_died_ends_failed_in_its_own_local_store(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text(json.dumps({**manifest, "exit_status": "running"}))  # SIGKILLed
+    assert sync.main([str(run_dir)]) == 0
+    client = mlflow.MlflowClient(local_store(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert f"MLflow run {run.info.run_id} at {local_store(tmp_path)}" in capsys.readouterr().out
+    held = snapshot(client, run.info.run_id)
+    assert held["status"] == "FAILED" and held["metrics"] == csv_histories(run_dir / "metrics.csv")
+    assert held["tags"]["project_run_id"] == run_dir.name and held["params"] == {"lr": "0.1"}
+    assert sync.main([str(run_dir)]) == 0 and snapshot(client, run.info.run_id) == held
