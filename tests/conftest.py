@@ -169,6 +169,12 @@ def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), pe
             Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test's record of checked image headers (infra/images.check_headers) is its own, in its commands too."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def exp_dir(tmp_path: Path) -> Path:
     return tmp_path / "experiments"

@@ -12,12 +12,6 @@ from project.infra.batches import EpochBatches
 from project.infra.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Each test's record of checked image headers is its own (infra/images.check_headers)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 def setup_module_data(name: str, data_dir: Path | str = "data", **kwargs):
     datamodule = DATASETS[name](data_dir=str(data_dir), batch_size=8, num_workers=0, **kwargs)
     datamodule.setup("fit")

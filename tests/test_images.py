@@ -21,12 +21,6 @@ from project.infra.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Each test's record of checked image headers is its own (infra/images.check_headers)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 def plant_payload(data_dir: Path, name: str, marker: Path) -> None:
     """Replace one CIFAR-10 file by a pickle of the same shape whose data runs code when unpickled."""
     payload = {"batch_label": "training batch 1 of 5", "labels": [0], "data": Payload(marker)}

@@ -30,7 +30,9 @@ def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
     if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated archive lacks its directory at the end
         raise UserError(f"{flag}: {path} is not a valid checkpoint (truncated, or not a file torch.save wrote)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: a check that reads only the hyperparameters (run.py reads a checkpoint up to three times before
+        # training) touches none of the weights' pages
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:  # weights_only met a class or a function: something that could run
         raise UserError(
             f"{flag}: {path} holds Python objects beyond tensors and plain values; refused (loading it could run "
