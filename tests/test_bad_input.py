@@ -383,3 +383,11 @@ def test_odd_paths_work_and_are_where_the_summary_says(tmp_path: Path) -> None:
     assert (summary(swept.stdout, "Saved in") / "trials.csv").is_file()
     storage = re.search(r"\(storage (.+)\)$", swept.stdout, re.MULTILINE).group(1)
     assert runs.sqlite_file(storage) == odd / "optuna.db" and storage == runs.sqlite_url(odd / "optuna.db")
+
+
+def test_a_secret_in_a_path_is_printed_nowhere(tmp_path: Path) -> None:
+    """--exp-dir .../password=X: the summary's run directory and the tracker's command name the path redacted."""
+    result = run_cli("--exp-dir", str(tmp_path / f"password={SECRET}"), *QUICK)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "password=[redacted]" in result.stdout and "--backend-store-uri" in result.stdout
+    assert SECRET not in result.stdout + result.stderr

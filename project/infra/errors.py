@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from project.infra.redact import redact_text
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Python runs a signal handler only between bytecodes: a process blocked in C (a rendezvous, a collective waiting for
 # a rank that will never come) would ignore SIGTERM and Ctrl-C for good. A signal not taken up within this many
@@ -75,8 +77,6 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     except UserError as error:
         if debug:
             raise
-        from project.infra.redact import redact_text  # a message may quote what the user typed: never a secret
-
         print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     except NothingToDo as note:
@@ -85,7 +85,7 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     except RunStopped as error:
         if debug:
             raise
-        print(error, file=sys.stderr)
+        print(redact_text(str(error)), file=sys.stderr)  # it names the run's paths and its resume command
         return error.exit_code
     except (Interrupted, KeyboardInterrupt) as stop:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
@@ -94,7 +94,7 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     except Exception as error:
         if debug or not lost_peer(error):
             raise
-        reason = str(error).split("] ", 1)[-1].split(". ")[0]
+        reason = redact_text(str(error).split("] ", 1)[-1].split(". ")[0])
         print(f"error: another process of this run ended or cannot be reached ({reason}); this one stops too. "
               "Checkpoints are whole: continue with --resume", file=sys.stderr)  # fmt: skip
         return 1

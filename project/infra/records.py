@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from project.infra import checkpoints, plots, runs
 from project.infra.errors import Interrupted, RunStopped, UserError
 from project.infra.files import write_file, write_text
-from project.infra.redact import redact, redact_argv
+from project.infra.redact import redact, redact_argv, redact_text
 from project.infra.tracking import Trackers
 
 try:
@@ -278,7 +278,8 @@ class Run(pl.Callback):
             lines.append(f"Test scores:   {scores}   (details: {', '.join([runs.REPORT, *report.figures])})")
         for i, line in enumerate(self.trackers.how_to_open() or [f"{self.directory / runs.METRICS} (no tracker)"]):
             lines.append(f"{'Tracker:' if i == 0 else '':<15}{line}")
-        return "\n".join([*lines, *(f"warning: {problem}" for problem in problems)])
+        # a path may hold a secret too (--exp-dir .../password=X): printed lines are redacted like every record
+        return redact_text("\n".join([*lines, *(f"warning: {problem}" for problem in problems)]))
 
 
 class RunLock:

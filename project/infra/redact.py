@@ -14,8 +14,10 @@ from typing import Any
 REDACTED = "[redacted]"
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL", re.IGNORECASE)
 # NAME=value, NAME = value, NAME: value, NAME='a b', anywhere in a text; a value ends at a space, quote, ',', ';', '&'.
-ASSIGNMENT = re.compile(rf"([\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|:)\s*)('[^']*'|\"[^\"]*\"|[^\s'\",;&]+)",
-                        re.IGNORECASE)  # fmt: skip
+# In a store's URL, a path's '=' is escaped as %3D.
+ASSIGNMENT = re.compile(
+    rf"([\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|%3D|:)\s*)('[^']*'|\"[^\"]*\"|[^\s'\",;&]+)", re.IGNORECASE
+)
 # scheme://user:password@host, the user possibly empty (sqlite+pysqlcipher://:password@/runs.db).
 URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
 # Shorter environment values ("1", "true") are not secrets, and scrubbing them would mangle ordinary text.

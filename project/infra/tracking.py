@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Mapping
@@ -186,7 +187,7 @@ class Trackers:
         for logger in self.loggers:
             kind = type(logger).__name__
             if kind == "TensorBoardLogger":
-                lines.append(f"tensorboard --logdir {logger.log_dir}")
+                lines.append(f"tensorboard --logdir {shlex.quote(logger.log_dir)}")
             elif kind == "WandbLogger":
                 url = getattr(logger.experiment, "url", None)
                 lines.append(url or f"wandb sync {Path(logger.experiment.dir).parent}  (an offline run: uploads it)")
@@ -318,7 +319,7 @@ class MLflowRun:
     def how_to_open(self) -> str:
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
         if self.uri.startswith("sqlite:"):
-            return f"mlflow ui --backend-store-uri {redact_text(self.uri)}   then open http://127.0.0.1:5000/{page}"
+            return f"mlflow ui --backend-store-uri {shlex.quote(redact_text(self.uri))}   then open http://127.0.0.1:5000/{page}"
         return f"{redact_text(self.uri).rstrip('/')}/{page}"
 
 
