@@ -9,6 +9,7 @@ import hashlib
 import os
 import pickle
 import re
+import shlex
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -360,7 +361,8 @@ def test_odd_paths_work_and_are_where_the_summary_says(tmp_path: Path) -> None:
     tracked = run_cli("--exp-dir", str(odd), *QUICK)
     assert tracked.returncode == 0, tracked.stderr[-2000:]
     assert (summary(tracked.stdout, "Run directory:") / "test_metrics.json").is_file()
-    store = runs.sqlite_file(re.search(r"--backend-store-uri (sqlite:.+?mlflow\.db)", tracked.stdout).group(1))
+    command = shlex.split(re.search(r"(mlflow ui .+?)   then open", tracked.stdout).group(1))  # pasted as printed
+    store = runs.sqlite_file(command[command.index("--backend-store-uri") + 1])
     assert store == odd / "mlflow.db"
     with sqlite3.connect(store) as database:
         assert database.execute("select status from runs").fetchall() == [("FINISHED",)]
