@@ -388,7 +388,8 @@ def postgres() -> Iterator[str]:
 
 
 # A worker as users start it, but a trial silent for 4 s (not 5 minutes) counts as lost.
-WORKER = "import sys; from project import sweep; sweep.HEARTBEAT_INTERVAL, sweep.GRACE_PERIOD = 1, 4; "
+HEARTBEAT, GRACE = 1, 4  # seconds, for the workers below: a killed worker's trial is queued again within seconds
+WORKER = f"import sys; from project import sweep; sweep.HEARTBEAT_INTERVAL, sweep.GRACE_PERIOD = {HEARTBEAT}, {GRACE}; "
 WORKER += "sys.exit(sweep.main(sys.argv[1:]))"
 
 
@@ -414,7 +415,7 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials_and_requeue_a_killed_
         wait_for(lambda: study.trials[killed].user_attrs.get("run_dir"), workers[0], "its run to start")
         workers[0].kill()
         workers[0].wait()
-        time.sleep(sweep.GRACE_PERIOD)  # as a lost machine's worker restarted after that grace (or another joining)
+        time.sleep(GRACE)  # as a lost machine's worker restarted after that grace (or another joining)
         workers.append(start_sweep(command, logs[2]))
         for worker, log in zip(workers[1:], logs[1:], strict=True):
             assert worker.wait(timeout=400) == 0, log.with_suffix(".err").read_text()[-3000:]
