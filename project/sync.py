@@ -50,16 +50,17 @@ def sync(run_dirs: list[Path]) -> None:
     locks, found, clients = [], [], {}
     try:
         for run_dir in run_dirs:
-            manifest = read_run(run_dir)
+            read_run(run_dir)  # a run directory, before its lock is taken
             locks.append(RunLock(run_dir / runs.LOCK))
             locks[-1].acquire()  # a run still running is synced by its own process at its end
-            found.append((run_dir, manifest, os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(
+            found.append((run_dir, read_run(run_dir), os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(
                 run_dir.resolve().parent.parent)))  # fmt: skip
         for _, _, uri in found:
             clients[uri] = clients.get(uri) or tracking.open_client(uri)
         for run_dir, manifest, uri in found:
             try:
-                run_id, problem, _ = sync_run(clients[uri], uri, run_dir.resolve(), manifest)
+                run_id, problem, model_uri = sync_run(clients[uri], uri, run_dir.resolve(), manifest)
+                record(clients[uri], uri, run_dir, manifest, run_id, problem, model_uri)
             except Exception as error:  # a server gone mid-way (--debug: the traceback)
                 raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}); the same command sends the rest "
                                 "once MLflow answers") from error  # fmt: skip
@@ -67,6 +68,20 @@ def sync(run_dirs: list[Path]) -> None:
     finally:
         for lock in locks:
             lock.release()
+
+
+def record(client: Any, uri: str, run_dir: Path, manifest: dict, run_id: str, problem: Any, model_uri: Any) -> None:
+    """manifest.json names the MLflow run that now holds the run, as a live run's does (and MLflow gets that copy)."""
+    from project.infra.records import write_manifest
+
+    before = manifest.get("trackers", {}).get("mlflow") or {}
+    model_uri = model_uri or (before.get("model_uri") if before.get("run_id") == run_id else None)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    entry = {"tracking_uri": redact_text(uri), "experiment_id": experiment_id, "run_id": run_id,
+             "complete": problem is None} | ({"model_uri": model_uri} if model_uri else {})  # fmt: skip
+    if entry != before:
+        write_manifest(run_dir, {**manifest, "trackers": {**manifest.get("trackers", {}), "mlflow": entry}})
+        client.log_artifact(run_id, str(run_dir / runs.MANIFEST))
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:

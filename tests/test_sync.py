@@ -128,6 +128,8 @@ def test_csv_live_and_offline_runs_synced_equal_their_records_and_a_second_sync_
     local = mlflow.MlflowClient(f"sqlite:///{(exp_dir / 'mlflow.db').resolve()}")
     (found,) = local.search_runs([local.get_experiment_by_name("offline").experiment_id])
     assert found.info.status == "FINISHED" and f"MLflow run {found.info.run_id}" in done.stdout
+    recorded = json.loads((offline_dir / "manifest.json").read_text())["trackers"]["mlflow"]  # no longer offline
+    assert (recorded["run_id"], recorded["complete"]) == (found.info.run_id, True) and recorded.get("model_uri")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     client = mlflow.MlflowClient(mlflow_server.url)
@@ -141,6 +143,8 @@ def test_csv_live_and_offline_runs_synced_equal_their_records_and_a_second_sync_
 
     # Synced from metrics.csv: every point with its step and time; and what a live run holds.
     assert synced["metrics"] == csv_histories(csv_dir / "metrics.csv")
+    recorded = json.loads((csv_dir / "manifest.json").read_text())["trackers"]["mlflow"]
+    assert (recorded["run_id"], recorded["complete"]) == (csv_run.info.run_id, True)
     assert synced["status"] == "FINISHED" and len(synced["models"]) == 1
     assert synced["params"]["command"] == json.loads((csv_dir / "manifest.json").read_text())["command"]
     assert set(synced["params"]) == set(after["params"]) and set(synced["metrics"]) == set(after["metrics"])
@@ -152,7 +156,9 @@ def test_csv_live_and_offline_runs_synced_equal_their_records_and_a_second_sync_
     # Again: nothing changes, not even a stored file.
     before = snapshot(client, csv_run.info.run_id, mlflow_server.root / "artifacts")
     capsys.readouterr()
+    manifests = [(run / "manifest.json").read_bytes() for run in (csv_dir, live_dir)]
     assert sync.main([str(csv_dir), str(live_dir)]) == 0
+    assert [(run / "manifest.json").read_bytes() for run in (csv_dir, live_dir)] == manifests
     assert snapshot(client, csv_run.info.run_id, mlflow_server.root / "artifacts") == before
     assert snapshot(client, live_id) == {**after, "files": {}}
     assert capsys.readouterr().out.count("MLflow run ") == 2

@@ -265,7 +265,7 @@ class Run(pl.Callback):
                 self.directory.rmdir()
 
     def write_manifest(self) -> None:
-        write_text(self.directory / runs.MANIFEST, json.dumps(self.manifest, indent=2, default=str) + "\n")
+        write_manifest(self.directory, self.manifest)
 
     def summary(self, report: Any, tested: Path | None, best: float | None, problems: list[str]) -> str:
         lines = ["", f"Run directory: {self.directory}"]
@@ -343,6 +343,10 @@ def read_manifest(run: Path) -> dict[str, Any]:
     if not isinstance(found, dict):
         raise UserError(f"{path} is not a manifest (a JSON object); restore it, or start a new run")
     return found
+
+
+def write_manifest(run: Path, manifest: dict[str, Any]) -> None:
+    write_text(run / runs.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def hardware(trainer: pl.Trainer) -> dict[str, Any]:
