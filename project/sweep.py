@@ -240,6 +240,10 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
         + table.drop(columns="run_dir", errors="ignore").to_string(index=False)
         + redact_text(f"\nSaved in {out_dir}")
     )
+    running = [str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if running:  # this worker has nothing left to run, but the study is not done
+        print(f"Not finished: trial {', '.join(running)} still running in another worker (one whose machine was lost "
+              f"is run again by a worker started after {GRACE_PERIOD // 60} minutes of its silence)")  # fmt: skip
     if not study.get_trials(states=(TrialState.COMPLETE,)):
         return
     best = study.best_trial

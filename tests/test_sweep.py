@@ -472,6 +472,20 @@ def test_a_trial_begun_when_n_were_already_claimed_steps_aside(capsys) -> None:
     assert "trial 1 not needed: 1 trials are finished or running" in capsys.readouterr().out
 
 
+def test_a_worker_that_ends_while_another_runs_a_trial_says_the_study_is_not_finished(tmp_path, capsys) -> None:
+    import optuna
+
+    study = optuna.create_study()
+    done = study.ask()
+    done.set_user_attr("config", {"max_epochs": 1})
+    done.set_user_attr("run_dir", str(tmp_path / "run"))
+    study.tell(done, 1.0)
+    study.ask()  # trial 1: another worker's, running
+    sweep.report(study, "val/loss", tmp_path / "sweep")
+    assert "Not finished: trial 1 still running in another worker" in capsys.readouterr().out
+    assert (tmp_path / "sweep" / "best.yaml").is_file()  # the best so far, as before
+
+
 SECRET = "Hunter2secret"
 
 
