@@ -268,7 +268,9 @@ class ImageFolderData(DataModule):
             self.subsets[name], index = Subset(base, index[held]), index[keep]
         self.subsets.update({name: folder for name, folder in self.folders.items() if name in ("val", "test")})
         self.subsets["train"] = Subset(base, index)
-        if self.listed["images"] * np.prod(self.input_shape) <= self.image_memory * 2**30:
+        # --image-memory is the machine's: each of its processes (one per device) keeps a copy of its own
+        copies = getattr(self.trainer, "num_devices", 1) if self.trainer is not None else 1
+        if self.listed["images"] * np.prod(self.input_shape) * copies <= self.image_memory * 2**30:
             self.kept = {name: (torch.empty(len(subset), *self.input_shape, dtype=torch.uint8),
                                 torch.empty(len(subset), dtype=torch.int64), torch.zeros(len(subset), dtype=torch.bool))
                          for name, subset in self.subsets.items()}  # fmt: skip

@@ -79,7 +79,8 @@ def build_parser() -> Parser:
     add("--data-dir", default="data", help="where datasets are (downloaded to), or your image folder")
     add("--image-size", type=positive_int, default=64, help="image-folder: resize images to this square")
     add("--image-memory", type=positive_float, default=4.0, metavar="GIB", help="image-folder: keep the resized images "
-        "in memory when they fit in this many GiB, so epochs after the first decode none")
+        "in memory when they fit in this many GiB (the machine's: each process keeps a copy), so epochs after the "
+        "first decode none")
     add("--val-fraction", type=fraction, default=0.1, help="share of the training set held out for validation")
     add("--data-on-device", choices=("auto", "yes", "no"), default="auto",
         help="hold in-memory datasets on the GPU (auto: when they fit; no: a standard DataLoader)")

@@ -165,6 +165,19 @@ def test_image_folder_epochs_after_the_first_read_the_images_kept_in_memory(tmp_
         epoch_batches(decoding.train_dataloader(), 2)
 
 
+def test_the_image_memory_budget_is_the_machines_for_all_its_processes(tmp_path):
+    from types import SimpleNamespace
+
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=10, size=12)
+    one_copy = 20 * 3 * 16 * 16 / 2**30  # GiB: 20 images, kept at 3 x 16 x 16 bytes each
+    for devices, kept in ((1, True), (2, False)):
+        datamodule = DATASETS["image-folder"](data_dir=str(root), image_size=16, image_memory=1.5 * one_copy)
+        datamodule.trainer = SimpleNamespace(num_devices=devices)  # DDP: a process per device, each with its copy
+        datamodule.setup("fit")
+        assert bool(datamodule.kept) is kept, devices
+
+
 def test_image_folder_remembers_which_headers_it_checked(tmp_path, monkeypatch):
     from project.infra import images
 
