@@ -48,12 +48,15 @@ def sync(run_dirs: list[Path]) -> None:
     from project.infra.records import RunLock
 
     locks, found, clients = [], [], {}
+    unique = {run_dir.resolve(): run_dir for run_dir in reversed(run_dirs)}  # a run named twice (or by a link): once
     try:
-        for run_dir in run_dirs:
+        for run_dir in reversed(unique.values()):
             read_run(run_dir)  # a run directory, before its lock is taken
             locks.append(RunLock(run_dir / runs.LOCK))
             locks[-1].acquire()  # a run still running is synced by its own process at its end
-            found.append((run_dir, read_run(run_dir), os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(
+            manifest = read_run(run_dir)
+            metric_points(run_dir)  # every value readable, before the first run is changed
+            found.append((run_dir, manifest, os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(
                 run_dir.resolve().parent.parent)))  # fmt: skip
         for _, _, uri in found:
             clients[uri] = clients.get(uri) or tracking.open_client(uri)
@@ -62,9 +65,9 @@ def sync(run_dirs: list[Path]) -> None:
                 run_id, problem, model_uri = sync_run(clients[uri], uri, run_dir.resolve(), manifest)
                 record(clients[uri], uri, run_dir, manifest, run_id, problem, model_uri)
             except Exception as error:  # a server gone mid-way (--debug: the traceback)
-                raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}); the same command sends the rest "
-                                "once MLflow answers") from error  # fmt: skip
-            print(f"{run_dir}: MLflow run {run_id} at {redact_text(uri)}" + (f" ({problem})" if problem else ""))
+                later = "; the same command sends the rest once MLflow answers" if tracking.unreachable(error) else ""
+                raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}){later}") from error
+            print(redact_text(f"{run_dir}: MLflow run {run_id} at {uri}" + (f" ({problem})" if problem else "")))
     finally:
         for lock in locks:
             lock.release()
@@ -90,17 +93,42 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / runs.MANIFEST).is_file() or not (run_dir / runs.CONFIG).is_file():
         raise UserError(f"{run_dir} is not a run directory (no {runs.MANIFEST} and {runs.CONFIG})")
     manifest = read_manifest(run_dir)
-    parts = [manifest.get(key, {}) for key in ("tags", "trackers", "git", "test")]
-    if not re.fullmatch(r"[\w.-]+", str(manifest.get("run_id"))) or not all(isinstance(p, dict) for p in parts):
-        raise UserError(f"{run_dir / runs.MANIFEST} is not a run's manifest (no run_id); restore it")
+    parts = [manifest.get(key) or {} for key in ("tags", "trackers", "git", "test")]
+    recorded = parts[1].get("mlflow") or {} if isinstance(parts[1], dict) else None
+    texts = [manifest.get("experiment"), (parts[3] if isinstance(parts[3], dict) else {}).get("checkpoint")]
+    texts += [recorded.get(key) for key in ("run_id", "tracking_uri")] if isinstance(recorded, dict) else [0]
+    if not re.fullmatch(r"[\w.-]+", str(manifest.get("run_id"))) or not all(isinstance(p, dict) for p in parts) or \
+            not all(text is None or isinstance(text, str) for text in texts):  # fmt: skip
+        raise UserError(f"{run_dir / runs.MANIFEST} is not a run's manifest (no run_id, or odd values); restore it")
     return manifest
+
+
+def metric_points(run_dir: Path) -> dict[str, list]:
+    """metrics.csv's points by metric: (value, time, step); a value that is not a number is one line."""
+    from mlflow.entities import Metric
+
+    points, now = collections.defaultdict(list), int(time.time() * 1000)
+    if not (run_dir / runs.METRICS).is_file():
+        return points
+    with open(run_dir / runs.METRICS, newline="") as file:
+        for line, row in enumerate(csv.DictReader(file), start=2):
+            try:
+                stamp, step = int(float(row.pop("timestamp", "") or now)), int(float(row.pop("step", "") or 0))
+                for key, value in row.items():
+                    if value:
+                        points[key].append(Metric(key, float(value), stamp, step))
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"{run_dir / runs.METRICS}, line {line}: not a number where one belongs; restore it"
+                ) from None
+    return points
 
 
 def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], run_id: str | None = None) -> tuple:
     """What the MLflow run (`run_id`, else found or created) lacks of `run_dir`; the caller holds the run's lock.
     Returns the MLflow run's id, why the model was not logged (or None) and the model's URI if logged now."""
     import yaml
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import RunTag
 
     run = client.get_run(run_id) if run_id else find(client, uri, run_dir, manifest, run_tags(manifest, run_dir))[0]
     run_id, held = run.info.run_id, run.data
@@ -109,14 +137,7 @@ def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], 
     who = {key: manifest[key] for key in ("user", "command") if manifest.get(key) is not None}
     log_params(client, run_id, {**(config or {}), **who}, held.params, tags)
 
-    wanted, now = collections.defaultdict(list), int(time.time() * 1000)
-    if (run_dir / runs.METRICS).is_file():
-        with open(run_dir / runs.METRICS, newline="") as file:
-            for row in csv.DictReader(file):
-                stamp, step = int(float(row.pop("timestamp", "") or now)), int(float(row.pop("step", "") or 0))
-                for key, value in row.items():
-                    if value:
-                        wanted[key].append(Metric(key, float(value), stamp, step))
+    wanted, now = metric_points(run_dir), int(time.time() * 1000)
     missing = []
     for key, points in wanted.items():  # a point is (key, step, value); one logged twice counts twice
         there = collections.Counter((m.step, str(m.value)) for m in client.get_metric_history(run_id, key))
@@ -163,7 +184,8 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
     if recorded.get("tracking_uri") == redact_text(uri) and recorded.get("run_id"):
         try:
             run = client.get_run(recorded["run_id"])
-            if run.info.lifecycle_stage == "active":
+            ours = run.data.tags.get(TAG, manifest["run_id"]) == manifest["run_id"]  # not another run directory's
+            if run.info.lifecycle_stage == "active" and ours:
                 return run, True
         except MlflowException:
             pass
@@ -179,7 +201,7 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
 def run_tags(manifest: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
     """The tags a live run gets (records.Run.tags), from its manifest."""
     git = manifest.get("git") or {}
-    found = {"user": manifest.get("user"), "host": manifest.get("host"), "run_dir": str(run_dir), "mode":
+    found = {"user": manifest.get("user"), "host": manifest.get("host"), "run_dir": redact_text(str(run_dir)), "mode":
              manifest.get("mode"), **manifest.get("tags", {}), TAG: manifest.get("run_id") or run_dir.name}  # fmt: skip
     if git.get("commit"):
         found |= {"git_commit": git["commit"], "git_dirty": str(git.get("dirty"))}

@@ -184,6 +184,14 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
     (not_json / "manifest.json").write_text("{not json")
     (a_list / "manifest.json").write_text("[]")
     (no_id / "manifest.json").write_text('{"run_id": "x\' OR 1=1"}')
+    odd = [("experiment", 5), ("trackers", {"mlflow": "abc"}), ("test", {"checkpoint": 5}),
+           ("trackers", {"mlflow": {"run_id": 5}})]  # fmt: skip
+    odd_runs = [fake_run(tmp_path, f"20260101-000000-odd{i}") for i in range(len(odd))]
+    for (key, value), run in zip(odd, odd_runs, strict=True):
+        manifest = json.loads((run / "manifest.json").read_text())
+        (run / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+    not_a_number = fake_run(tmp_path, "20260101-000000-nan00000")
+    (not_a_number / "metrics.csv").write_text("step,epoch,timestamp,val/loss\n0,0,1700000000000,oops\n")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "empty").mkdir()
     holder = RunLock(locked / ".lock")
@@ -199,6 +207,11 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
         "a JSON list": ([a_list], "is not a manifest"),
         "no usable run_id": ([no_id], "is not a run's manifest"),
         "locked": ([locked], "is in use by pid 123 on elsewhere"),
+        **{
+            f"manifest {key}: {value}": ([run], "is not a run's manifest")
+            for (key, value), run in zip(odd, odd_runs, strict=True)
+        },  # fmt: skip
+        "a metric that is not a number": ([not_a_number], "metrics.csv, line 2: not a number"),
     }
     for what, (dirs, message) in cases.items():
         assert sync.main([str(good), *map(str, dirs)]) == 2, what
@@ -211,8 +224,39 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
     assert sync.main([str(good)]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: MLflow at {url} cannot be used (no answer from {url}")
+    database = "postgresql+psycopg://bob:Hunter2secret@127.0.0.1:1/db"  # MLflow would retry it for minutes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", database)
+    started = time.monotonic()
+    assert sync.main([str(good)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "cannot be used" in line and "Hunter2secret" not in line and time.monotonic() - started < 60
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no store created either
     assert run_cli(module="project.sync").returncode == 2  # no RUN_DIR: argparse's usage line
+
+
+def test_a_run_named_twice_is_synced_once_into_its_own_run_and_its_secrets_are_not_printed(
+    tmp_path, monkeypatch, capsys
+):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    secret_root = tmp_path / "password=Hunter2secret"
+    first, second = fake_run(secret_root), fake_run(secret_root, "20260101-000000-second00")
+    (tmp_path / "link").symlink_to(first)
+    assert sync.main([str(first), str(first), str(tmp_path / "link")]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1 and "Hunter2secret" not in out
+    client = mlflow.MlflowClient(f"sqlite:///{secret_root / 'mlflow.db'}")
+    (synced,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert "Hunter2secret" not in synced.data.tags["run_dir"]
+    # A manifest that names the first run's MLflow run (copied, or edited) does not take that run over.
+    recorded = json.loads((first / "manifest.json").read_text())["trackers"]
+    manifest = json.loads((second / "manifest.json").read_text())
+    (second / "manifest.json").write_text(json.dumps({**manifest, "trackers": recorded}))
+    assert sync.main([str(second)]) == 0
+    runs = client.search_runs([synced.info.experiment_id])
+    assert sorted(r.data.tags[sync.TAG] for r in runs) == sorted([first.name, second.name])
+    assert client.get_run(synced.info.run_id).data.tags[sync.TAG] == first.name
 
 
 def test_metrics_csv_keeps_its_readers_with_a_time_column(tmp_path):

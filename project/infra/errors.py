@@ -5,13 +5,14 @@ Every entry point runs its work through `run_command`, so all answer SIGTERM (sc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from project.infra.redact import redact_text
@@ -62,6 +63,19 @@ class StopSignals:
         first, cls.received = cls.received is None, signum
         if not cls.deferred or not first:
             raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGTERM/SIGINT wait for the end of this block (work that, cut in half, would leave a file nothing can use);
+    then the command stops as it would have."""
+    held, taken, StopSignals.deferred = StopSignals.deferred, StopSignals.taken, True
+    try:
+        yield
+    finally:
+        StopSignals.deferred = held
+    if StopSignals.taken > taken and not held:  # one came meanwhile
+        raise Interrupted(StopSignals.received)
 
 
 def run_command(action: Callable[[], Any], debug: bool = False) -> int:

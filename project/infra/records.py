@@ -139,7 +139,7 @@ class Run(pl.Callback):
         if not tracker:
             return tags
         git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
-        return {"user": user(), "host": socket.gethostname(), **git, "run_dir": str(self.directory),
+        return {"user": user(), "host": socket.gethostname(), **git, "run_dir": redact_text(str(self.directory)),
                 "mode": "test" if self.args.only_test else "train", **tags}  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -42,7 +42,8 @@ def sqlite_file(url: str) -> Path | None:
     from sqlalchemy.engine import make_url
 
     found = make_url(url)
-    return Path(found.database) if found.get_backend_name() == "sqlite" and found.database else None
+    in_memory = found.database in (None, "", ":memory:")  # a store in memory has no file
+    return Path(found.database) if found.get_backend_name() == "sqlite" and not in_memory else None
 
 
 def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:

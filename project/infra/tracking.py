@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from project.infra import runs
-from project.infra.errors import UserError
+from project.infra.errors import UserError, signals_held
 from project.infra.redact import redact_argv, redact_text
 
 # --logger name -> modules that provide it (any one will do), and the pip extra that installs them.
@@ -93,7 +93,10 @@ def open_client(uri: str, advice: str = "start the server or fix MLFLOW_TRACKING
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
     try:
-        with store_lock(uri):  # two runs that start together must not both create the store
+        # Two runs that start together must not both create the store; a signal waits for its tables to be made.
+        with store_lock(uri), signals_held():
+            if uri.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "mssql"):
+                connect_once(uri)  # MLflow tries a database it cannot reach for minutes (10 times, longer waits)
             client = mlflow.MlflowClient(uri)
             client.search_experiments(max_results=1)
         return client
@@ -364,6 +367,17 @@ def store_lock(uri: str) -> Any:
 
     database.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(f"{database}.lock", timeout=LOCK_SECONDS)
+
+
+def connect_once(uri: str) -> None:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(uri)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def unreachable(error: BaseException) -> bool:
