@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without l
     import optuna
 
 MAX_RETRIES = 2  # a trial that keeps dying (it kills the machine?) is not queued forever
+STUDY_OPTIONS = ("monitor", "model", "dataset")  # trials of one study compare only when these are the same
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 60, 300  # seconds: a trial (of any worker) silent that long is queued again
 
 
@@ -101,8 +102,9 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
                                      heartbeat_stale_trial_callback=retry)  # fmt: skip
                 study = optuna.create_study(storage=storage, study_name=args.study, direction=direction,
                                             pruner=pruner, load_if_exists=True)  # fmt: skip
-                if "monitor" not in study.user_attrs:
-                    study.set_user_attr("monitor", base.monitor)
+                for key in STUDY_OPTIONS:  # what every trial of the study must share (a study from before: as now)
+                    if key not in study.user_attrs:
+                        study.set_user_attr(key, getattr(base, key))
             break
         except Exception as error:  # a database driver not installed, a bad URL, a refused connection
             if isinstance(error, IntegrityError) and attempt < 2:
@@ -119,8 +121,12 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
             raise UserError(f"study {args.study} is being run by another sweep (parallel workers need a server "
                             "--storage, e.g. postgresql://...)") from None  # fmt: skip
         monitor = study.user_attrs["monitor"]
-        if monitor != base.monitor or study.direction.name.lower() != direction:
-            raise UserError(f"study {args.study} is of --monitor {monitor}: continue it with that --monitor")
+        changed = [
+            f"--{key} {study.user_attrs[key]}" for key in STUDY_OPTIONS if study.user_attrs[key] != getattr(base, key)
+        ]
+        if changed or study.direction.name.lower() != direction:
+            raise UserError(f"study {args.study} is of {' '.join(changed) or f'--monitor {monitor}'}: continue it "
+                            "with the same, or start another --study")  # fmt: skip
         if sqlite:  # we hold the lock: a trial still running was left by a dead sweep
             requeue(study, retry, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
 

@@ -340,13 +340,19 @@ def test_a_second_sweep_of_the_same_study_is_one_line(tmp_path: Path, capsys) ->
     assert "study s is being run by another sweep" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_study_continues_only_with_its_monitor(tmp_path: Path, capsys) -> None:
+def test_a_study_continues_only_with_its_monitor_model_and_dataset(tmp_path: Path, capsys) -> None:
     import optuna
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    study.set_user_attr("monitor", "val/loss")
-    assert sweep.main(["--study", "s", "--n-trials", "1", "--monitor", "val/acc", "--exp-dir", str(tmp_path)]) == 2
-    assert "continue it with that --monitor" in capsys.readouterr().err
+    for key, value in {"monitor": "val/loss", "model": "mlp", "dataset": "digits"}.items():
+        study.set_user_attr(key, value)
+    sweep_s = ["--study", "s", "--n-trials", "1", "--exp-dir", str(tmp_path), "--model", "mlp"]
+    capsys.readouterr()  # Optuna's line about the new study
+    for changed, recorded in [(["--monitor", "val/acc"], "--monitor val/loss"), (["--model", "cnn"], "--model mlp"),
+                              (["--dataset", "diabetes"], "--dataset digits")]:  # fmt: skip
+        assert sweep.main([*sweep_s, *changed]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert f"study s is of {recorded}: continue it with the same" in line, line
 
 
 def postgres_bin() -> Path | None:
