@@ -196,7 +196,9 @@ def objective(
 
     trial.set_user_attr("config", redact(run.config_of(trial_args)))  # best.yaml's: no secret is written down
     trial.set_user_attr("run_dir", None)  # a retried trial inherits the interrupted one's until its run starts
-    print(f"\n--- study {study}, trial {trial.number}: {params}", flush=True)
+    replaced = [f"--{name.replace('_', '-')}" for name in params if f"--{name.replace('_', '-')}" in run_argv]
+    replacing = f" (sampled: replaces the {' '.join(replaced)} given)" if replaced else ""
+    print(f"\n--- study {study}, trial {trial.number}: {params}{replacing}", flush=True)
     callbacks = [
         LambdaCallback(on_fit_start=lambda trainer, _: trial.set_user_attr("run_dir", trainer.default_root_dir)),
         # Raises TrialPruned after a hopeless epoch's validation, before its checkpoints; the run ends as "pruned".

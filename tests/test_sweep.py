@@ -96,6 +96,7 @@ def resumed_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     process.wait()
     process.stdout.close()
     assert any("trial 1:" in line for line in seen), "".join(seen[-20:])
+    assert "(sampled: replaces the --hidden-dim given)" in "".join(seen)  # TINY's --hidden-dim 16 is searched
 
     before = {t.number: t.state.name for t in load_study(exp_dir, "killed").trials}
     assert sweep.main(argv) == 0
