@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from project.infra import runs
 from project.infra.cli import Parser, add_model_options
-from project.infra.errors import UserError, run_command
+from project.infra.errors import UserError, exit_process, run_command
 from project.infra.files import write_file
 from project.infra.redact import redact_text
 from project.predict import KEY, load_model
@@ -105,4 +104,4 @@ def parity(network: Any, exported: Path, spec: dict[str, Any]) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -19,7 +19,7 @@ from typing import Any
 
 from project.infra import runs
 from project.infra.cli import Parser, add_model_options, positive_int
-from project.infra.errors import UserError, run_command
+from project.infra.errors import UserError, exit_process, run_command
 from project.infra.files import write_file
 from project.infra.redact import redact_text
 
@@ -181,4 +181,4 @@ def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterat
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -30,7 +30,7 @@ from project.infra.cli import (
     tag,
     tracker,
 )
-from project.infra.errors import UserError, run_command
+from project.infra.errors import UserError, exit_process, run_command
 
 # Names only, so that --help needs no torch; tests/test_models.py checks them against data.DATASETS and model.MODELS.
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder", "diabetes")
@@ -311,4 +311,4 @@ def build_trainer(args: argparse.Namespace, run: Any, callbacks: Sequence[Any] =
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 from project import run
 from project.infra import cli, runs
-from project.infra.errors import UserError, run_command
+from project.infra.errors import UserError, exit_process, run_command
 
 
 def seed_list(text: str) -> list[int]:
@@ -62,4 +61,4 @@ def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from project import run
 from project.infra import cli, runs, tracking
-from project.infra.errors import RunStopped, UserError, run_command
+from project.infra.errors import RunStopped, UserError, exit_process, run_command
 from project.infra.redact import redact, redact_text
 
 if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without loading Optuna or torch
@@ -271,4 +271,4 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from project.infra import runs, tracking
-from project.infra.errors import UserError, run_command
+from project.infra.errors import UserError, exit_process, run_command
 from project.infra.redact import redact_text
 
 TAG = "project_run_id"  # names the run directory in any store
@@ -276,4 +276,4 @@ def milliseconds(when: Any) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

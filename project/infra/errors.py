@@ -6,6 +6,7 @@ Every entry point runs its work through `run_command`, so all answer SIGTERM (sc
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from project.infra.redact import redact_text
 
@@ -117,6 +118,14 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
             signal.signal(signum, handler)
         if watcher is not None:
             watcher()
+
+
+def exit_process(code: int) -> NoReturn:
+    """The end of a command's process. Python's last garbage collection, after the atexit handlers (trackers flush
+    there), walks every object the libraries made: 1.1 s after a csv run, 1.8 s more with MLflow loaded, measured on
+    the default job. The objects alive now are left out of it (gc.freeze): the OS takes back the memory anyway."""
+    gc.freeze()
+    sys.exit(code)
 
 
 def lost_peer(error: BaseException) -> bool:
