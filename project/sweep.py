@@ -241,6 +241,8 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
         .drop(columns="user_attrs_config", errors="ignore")
         .rename(columns=lambda c: names.get(c, c.removeprefix("params_").removeprefix("user_attrs_")))
     )
+    if "run_dir" in table:  # a retry waiting to run inherited its interrupted trial's
+        table.loc[table["state"] == "WAITING", "run_dir"] = None
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "trials.csv", index=False)
     print(

@@ -48,9 +48,11 @@ def sync(run_dirs: list[Path]) -> None:
     from project.infra.records import RunLock
 
     locks, found, clients = [], [], {}
-    unique = {run_dir.resolve(): run_dir for run_dir in reversed(run_dirs)}  # a run named twice (or by a link): once
+    unique: dict[Path, Path] = {}
+    for run_dir in run_dirs:
+        unique.setdefault(run_dir.resolve(), run_dir)  # a run named twice (or through a link) is synced once
     try:
-        for run_dir in reversed(unique.values()):
+        for run_dir in unique.values():
             read_run(run_dir)  # a run directory, before its lock is taken
             locks.append(RunLock(run_dir / runs.LOCK))
             locks[-1].acquire()  # a run still running is synced by its own process at its end

@@ -488,9 +488,12 @@ def test_a_worker_that_ends_while_another_runs_a_trial_says_the_study_is_not_fin
     done.set_user_attr("run_dir", str(tmp_path / "run"))
     study.tell(done, 1.0)
     study.ask()  # trial 1: another worker's, running
+    study.enqueue_trial({}, user_attrs={"run_dir": "the interrupted trial's"})  # trial 2: a retry, waiting
     sweep.report(study, "val/loss", tmp_path / "sweep")
     assert "Not finished: trial 1 still running in another worker" in capsys.readouterr().out
     assert (tmp_path / "sweep" / "best.yaml").is_file()  # the best so far, as before
+    rows = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
+    assert rows[-1].startswith("2,WAITING") and "interrupted" not in rows[-1]  # no run of its own yet
 
 
 SECRET = "Hunter2secret"
