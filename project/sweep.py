@@ -196,7 +196,8 @@ def objective(
 
     trial.set_user_attr("config", redact(run.config_of(trial_args)))  # best.yaml's: no secret is written down
     trial.set_user_attr("run_dir", None)  # a retried trial inherits the interrupted one's until its run starts
-    replaced = [f"--{name.replace('_', '-')}" for name in params if f"--{name.replace('_', '-')}" in run_argv]
+    given = {arg.split("=", 1)[0] for arg in run_argv}  # --hidden-dim 16 or --hidden-dim=16
+    replaced = [flag for flag in (f"--{name.replace('_', '-')}" for name in params) if flag in given]
     replacing = f" (sampled: replaces the {' '.join(replaced)} given)" if replaced else ""
     print(f"\n--- study {study}, trial {trial.number}: {params}{replacing}", flush=True)
     callbacks = [

@@ -93,12 +93,15 @@ def open_client(uri: str, advice: str = "start the server or fix MLFLOW_TRACKING
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
     try:
-        # Two runs that start together must not both create the store; a signal waits for its tables to be made.
-        with store_lock(uri), signals_held():
-            if uri.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "mssql"):
+        with store_lock(uri):  # two runs that start together must not both create the store
+            database = uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
+            if database and not uri.startswith("sqlite"):
                 connect_once(uri)  # MLflow tries a database it cannot reach for minutes (10 times, longer waits)
-            client = mlflow.MlflowClient(uri)
-            client.search_experiments(max_results=1)
+            # This process makes a database's tables: a signal waits for them (a store half made cannot be opened).
+            # A server makes its own: a signal stops the wait for one that does not answer, at once.
+            with signals_held() if database else contextlib.nullcontext():
+                client = mlflow.MlflowClient(uri)
+                client.search_experiments(max_results=1)
         return client
     except Exception as error:
         raise UserError(f"MLflow at {redact_text(uri)} cannot be used ({reason(error)}): {advice}") from None
