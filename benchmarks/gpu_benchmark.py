@@ -108,9 +108,7 @@ def hand_loop(setting: Setting, data: dict, device: torch.device, epochs: int, s
     batch = setting.batch_size
 
     def inputs(images: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        images = images.float()
-        if augment:
-            images = random_flip_and_translate(images)
+        images = (random_flip_and_translate(images) if augment else images).float()  # as the template does
         return images.contiguous(memory_format=memory_format)
 
     seconds = []

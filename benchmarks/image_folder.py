@@ -78,7 +78,7 @@ def plain_loop(
         model.train()
         for x, y in loaders["train"]:
             optimizer.zero_grad()
-            x = random_flip_and_translate(x.float()) if augment else x.float()
+            x = random_flip_and_translate(x).float() if augment else x.float()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
         print(f"{EPOCH_END} {time.time()} val/acc {accuracy(loaders['val']):.3f}", flush=True)

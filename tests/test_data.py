@@ -165,6 +165,28 @@ def test_image_folder_epochs_after_the_first_read_the_images_kept_in_memory(tmp_
         epoch_batches(decoding.train_dataloader(), 2)
 
 
+def test_while_workers_decode_this_process_leaves_them_their_cores(tmp_path, monkeypatch):
+    """Torch's threads here would spin on the cores the workers decode on; reading kept images, they come back."""
+    from project.infra import batches
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    write_image_folder(tmp_path / "pets", per_class=6, size=8)
+    datamodule = DATASETS["image-folder"](data_dir=str(tmp_path / "pets"), batch_size=4, image_size=8, num_workers=1)
+    datamodule.setup("fit")
+    try:
+        train = datamodule.train_dataloader()
+        for epoch, threads in ((0, max(1, batches.DEFAULT_THREADS - 1)), (1, batches.DEFAULT_THREADS)):
+            loader = train.iterate(epoch)
+            assert torch.get_num_threads() == threads
+            list(loader)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice stands
+        torch.set_num_threads(2)
+        list(datamodule.val_dataloader())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(batches.DEFAULT_THREADS)
+
+
 def test_the_image_memory_budget_is_the_machines_for_all_its_processes(tmp_path):
     from types import SimpleNamespace
 
