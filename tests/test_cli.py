@@ -280,3 +280,25 @@ def test_a_non_utf8_locale_runs_non_ascii_values_or_says_why_not(tmp_path, utf8_
                      *values, env=c_locale_env(utf8_mode))  # fmt: skip
     one_line_or_success(result, ascii_says="--data-dir: not text in this locale's encoding (ascii)")
     assert (result.returncode == 0) == utf8_mode, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv",
+    [("--max-epochs", "0"), ("--exp-dir", "{file}/runs", "--logger", "csv"), ("--only-test", "--exp-dir", "{tmp}"),
+     ("--model", "nope"), ("--learning-rate", "0", "--config", "{file}")],
+)  # fmt: skip
+def test_a_run_forked_by_the_test_server_prints_and_ends_as_a_fresh_process(tmp_path, argv):
+    """conftest.run_cli forks runs from a process that imported the libraries once (tests/cli_server.py): the same
+    command in a fresh interpreter gives the same output, byte for byte, and the same exit status."""
+    from conftest import CliServer
+
+    (tmp_path / "file").write_text("not a folder, not a config\n")
+    argv = [arg.format(file=tmp_path / "file", tmp=tmp_path) for arg in argv]
+    calls = CliServer.shared().calls
+    forked = run_cli(*argv)
+    assert CliServer.shared().calls == calls + 1  # it went through the server
+    fresh = subprocess.run([sys.executable, "-m", "project.run", *argv], capture_output=True, text=True, cwd=ROOT,
+                           env=cli_env(), timeout=300)  # fmt: skip
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert forked.returncode != 0 and forked.stderr.count("\n") <= 2, forked.stderr
