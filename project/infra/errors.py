@@ -116,6 +116,7 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        StopSignals.received, StopSignals.deferred = None, False  # a next command in this process starts clean
         if watcher is not None:
             watcher()
 
