@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_server import LAZY
 from fault_driver import CIFAR10_MD5_ENV, cifar10_checksums
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,9 +63,8 @@ def run_cli(
         if module == "project.run":
             module, args = "tests.fault_driver", ("none", "--", *args)
     env = env or cli_env()
-    server = CliServer.shared()
-    if server.takes(env):
-        return server.run(module, args, env, timeout)
+    if CliServer.takes(env):
+        return CliServer.shared().run(module, args, env, timeout)
     completed = subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
     )
@@ -78,9 +78,20 @@ class CliServer:
 
     @classmethod
     def shared(cls) -> CliServer:
-        if cls.instance is None or cls.instance.process.poll() is not None:
+        if not cls.alive():
             cls.instance = cls()
         return cls.instance
+
+    @classmethod
+    def alive(cls) -> bool:
+        return cls.instance is not None and cls.instance.process.poll() is None
+
+    @classmethod
+    def takes(cls, env: dict) -> bool:
+        """Whether a run with `env` may be forked: it differs from the server's environment (with none running yet,
+        the one a server started now gets) only in variables read when used."""
+        base = cls.instance.env if cls.alive() else cli_env()
+        return all(k.startswith(LAZY) for k in env.keys() | base.keys() if env.get(k) != base.get(k))
 
     def __init__(self) -> None:
         self.env, self.calls = cli_env(), 0
@@ -96,12 +107,6 @@ class CliServer:
         assert self.answers.get(timeout=120) == {"ready": True}
         # Importing the libraries printed nothing: a fresh process would have printed nothing there either.
         assert (self.folder / "server.err").read_bytes() == b"", (self.folder / "server.err").read_text()
-
-    def takes(self, env: dict) -> bool:
-        from cli_server import LAZY
-
-        differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
-        return all(k.startswith(LAZY) for k in differ)
 
     def run(self, module: str, args: tuple[str, ...], env: dict, timeout: float) -> CliResult:
         self.calls += 1
