@@ -53,9 +53,12 @@ def run_cli(
     timeout: float = 300,
     env: dict | None = None,
     cifar10_md5: Path | None = None,
+    cwd: Path = ROOT,
+    server: CliServer | None = None,
 ) -> CliResult:
     """`python -m project.run ARGS`, as a user would run it: in a fresh process, or (the same but ~4 s faster) a
-    child forked by tests/cli_server.py where nothing it reads at start-up differs. With `cifar10_md5` (the JSON
+    child forked by tests/cli_server.py where nothing it reads at start-up differs: the shared server's, or `server`,
+    one a test started for many commands in an environment of their own. With `cifar10_md5` (the JSON
     write_cifar10_like writes), the run accepts those tiny CIFAR-10 files as official: it goes through
     tests/fault_driver.py, which registers their checksums in that process (see its docstring)."""
     if cifar10_md5 is not None:
@@ -63,16 +66,26 @@ def run_cli(
         if module == "project.run":
             module, args = "tests.fault_driver", ("none", "--", *args)
     env = env or cli_env()
-    if CliServer.takes(env):
-        return CliServer.shared().run(module, args, env, timeout)
+    if server is None and CliServer.takes(env):
+        server = CliServer.shared()
+    if server is not None:
+        assert same_start(env, server.env), "this run's environment differs from its server's where start-up reads it"
+        return server.run(module, args, env, timeout, cwd)
     completed = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
 
 
+def same_start(env: dict, base: dict) -> bool:
+    """Whether a process started with `env` starts as one with `base`: they differ only in variables read when used."""
+    return all(k.startswith(LAZY) for k in env.keys() | base.keys() if env.get(k) != base.get(k))
+
+
 class CliServer:
-    """Client of tests/cli_server.py: one server per test process, started on first use."""
+    """Client of tests/cli_server.py: one server per test process for cli_env()'s environment, started on first
+    use; a test that runs many commands in another (a HOME of its own, a patched copy on PYTHONPATH) starts its own,
+    as a context manager."""
 
     instance: CliServer | None = None
 
@@ -88,13 +101,11 @@ class CliServer:
 
     @classmethod
     def takes(cls, env: dict) -> bool:
-        """Whether a run with `env` may be forked: it differs from the server's environment (with none running yet,
-        the one a server started now gets) only in variables read when used."""
-        base = cls.instance.env if cls.alive() else cli_env()
-        return all(k.startswith(LAZY) for k in env.keys() | base.keys() if env.get(k) != base.get(k))
+        """Whether the shared server may fork a run with `env` (with none running yet, the one started now)."""
+        return same_start(env, cls.instance.env if cls.alive() else cli_env())
 
-    def __init__(self) -> None:
-        self.env, self.calls = cli_env(), 0
+    def __init__(self, env: dict | None = None) -> None:
+        self.env, self.calls = env or cli_env(), 0
         self.folder = Path(tempfile.mkdtemp(prefix="cli-server-"))
         atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
         with open(self.folder / "server.err", "wb") as errors:
@@ -108,14 +119,22 @@ class CliServer:
         # Importing the libraries printed nothing: a fresh process would have printed nothing there either.
         assert (self.folder / "server.err").read_bytes() == b"", (self.folder / "server.err").read_text()
 
-    def run(self, module: str, args: tuple[str, ...], env: dict, timeout: float) -> CliResult:
+    def __enter__(self) -> CliServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stdin.close()  # the server ends when its input does
+        self.process.wait(timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def run(self, module: str, args: tuple[str, ...], env: dict, timeout: float, cwd: Path = ROOT) -> CliResult:
         self.calls += 1
         pipes = [self.folder / f"{self.calls}.{name}" for name in ("stdout", "stderr")]
         ends = []
         for pipe in pipes:
             os.mkfifo(pipe)
             ends.append(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))  # there for the server to open the other end
-        request = {"module": module, "args": list(args), "env": env, "cwd": str(ROOT), "stdout": str(pipes[0]),
+        request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd), "stdout": str(pipes[0]),
                    "stderr": str(pipes[1])}  # fmt: skip
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
@@ -248,6 +267,20 @@ def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), pe
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             pixels[..., c % 3] = 255  # a learnable colour cue per class
             Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """What the runs leave in the temporary directory (multiprocessing's and torchelastic's folders of a killed
+    process, MLflow's lock files) goes into one folder removed when the session ends: hundreds of runs must not fill
+    a shared /tmp. One folder, not one inside another for each xdist worker or a test's own pytest run: a socket's
+    path must stay under ~100 bytes. pytest's tmp_path folders stay where they were (PYTEST_DEBUG_TEMPROOT)."""
+    if os.environ.get("TMPDIR") and os.environ.get("TMPDIR") == os.environ.get("TESTS_TMPDIR"):
+        return
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    scratch = tempfile.mkdtemp(prefix="tests-")
+    config.add_cleanup(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    os.environ["TMPDIR"] = os.environ["TESTS_TMPDIR"] = scratch
+    tempfile.tempdir = None  # tempfile caches the folder it found first
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli_env, only_run_dir
+from conftest import ROOT, CliResult, CliServer, cli_env, only_run_dir, run_cli
 
 README = (ROOT / "README.md").read_text()
 
@@ -32,7 +33,15 @@ def code_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-def shell(command: str, cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+def shell(
+    command: str, cwd: Path, env: dict[str, str], timeout: float = 600, server: CliServer | None = None
+) -> CliResult | subprocess.CompletedProcess:
+    """`command` in bash; a plain `python -m MODULE ARGS` line (no shell syntax but a comment) as the same process
+    forked by `server` (tests/cli_server.py: the same run, without importing the libraries again)."""
+    words = shlex.split(command, comments=True)
+    plain = not set(command.split("#")[0]) & set("|&;<>()$`*?[]{}~\\")
+    if server is not None and plain and words[:2] == ["python", "-m"]:
+        return run_cli(*words[3:], module=words[2], timeout=timeout, env=env, cwd=cwd, server=server)
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -40,10 +49,12 @@ def test_the_use_commands_run_in_order_as_written(tmp_path: Path) -> None:
     commands = [line for line in code_blocks(section("Use"), "bash")[0].splitlines() if line.strip()]
     assert len(commands) >= 6 and all("python -m project.run" in c or c.startswith("printf") for c in commands)
     env = cli_env(HOME=str(tmp_path))  # ~/Experiments is this test's own
-    for command in commands:
-        done = shell(command, tmp_path, env)
-        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
-        assert "Traceback" not in done.stderr
+    with CliServer(env) as server:
+        for command in commands:
+            done = shell(command, tmp_path, env, server=server)
+            assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+            assert "Traceback" not in done.stderr
+        assert server.calls == len(commands) - 1  # all but printf
     experiments = tmp_path / "Experiments"
     # The resumed run is the MLP, continued with its own settings to 60 epochs.
     mlp_run = max((experiments / "debug").iterdir(), key=lambda run: json.loads((run / "manifest.json").read_text())
@@ -101,52 +112,19 @@ def append(path: Path, blocks: list[str]) -> None:
     path.write_text(path.read_text() + "\n\n" + "\n\n".join(blocks))
 
 
-def train_in(root: Path, exp_dir: Path, *flags: str) -> Path:
-    env = cli_env()
-    env["PYTHONPATH"] = str(root)  # the patched copy, not this checkout
-    done = subprocess.run(["python", "-m", "project.run", "--max-epochs", "1", "--logger", "csv", "--num-workers", "0",
-                           "--exp-dir", str(exp_dir), *flags], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+def train_in(server: CliServer, root: Path, exp_dir: Path, *flags: str) -> Path:
+    done = run_cli("--max-epochs", "1", "--logger", "csv", "--num-workers", "0", "--exp-dir", str(exp_dir), *flags,
+                   timeout=600, env=server.env, cwd=root, server=server)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return only_run_dir(exp_dir)
 
 
 def test_the_extension_examples_work_as_the_readme_shows(tmp_path: Path) -> None:
     root = patched_project(tmp_path)
-
-    run = train_in(root, tmp_path / "dropout", "--model", "mlp-dropout", "--dropout", "0.3")
-    assert yaml.safe_load((run / "config.yaml").read_text())["dropout"] == 0.3
-    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
-    assert hparams["model_options"] == {"hidden_dim": 128, "dropout": 0.3}
-
-    run = train_in(root, tmp_path / "resnet", "--model", "resnet18")
-    assert json.loads((run / "test_metrics.json").read_text())["acc"] > 0.1  # digits through a ResNet-18
-
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    keep = digits.target < 2
-    data_dir = tmp_path / "npz-data"
-    data_dir.mkdir()
-    np.savez(data_dir / "images.npz", images=digits.images[keep][:, None].astype(np.uint8), labels=digits.target[keep])
-    run = train_in(root, tmp_path / "npz", "--dataset", "npz", "--data-dir", str(data_dir))
-    metrics = json.loads((run / "test_metrics.json").read_text())
-    assert list(metrics["per_class"]) == ["no", "yes"] and metrics["acc"] >= 0.9
-
-    # The task of one's own: the best checkpoint by the highest val/f1, its scores, predict's columns.
-    run = train_in(root, tmp_path / "traits", "--dataset", "digit-traits", "--monitor", "val/f1", "--max-epochs", "3")
-    metrics = json.loads((run / "test_metrics.json").read_text())
-    assert set(metrics) >= {"f1", "exact_match", "loss"} and metrics["f1"] > 0.8
-    with open(run / "metrics.csv", newline="") as file:
-        val_f1 = {int(float(r["epoch"])): float(r["val/f1"]) for r in csv.DictReader(file) if r.get("val/f1")}
-    (best,) = (run / "checkpoints").glob("best-*.ckpt")
-    assert best.name == f"best-epoch{max(val_f1, key=val_f1.get):03d}.ckpt"
-    np.save(tmp_path / "rows.npy", digits.images[:4][:, None])
-    env = {**cli_env(), "PYTHONPATH": str(root)}
-    done = shell(f"python -m project.predict --checkpoint {best} {tmp_path / 'rows.npy'} --output -", root, env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[0] == "input,labels,prob_even,prob_above_4"
-    assert done.stdout.splitlines()[1].split(",")[1] == "even"  # digit 0: even, not above 4
+    env = {**cli_env(), "PYTHONPATH": str(root)}  # the patched copy, not this checkout
+    with CliServer(env) as server:
+        extended_project_trains(server, root, tmp_path)
+        assert server.calls == 5  # forked: the same runs, each without importing the libraries again
 
     # The changed copy still passes the project's own tests and its linters; no machinery file was touched.
     for command in ("python -m pytest -q -x -p no:cacheprovider", "ruff format --check .", "ruff check ."):
@@ -157,3 +135,43 @@ def test_the_extension_examples_work_as_the_readme_shows(tmp_path: Path) -> None
                != path.read_bytes()]  # fmt: skip
     assert sorted(changed) == ["project/data.py", "project/model.py", "project/run.py", "project/tasks/__init__.py",
                                "project/tasks/multilabel.py"]  # fmt: skip
+
+
+def extended_project_trains(server: CliServer, root: Path, tmp_path: Path) -> None:
+    """The README's backbone with an option of its own, the torchvision network, the in-memory dataset and the task of
+    one's own, each trained in the patched copy."""
+    run = train_in(server, root, tmp_path / "dropout", "--model", "mlp-dropout", "--dropout", "0.3")
+    assert yaml.safe_load((run / "config.yaml").read_text())["dropout"] == 0.3
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["model_options"] == {"hidden_dim": 128, "dropout": 0.3}
+
+    run = train_in(server, root, tmp_path / "resnet", "--model", "resnet18")
+    assert json.loads((run / "test_metrics.json").read_text())["acc"] > 0.1  # digits through a ResNet-18
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = digits.target < 2
+    data_dir = tmp_path / "npz-data"
+    data_dir.mkdir()
+    np.savez(data_dir / "images.npz", images=digits.images[keep][:, None].astype(np.uint8), labels=digits.target[keep])
+    run = train_in(server, root, tmp_path / "npz", "--dataset", "npz", "--data-dir", str(data_dir))
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert list(metrics["per_class"]) == ["no", "yes"] and metrics["acc"] >= 0.9
+
+    # The task of one's own: the best checkpoint by the highest val/f1, its scores, predict's columns.
+    run = train_in(
+        server, root, tmp_path / "traits", "--dataset", "digit-traits", "--monitor", "val/f1", "--max-epochs", "3"
+    )
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert set(metrics) >= {"f1", "exact_match", "loss"} and metrics["f1"] > 0.8
+    with open(run / "metrics.csv", newline="") as file:
+        val_f1 = {int(float(r["epoch"])): float(r["val/f1"]) for r in csv.DictReader(file) if r.get("val/f1")}
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert best.name == f"best-epoch{max(val_f1, key=val_f1.get):03d}.ckpt"
+    np.save(tmp_path / "rows.npy", digits.images[:4][:, None])
+    command = f"python -m project.predict --checkpoint {best} {tmp_path / 'rows.npy'} --output -"
+    done = shell(command, root, server.env, server=server)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[0] == "input,labels,prob_even,prob_above_4"
+    assert done.stdout.splitlines()[1].split(",")[1] == "even"  # digit 0: even, not above 4

@@ -4,13 +4,11 @@ whose server went away), against a real `mlflow server` on loopback or the local
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, free_port, only_run_dir, run_cli, wait_for
+from conftest import cli_env, free_port, only_run_dir, run_cli, wait_for
 from test_tracking import TINY, open_trackers, rows_of, tiny_checkpoint
 
 from project import sync
@@ -122,8 +120,7 @@ def test_csv_live_and_offline_runs_synced_equal_their_records_and_a_second_sync_
     csv_dir, live_dir = only_run_dir(exp_dir, "csv"), only_run_dir(exp_dir, "live")
 
     # The offline run, by the command its summary printed: into its own local store.
-    done = subprocess.run([sys.executable, "-m", "project.sync", str(offline_dir)], capture_output=True, text=True,
-                          cwd=ROOT, env=cli_env(), timeout=300)  # fmt: skip
+    done = run_cli(str(offline_dir), module="project.sync")
     assert done.returncode == 0 and done.stderr == "", done.stderr
     local = mlflow.MlflowClient(f"sqlite:///{(exp_dir / 'mlflow.db').resolve()}")
     (found,) = local.search_runs([local.get_experiment_by_name("offline").experiment_id])
