@@ -318,7 +318,8 @@ class MlflowServer:
         self.process = subprocess.Popen(
             self.command,
             cwd=self.root,
-            env=cli_env(),
+            # MLflow's job runner (GenAI jobs, nothing a training run uses) starts 7 more processes that import MLflow
+            env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -11,13 +11,12 @@ import json
 import random
 import shlex
 import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_env, only_run_dir, run_cli, write_cifar10_like
+from conftest import only_run_dir, run_cli, write_cifar10_like
 
 from project.infra import checkpoints
 from project.infra.batches import Batches, EpochBatches
@@ -205,14 +204,7 @@ def test_signal_saves_prints_the_resume_command_that_ends_bit_identical(
     last = run_dir / "checkpoints" / "last.ckpt"
     assert shlex.split(command[0].removeprefix("resume with: "))[1:] == ["-m", "project.run", "--resume", str(last)]
 
-    resumed = subprocess.run(
-        shlex.split(command[0].removeprefix("resume with: ")),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=cli_env(),
-    )
+    resumed = run_cli("--resume", str(last))  # the command printed (checked above), forked
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert only_run_dir(exp_dir) == run_dir
     assert_same_run(digits_reference, run_dir)

@@ -101,14 +101,9 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
     )
     mlflow_server.start()
     mlflow_server.wait_until_up()
-    done = subprocess.run(
-        [sys.executable, *line.split(": ")[-1].split()[1:]],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    words = line.split(": ")[-1].split()
+    assert words[:3] == ["python", "-m", "project.sync"]
+    done = run_cli(*words[3:], module=words[2], env=env)
     assert done.returncode == 0, done.stderr
     run = client.get_run(manifest["trackers"]["mlflow"]["run_id"])
     assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "val/acc")) == epochs
