@@ -283,6 +283,21 @@ def test_a_non_utf8_locale_runs_non_ascii_values_or_says_why_not(tmp_path, utf8_
 
 
 @pytest.mark.slow
+def test_the_test_server_forks_runs_of_a_process_that_imported_scikit_learn_since_it_started():
+    """scikit-learn sets variables when imported; a test process that imports it after its server started must not
+    lose the server (every run would then start afresh, ~4 s each, as the suite did on 2 workers)."""
+    from conftest import SET_BY_IMPORTS, same_start
+
+    code = (
+        "import os; before = set(os.environ.items()); import sklearn; print(sorted(set(os.environ.items()) - before))"
+    )
+    base = {k: v for k, v in cli_env().items() if k not in SET_BY_IMPORTS}  # as this process started
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=base, timeout=120)
+    assert done.stdout.strip() == str(sorted(SET_BY_IMPORTS.items())), done.stderr
+    assert same_start(base | SET_BY_IMPORTS, base) and not same_start(base | {"OMP_NUM_THREADS": "1"}, base)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [("--max-epochs", "0"), ("--exp-dir", "{file}/runs", "--logger", "csv"), ("--only-test", "--exp-dir", "{tmp}"),
