@@ -19,7 +19,8 @@ import sys
 
 PRELOADED = ("torch", "lightning", "torchvision", "torchmetrics", "sklearn.metrics", "mlflow")
 # Environment variables read only when used (not at start-up or import): a request may set these differently.
-LAZY = ("MLFLOW_", "WANDB_", "PROJECT_", "PYTEST_", "FAULT_", "XDG_CACHE_HOME")
+# PL_GLOBAL_SEED and PL_SEED_WORKERS: Lightning's seed_everything sets them in a test process that trained in-process.
+LAZY = ("MLFLOW_", "WANDB_", "PROJECT_", "PYTEST_", "FAULT_", "XDG_CACHE_HOME", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
 def serve() -> dict:

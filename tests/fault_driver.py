@@ -18,7 +18,7 @@ Faults (epochs and batches count from 0; N counts writes of last.ckpt from 1):
     none                         no fault: the CLI as is, with the setting below
 
 Environment: FAULT_RANK=R injects the fault in global rank R only (Lightning's DDP launcher and torchrun run this
-driver in every process). TEST_CIFAR10_MD5=FILE names a JSON {file name: MD5} (the one tests/conftest.py's
+driver in every process). FAULT_CIFAR10_MD5=FILE names a JSON {file name: MD5} (the one tests/conftest.py's
 write_cifar10_like writes): torchvision's CIFAR10 then takes those checksums for the official ones, by
 its public class attributes train_list, test_list and meta, so tiny test files pass its checks.
 
@@ -112,7 +112,7 @@ def _on_last_write(n: int, before_rename=None, after_rename=None) -> None:
     callbacks.SafeCheckpointIO.save_checkpoint = save_checkpoint
 
 
-CIFAR10_MD5_ENV = "TEST_CIFAR10_MD5"
+CIFAR10_MD5_ENV = "FAULT_CIFAR10_MD5"
 
 
 def cifar10_checksums(md5: dict[str, str]) -> dict[str, Any]:
