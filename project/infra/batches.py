@@ -168,6 +168,7 @@ class DataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.data_on_device = val_fraction, data_on_device
         self.statistics_source: Batches | None = None
+        self.opened: list[Batches] = []
 
     def batches(self, split: str, shuffle: bool) -> Batches:
         raise NotImplementedError  # `self.loader(tensors or dataset, shuffle)`
@@ -178,19 +179,32 @@ class DataModule(pl.LightningDataModule):
         plan = EpochBatches(size, self.batch_size, shuffle, self.seed, rank, world_size)
         return Batches(plan, source, self.num_workers, pin_memory=self.training_device().type == "cuda")
 
+    def teardown(self, stage: str) -> None:
+        """The end of fit, validate or test: the persistent DataLoader workers stop now. Lightning stops a DataLoader's
+        own, not those inside Batches; left to the garbage collector, the loader's parts were finalized out of order
+        (a collection took 5 s a worker and left them running: in-process runs, a sweep's trials, piled them up)."""
+        for batches in self.opened:
+            batches.loader = None  # its last reference: its workers are shut down now, as a DataLoader does
+        self.opened.clear()
+        self.statistics_source = None
+
     def training_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
+    def opened_batches(self, split: str, shuffle: bool) -> Batches:
+        self.opened.append(self.batches(split, shuffle))
+        return self.opened[-1]
+
     def train_dataloader(self) -> Batches:
-        loader, trainer = self.batches("train", shuffle=True), self.trainer
+        loader, trainer = self.opened_batches("train", shuffle=True), self.trainer
         loader.current_epoch = (lambda: trainer.current_epoch) if trainer else None
         return loader
 
     def val_dataloader(self) -> Batches:
-        return self.batches("val", shuffle=False)
+        return self.opened_batches("val", shuffle=False)
 
     def test_dataloader(self) -> Batches:
-        return self.batches("test", shuffle=False)
+        return self.opened_batches("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
         inputs, targets = batch
@@ -202,7 +216,7 @@ class DataModule(pl.LightningDataModule):
         """Up to `max_samples` training images of this rank, always the same random subset and not augmented, as float
         batches on the training device: what callbacks.PreciseBatchNorm recomputes BatchNorm's statistics from."""
         if self.statistics_source is None:  # kept: a DataLoader's workers start once
-            self.statistics_source = self.batches("train", shuffle=True)
+            self.statistics_source = self.opened_batches("train", shuffle=True)
         batches = self.statistics_source.iterate(epoch=0)
         for images, _ in itertools.islice(batches, math.ceil(max_samples / self.batch_size)):
             yield images.to(self.training_device(), non_blocking=True).float()
