@@ -193,15 +193,24 @@ def test_a_run_in_process_leaves_no_dataloader_worker_behind(tmp_path):
     they lived on until a garbage collection, which then took 5 s a worker and left them running."""
     import multiprocessing
 
+    import lightning.pytorch as pl
+
     from project import run
 
+    class Fails(pl.Callback):  # as a sweep's pruner does after a hopeless epoch
+        def on_train_epoch_end(self, *_: object) -> None:
+            raise RuntimeError("pruned")
+
     write_image_folder(tmp_path / "pets", per_class=8, size=8)
+    argv = ["--dataset", "image-folder", "--data-dir", str(tmp_path / "pets"), "--image-size", "8", "--model", "mlp",
+            "--hidden-dim", "8", "--max-epochs", "1", "--num-workers", "2", "--logger", "csv", "--exp-dir",
+            str(tmp_path / "experiments")]  # fmt: skip
     for _ in range(2):
-        argv = ["--dataset", "image-folder", "--data-dir", str(tmp_path / "pets"), "--image-size", "8", "--model",
-                "mlp", "--hidden-dim", "8", "--max-epochs", "1", "--num-workers", "2", "--logger", "csv", "--exp-dir",
-                str(tmp_path / "experiments")]  # fmt: skip
         assert run.main(argv) == 0
         assert multiprocessing.active_children() == []
+    with pytest.raises(RuntimeError, match="pruned"):
+        run.train_and_test(run.parse_args(argv), callbacks=[Fails()])
+    assert multiprocessing.active_children() == []
 
 
 def test_the_image_memory_budget_is_the_machines_for_all_its_processes(tmp_path):

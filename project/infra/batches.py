@@ -188,6 +188,9 @@ class DataModule(pl.LightningDataModule):
         self.opened.clear()
         self.statistics_source = None
 
+    def on_exception(self, exception: BaseException) -> None:
+        self.teardown("exception")  # a run that fails, or a sweep's trial pruned mid-fit: Lightning skips teardown
+
     def training_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
