@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from project.infra import images
-from project.infra.batches import Batches, DataModule, EpochBatches, InMemoryData, Split, cores_beside
+from project.infra.batches import Batches, DataModule, EpochBatches, InMemoryData, Split
 from project.infra.errors import UserError
 
 
@@ -210,8 +210,7 @@ class KeptImages(Batches):
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
         images, labels, read = self.kept
         if read[self.plan.shard(epoch)].all():
-            cores_beside(0)
-            return ((images.index_select(0, i), labels.index_select(0, i)) for i in self.plan.batches(epoch, skip))
+            return self.gather(images, labels, epoch, skip)
         return self.keep(super().iterate(epoch, skip), list(self.index_lists))
 
     def keep(self, batches: Iterator[Any], index_lists: list[list[int]]) -> Iterator[Any]:

@@ -103,14 +103,17 @@ class Batches:
 
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[Any]:
         if isinstance(self.source, tuple):
-            cores_beside(0)
-            inputs, targets = self.source
-            indices = self.plan.batches(epoch, skip, device=inputs.device)
-            return ((inputs.index_select(0, i), targets.index_select(0, i)) for i in indices)
+            return self.gather(*self.source, epoch, skip)
         self.index_lists[:] = [index.tolist() for index in self.plan.batches(epoch, skip)]
         self.generator.manual_seed(self.plan.seed + epoch)  # nothing random runs in workers: augmentation is batched
         cores_beside(self.loader.num_workers)
         return iter(self.loader)
+
+    def gather(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int, skip: int) -> Iterator[Split]:
+        """The epoch's batches of tensors held in memory, gathered by index where they sit (no workers)."""
+        cores_beside(0)
+        indices = self.plan.batches(epoch, skip, device=inputs.device)
+        return ((inputs.index_select(0, i), targets.index_select(0, i)) for i in indices)
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: nothing here runs until the first batch is asked for, after Lightning restored its counters.
