@@ -163,6 +163,8 @@ def test_image_folder_epochs_after_the_first_read_the_images_kept_in_memory(tmp_
         next(iter(kept.test_dataloader()))
     with pytest.raises(UserError, match="cannot read image"):
         epoch_batches(decoding.train_dataloader(), 2)
+    for datamodule in (decoding, kept):
+        datamodule.teardown("fit")  # its workers end here, not in a later test's garbage collection
 
 
 def test_while_workers_decode_this_process_leaves_them_their_cores(tmp_path, monkeypatch):
@@ -185,6 +187,7 @@ def test_while_workers_decode_this_process_leaves_them_their_cores(tmp_path, mon
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(batches.DEFAULT_THREADS)
+        datamodule.teardown("fit")
 
 
 @pytest.mark.slow
