@@ -21,9 +21,11 @@ from project.infra.cli import (
     Repeatable,
     devices,
     fraction,
+    image_size,
     monitor,
     name,
     non_negative_int,
+    path,
     positive_float,
     positive_int,
     seed,
@@ -65,7 +67,7 @@ def build_parser() -> Parser:
     add("--gpus", type=positive_int, help="shorthand for --accelerator gpu --devices N")
     add("--max-epochs", type=positive_int, default=20, help="epochs to train (with --resume: extend the run to this)")
     add("--exp-name", type=name, default="debug", help="runs of one experiment share this folder")
-    add("--exp-dir", default="~/Experiments", help="where runs, checkpoints and the local MLflow store live")
+    add("--exp-dir", type=path, default="~/Experiments", help="where runs, checkpoints and the local MLflow store live")
     add("--fast-dev-run", action="store_true", help="one batch of train, val and test: a smoke test")
     # Backbone options: a backbone in model.py receives each one it names as a keyword argument.
     add("--hidden-dim", type=positive_int, default=128, help="width of the model")
@@ -76,12 +78,13 @@ def build_parser() -> Parser:
         help="the backbone (project/model.py); auto: the dataset's default_model (cnn for images, mlp for vectors)")
     add("--seed", type=seed, default=0, help="seeds the data split, the batch order and the initial weights")
     add("--deterministic", action="store_true", help="deterministic algorithms only (bit-exact reruns)")
-    add("--data-dir", default="data", help="where datasets are (downloaded to), or your image folder")
-    add("--image-size", type=positive_int, default=64, help="image-folder: resize images to this square")
+    add("--data-dir", type=path, default="data", help="where datasets are (downloaded to), or your image folder")
+    add("--image-size", type=image_size, default=64, help="image-folder: resize images to this square")
     add("--image-memory", type=positive_float, default=4.0, metavar="GIB", help="image-folder: keep the resized images "
         "in memory when they fit in this many GiB (the machine's: each process keeps a copy), so epochs after the "
         "first decode none")
-    add("--val-fraction", type=fraction, default=0.1, help="share of the training set held out for validation")
+    add("--val-fraction", type=fraction, default=0.1, help="share held out for validation: of the training set where "
+        "the data has its own test split (mnist, cifar10, train/ folders), else of all of it (beside a tenth for test)")
     add("--data-on-device", choices=("auto", "yes", "no"), default="auto",
         help="hold in-memory datasets on the GPU (auto: when they fit; no: a standard DataLoader)")
     add("--accelerator", default="auto", help="cpu, gpu, mps or auto")
@@ -128,6 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     source = args.config or (continued / runs.CONFIG if continued else None)
     if source:
         saved = parser.read_config(source)
+        if continued and not saved:  # a run's own record, emptied: resuming with the defaults would be another run
+            parser.error(f"{source} holds no options; restore the run's config.yaml, or start a new run")
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
         if continued:

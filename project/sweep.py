@@ -89,7 +89,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our lines say what happens, without a signal's traceback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # retries: we rely on them
     url = args.storage or runs.sqlite_url(Path(base.exp_dir) / "optuna.db")
-    database = runs.sqlite_file(url) if url.startswith("sqlite:") else None
+    database = runs.sqlite_file(url)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     direction = "maximize" if task.higher_is_better(base.monitor) else "minimize"
     pruner = optuna.pruners.MedianPruner(args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)

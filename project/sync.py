@@ -16,8 +16,6 @@ import collections
 import csv
 import datetime
 import importlib.metadata
-import os
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -58,8 +56,7 @@ def sync(run_dirs: list[Path]) -> None:
             locks[-1].acquire()  # a run still running is synced by its own process at its end
             manifest = read_run(run_dir)
             metric_points(run_dir)  # every value readable, before the first run is changed
-            found.append((run_dir, manifest, os.environ.get("MLFLOW_TRACKING_URI") or tracking.local_store(
-                run_dir.resolve().parent.parent)))  # fmt: skip
+            found.append((run_dir, manifest, tracking.store_uri(run_dir.resolve().parent.parent)))
         for _, _, uri in found:
             clients[uri] = clients.get(uri) or tracking.open_client(uri)
         for run_dir, manifest, uri in found:
@@ -90,52 +87,50 @@ def record(client: Any, uri: str, run_dir: Path, manifest: dict, run_id: str, pr
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
+    """A run directory's manifest, its config.yaml checked too (sync sends its values)."""
+    from project.infra.cli import load_config
     from project.infra.records import read_manifest
 
     if not (run_dir / runs.MANIFEST).is_file() or not (run_dir / runs.CONFIG).is_file():
         raise UserError(f"{run_dir} is not a run directory (no {runs.MANIFEST} and {runs.CONFIG})")
-    manifest = read_manifest(run_dir)
-    parts = [manifest.get(key) or {} for key in ("tags", "trackers", "git", "test")]
-    recorded = parts[1].get("mlflow") or {} if isinstance(parts[1], dict) else None
-    texts = [manifest.get("experiment"), (parts[3] if isinstance(parts[3], dict) else {}).get("checkpoint")]
-    texts += [recorded.get(key) for key in ("run_id", "tracking_uri")] if isinstance(recorded, dict) else [0]
-    if not re.fullmatch(r"[\w.-]+", str(manifest.get("run_id"))) or not all(isinstance(p, dict) for p in parts) or \
-            not all(text is None or isinstance(text, str) for text in texts):  # fmt: skip
-        raise UserError(f"{run_dir / runs.MANIFEST} is not a run's manifest (no run_id, or odd values); restore it")
-    return manifest
+    try:
+        load_config(run_dir / runs.CONFIG)
+    except ValueError as error:
+        raise UserError(f"{run_dir / runs.CONFIG}: {error}; restore it") from None
+    return read_manifest(run_dir)
 
 
 def metric_points(run_dir: Path) -> dict[str, list]:
     """metrics.csv's points by metric: (value, time, step); a value that is not a number is one line."""
     from mlflow.entities import Metric
 
-    points, now = collections.defaultdict(list), int(time.time() * 1000)
+    points, now, line = collections.defaultdict(list), int(time.time() * 1000), 1
     if not (run_dir / runs.METRICS).is_file():
         return points
-    with open(run_dir / runs.METRICS, newline="") as file:
-        for line, row in enumerate(csv.DictReader(file), start=2):
-            try:
+    try:
+        with open(run_dir / runs.METRICS, newline="") as file:
+            for line, row in enumerate(csv.DictReader(file), start=2):  # noqa: B007 (the error names it)
                 stamp, step = int(float(row.pop("timestamp", "") or now)), int(float(row.pop("step", "") or 0))
                 for key, value in row.items():
                     if value:
                         points[key].append(Metric(key, float(value), stamp, step))
-            except (TypeError, ValueError):
-                raise UserError(
-                    f"{run_dir / runs.METRICS}, line {line}: not a number where one belongs; restore it"
-                ) from None
+    except (TypeError, ValueError) as error:  # a UnicodeDecodeError is a ValueError
+        what = "not UTF-8 text" if isinstance(error, UnicodeError) else "not a number where one belongs"
+        raise UserError(f"{run_dir / runs.METRICS}, line {line}: {what}; restore it") from None
     return points
 
 
 def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], run_id: str | None = None) -> tuple:
     """What the MLflow run (`run_id`, else found or created) lacks of `run_dir`; the caller holds the run's lock.
     Returns the MLflow run's id, why the model was not logged (or None) and the model's URI if logged now."""
-    import yaml
     from mlflow.entities import RunTag
+
+    from project.infra.cli import load_config
 
     run = client.get_run(run_id) if run_id else find(client, uri, run_dir, manifest, run_tags(manifest, run_dir))[0]
     run_id, held = run.info.run_id, run.data
     tags = [RunTag(k, v) for k, v in run_tags(manifest, run_dir).items() if held.tags.get(k) != v]
-    config = yaml.safe_load((run_dir / runs.CONFIG).read_text()) if (run_dir / runs.CONFIG).is_file() else {}
+    config = load_config(run_dir / runs.CONFIG) if (run_dir / runs.CONFIG).is_file() else {}
     who = {key: manifest[key] for key in ("user", "command") if manifest.get(key) is not None}
     log_params(client, run_id, {**(config or {}), **who}, held.params, tags)
 

@@ -175,6 +175,12 @@ def run_dirs(exp_dir: Path, exp_name: str = "debug") -> list[Path]:
     return sorted(p for p in (exp_dir / exp_name).iterdir() if p.is_dir())
 
 
+def file_digests(root: Path) -> dict[str, str]:
+    """Every file's bytes (as digests) and every folder under `root`: an empty run directory left behind counts."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in root.rglob("*")}  # fmt: skip
+
+
 def only_run_dir(exp_dir: Path, exp_name: str = "debug") -> Path:
     runs = run_dirs(exp_dir, exp_name)
     assert len(runs) == 1, runs

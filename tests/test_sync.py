@@ -181,14 +181,20 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
     (not_json / "manifest.json").write_text("{not json")
     (a_list / "manifest.json").write_text("[]")
     (no_id / "manifest.json").write_text('{"run_id": "x\' OR 1=1"}')
-    odd = [("experiment", 5), ("trackers", {"mlflow": "abc"}), ("test", {"checkpoint": 5}),
-           ("trackers", {"mlflow": {"run_id": 5}})]  # fmt: skip
+    odd = [("experiment", 5), ("trackers", {"mlflow": "abc"}), ("test", {"checkpoint": 5}), ("resumed", 5),
+           ("trackers", {"mlflow": {"run_id": 5}}), ("trackers", []), ("resumed", [1]), ("run_id", None)]  # fmt: skip
     odd_runs = [fake_run(tmp_path, f"20260101-000000-odd{i}") for i in range(len(odd))]
     for (key, value), run in zip(odd, odd_runs, strict=True):
         manifest = json.loads((run / "manifest.json").read_text())
         (run / "manifest.json").write_text(json.dumps({**manifest, key: value}))
     not_a_number = fake_run(tmp_path, "20260101-000000-nan00000")
     (not_a_number / "metrics.csv").write_text("step,epoch,timestamp,val/loss\n0,0,1700000000000,oops\n")
+    not_utf8 = fake_run(tmp_path, "20260101-000000-latin100")
+    (not_utf8 / "metrics.csv").write_bytes(b"\xff\xfe,\x00\n1,2\n")
+    configs = {"a list": "- max_epochs: 3\n", "malformed": "max_epochs: [3\n", "with an alias": "a: &x 1\nb: *x\n"}
+    bad_configs = {what: fake_run(tmp_path, f"20260101-000000-config{i}") for i, what in enumerate(configs)}
+    for what, run in bad_configs.items():
+        (run / "config.yaml").write_text(configs[what])
     (tmp_path / "a-file").write_text("")
     (tmp_path / "empty").mkdir()
     holder = RunLock(locked / ".lock")
@@ -200,8 +206,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
         "does-not-exist": ([tmp_path / "missing"], "is not a run directory"),
         "a file": ([tmp_path / "a-file"], "is not a run directory"),
         "not a run": ([tmp_path / "empty"], "is not a run directory"),
-        "not JSON": ([not_json], "is not a manifest"),
-        "a JSON list": ([a_list], "is not a manifest"),
+        "not JSON": ([not_json], "is not a run's manifest"),
+        "a JSON list": ([a_list], "is not a run's manifest"),
         "no usable run_id": ([no_id], "is not a run's manifest"),
         "locked": ([locked], "is in use by pid 123 on elsewhere"),
         **{
@@ -209,6 +215,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
             for (key, value), run in zip(odd, odd_runs, strict=True)
         },  # fmt: skip
         "a metric that is not a number": ([not_a_number], "metrics.csv, line 2: not a number"),
+        "metrics that are not UTF-8": ([not_utf8], "metrics.csv, line 1: not UTF-8 text; restore it"),
+        **{f"config.yaml {what}": ([run], f"{run / 'config.yaml'}: ") for what, run in bad_configs.items()},
     }
     for what, (dirs, message) in cases.items():
         assert sync.main([str(good), *map(str, dirs)]) == 2, what
@@ -227,6 +235,11 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
     assert sync.main([str(good)]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "cannot be used" in line and "Hunter2secret" not in line and time.monotonic() - started < 60
+    for in_memory in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory&uri=true"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", in_memory)
+        assert sync.main([str(good)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert "SQLite in memory keeps nothing" in line, line
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no store created either
     assert run_cli(module="project.sync").returncode == 2  # no RUN_DIR: argparse's usage line
 

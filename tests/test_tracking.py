@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, free_port, only_run_dir, run_cli, wait_for
+from conftest import ROOT, cli_env, file_digests, free_port, only_run_dir, run_cli, wait_for
 
 from project.infra.redact import REDACTED, redact, redact_argv, redact_text
 
@@ -31,7 +31,9 @@ def rows_of(metrics_csv: Path) -> list[dict[str, str]]:
 def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    env = cli_env(MLFLOW_TRACKING_URI=mlflow_server.url)
+    # The server ignores the password; MLflow itself would print it (its "View run at" lines).
+    with_password = mlflow_server.url.replace("http://", "http://alice:Hunter2secret@")
+    env = cli_env(MLFLOW_TRACKING_URI=with_password)
     exp_dir = tmp_path / "logged"
     # TensorBoard rides along: its event files must hold the same scalars.
     logged = run_cli("--exp-dir", str(exp_dir), "--max-epochs", "2", "--logger", "mlflow", "--logger", "tensorboard",
@@ -39,8 +41,10 @@ def test_a_team_server_gets_the_run_and_a_dead_one_loses_nothing_local(mlflow_se
     assert logged.returncode == 0, logged.stderr
     run_dir = only_run_dir(exp_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["trackers"]["mlflow"]["tracking_uri"] == mlflow_server.url
-    assert f"{mlflow_server.url}/#/experiments/" in logged.stdout
+    assert manifest["trackers"]["mlflow"]["tracking_uri"] == redact_text(with_password) != with_password
+    assert f"{redact_text(with_password)}/#/experiments/" in logged.stdout
+    assert "Hunter2secret" not in logged.stdout + logged.stderr
+    assert not [path for path in run_dir.rglob("*") if path.is_file() and b"Hunter2secret" in path.read_bytes()]
     assert not (exp_dir / "mlflow.db").exists()  # a server's run is not also kept in a local store
 
     client = MlflowClient(mlflow_server.url)
@@ -124,7 +128,7 @@ def test_a_server_that_cannot_be_reached_is_one_line_before_training(exp_dir):
     result = run_cli("--exp-dir", str(exp_dir), *TINY, env=cli_env(MLFLOW_TRACKING_URI=url))
     assert result.returncode == 2
     assert f"error: MLflow at {url} cannot be used" in result.stderr and "Traceback" not in result.stderr
-    assert not any((exp_dir / "debug").iterdir())  # no run directory left behind
+    assert not exp_dir.exists()  # no run directory left behind, nor the folders made for it
 
 
 def test_neptune_says_the_service_ended_and_where_runs_can_go(exp_dir):
@@ -166,6 +170,20 @@ def test_wandb_offline_keeps_its_files_in_the_run_directory(exp_dir):
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+    # A tracker refused at the start leaves no trace: MLflow, which can refuse, opens before W&B, which writes files
+    # into the run; W&B online with no API key is one line too.
+    before = file_digests(exp_dir)
+    refusing = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "WANDB_MODE": "offline"}
+    no_key = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(exp_dir.parent / "wandb-config")}
+    for argv, extra, words in (
+        (["--resume", "--max-epochs", "2", "--logger", "wandb", "--logger", "mlflow"], refusing, "cannot be used"),
+        (["--logger", "wandb", "--logger", "mlflow"], refusing, "cannot be used"),
+        (["--logger", "wandb"], no_key, "--logger wandb: W&B cannot start"),
+    ):
+        result = run_cli(*argv, "--exp-dir", str(exp_dir), *TINY, env=cli_env(WANDB_SILENT="true", **extra))
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and words in errors[0], result.stderr
+        assert "Traceback" not in result.stderr and file_digests(exp_dir) == before, argv
 
 
 def test_help_imports_no_tracker():

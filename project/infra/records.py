@@ -17,8 +17,10 @@ import getpass
 import json
 import os
 import platform
+import re
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +33,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from project.infra import checkpoints, plots, runs
+from project.infra.cli import load_config
 from project.infra.errors import Interrupted, RunStopped, UserError
 from project.infra.files import write_file, write_text
 from project.infra.redact import redact, redact_argv, redact_text
@@ -89,7 +92,8 @@ class Run(pl.Callback):
             self.directory = experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         else:  # torchrun's other ranks never write; Lightning's launcher tells its ranks rank 0's directory
             self.directory = Path(os.environ.get(RUN_DIR_ENV) or experiment / "rank-0")
-        self.new, self.created, self.started, self.closed = continued is None, False, False, False
+        self.new, self.started, self.closed = continued is None, False, False
+        self.created: list[Path] = []  # the folders this command made for a new run, the run's own last
         self.command = "python -m project.run " + shlex.join(redact_argv(list(args.argv)))
         self.git = git_state() if self.zero else {}
         self.lock = RunLock(self.directory / runs.LOCK)
@@ -120,8 +124,7 @@ class Run(pl.Callback):
                     raise UserError("--fast-dev-run: a smoke test does not continue a run; run it without --resume")
                 self.previous = read_manifest(self.directory)
             elif self.zero:
-                create_run_dir(self.directory)
-                self.created = True
+                self.created = create_run_dir(self.directory)
                 os.environ[RUN_DIR_ENV] = str(self.directory)
             if self.zero:
                 self.lock.acquire()
@@ -153,12 +156,11 @@ class Run(pl.Callback):
         self.write_manifest()
 
     def start(self) -> None:
-        self.started = True
+        """The run's first writes; everything they hold is gathered first, so a failure leaves the run as it was."""
         session = {"command": self.command, "start_time": now(), "user": user(), "host": socket.gethostname(),
                    "pid": os.getpid(), "git": self.git}  # fmt: skip
-        self.lock.note(f"pid {session['pid']} on {session['host']} since {session['start_time']} ({self.command})\n")
         if self.previous:
-            old = yaml.safe_load((self.directory / runs.CONFIG).read_text())  # the parser has read it already
+            old = load_config(self.directory / runs.CONFIG)  # the parser has read and checked it already
             changed = {k: [old.get(k), v] for k, v in self.config.items() if old.get(k) != v}
             resumed = {**session, "from": str(self.args.resume), "changed": changed, "tags": self.tags()}
             self.manifest = {**self.previous, "end_time": None, "exit_status": "running",
@@ -169,6 +171,8 @@ class Run(pl.Callback):
                              "exit_status": "running", "versions": versions(), "seed": self.args.seed,
                              "data": {"dataset": self.args.dataset}, "tags": self.tags()}  # fmt: skip
         self.manifest["trackers"] = self.trackers.describe()
+        self.started = True
+        self.lock.note(f"pid {session['pid']} on {session['host']} since {session['start_time']} ({self.command})\n")
         write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
         self.write_manifest()
         self.trackers.start({**self.config, "user": session["user"], "command": self.command})
@@ -199,7 +203,7 @@ class Run(pl.Callback):
         names = [runs.CONFIG, runs.CURVES, runs.METRICS]
         if report is not None:
             loss = trainer.callback_metrics.get("test/loss")
-            where = {"checkpoint": str(tested) if tested else None, "checkpoint_epoch": epoch}
+            where = {"checkpoint": redact_text(str(tested)) if tested else None, "checkpoint_epoch": epoch}
             self.test_record = {**report.scores, "loss": None if loss is None else float(loss), **report.details,
                                 **where}  # fmt: skip
             self.manifest["test"] = {**report.scores, **where}
@@ -259,10 +263,11 @@ class Run(pl.Callback):
         self.closed = True
         self.trackers.abandon()
         self.lock.release()
-        if self.created:
-            with contextlib.suppress(OSError):
-                (self.directory / runs.LOCK).unlink(missing_ok=True)
-                self.directory.rmdir()
+        if self.created:  # with what a tracker wrote there (W&B's files): the run never was
+            shutil.rmtree(self.directory, ignore_errors=True)
+            for folder in reversed(self.created[:-1]):
+                with contextlib.suppress(OSError):  # not empty: another run is there now
+                    folder.rmdir()
 
     def write_manifest(self) -> None:
         write_manifest(self.directory, self.manifest)
@@ -319,14 +324,16 @@ class RunLock:
             self.file = None
 
 
-def create_run_dir(directory: Path) -> None:
-    """The new run directory `directory`, never one that exists. --exp-dir may be a link the user made; a link
-    planted as the experiment folder inside it is refused rather than followed out of --exp-dir."""
+def create_run_dir(directory: Path) -> list[Path]:
+    """The new run directory `directory`, never one that exists; returns the folders made, the run's last. --exp-dir
+    may be a link the user made; a link planted as the experiment folder inside it is refused rather than followed."""
     try:
+        made = [folder for folder in reversed(directory.parents) if not folder.exists()] + [directory]
         directory.parent.mkdir(parents=True, exist_ok=True)
         if directory.parent.is_symlink():
             raise UserError(f"--exp-dir: {directory.parent} is a symbolic link; runs are not written through it")
         directory.mkdir()
+        return made
     except FileExistsError as error:
         raise UserError(f"--exp-dir: {directory} exists already; start the run again for a new name") from error
     except OSError as error:
@@ -334,15 +341,33 @@ def create_run_dir(directory: Path) -> None:
 
 
 def read_manifest(run: Path) -> dict[str, Any]:
-    """A run's manifest.json, {} when there is none; one that is there but not a JSON object is an error."""
+    """A run's manifest.json, {} when there is none; one that is there but not a run's is an error."""
     path = run / runs.MANIFEST
+    if not path.exists():
+        return {}
     try:
-        found = json.loads(path.read_text()) if path.exists() else {}
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         found = None
-    if not isinstance(found, dict):
-        raise UserError(f"{path} is not a manifest (a JSON object); restore it, or start a new run")
+    if not is_manifest(found):
+        raise UserError(f"{path} is not a run's manifest (a JSON object with its run_id); restore it or start anew")
     return found
+
+
+def is_manifest(found: Any) -> bool:
+    """A run's id, and each part that resume, sync and the summary read of the kind this project writes."""
+    if not isinstance(found, dict) or not re.fullmatch(r"[\w.-]+", str(found.get("run_id") or "")):
+        return False
+    parts = [found.get(key, {}) for key in ("tags", "trackers", "git", "test", "data")]
+    if not all(isinstance(part, dict) for part in parts) or not all(isinstance(v, dict) for v in parts[1].values()):
+        return False
+    mlflow, resumed = parts[1].get("mlflow", {}), found.get("resumed", [])
+    texts = [found.get("experiment"), parts[3].get("checkpoint"), *map(mlflow.get, ("run_id", "tracking_uri"))]
+    return (
+        all(text is None or isinstance(text, str) for text in texts)
+        and isinstance(resumed, list)
+        and all(isinstance(session, dict) for session in resumed)
+    )
 
 
 def write_manifest(run: Path, manifest: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from project.infra.errors import UserError
+from project.infra.redact import redact_text
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
@@ -38,12 +39,18 @@ def sqlite_url(database: Path) -> str:
 
 
 def sqlite_file(url: str) -> Path | None:
-    """The file a sqlite:/// URL names, or None for any other store."""
+    """The file a sqlite:/// URL names, or None for any other store. SQLite in memory keeps nothing: one line."""
     from sqlalchemy.engine import make_url
 
-    found = make_url(url)
-    in_memory = found.database in (None, "", ":memory:")  # a store in memory has no file
-    return Path(found.database) if found.get_backend_name() == "sqlite" and not in_memory else None
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except Exception:  # SQLAlchemy's ArgumentError, or a ValueError from a port that is not a number
+        raise UserError(f"{redact_text(url)} is not a database URL (sqlite:///PATH)") from None
+    if database in (None, "", ":memory:") or "mode=memory" in url:
+        raise UserError(f"{redact_text(url)}: SQLite in memory keeps nothing once the command ends; name a file")
+    return Path(database)
 
 
 def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:

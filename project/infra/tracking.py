@@ -41,9 +41,10 @@ LOCAL_STORE = "mlflow.db"
 # server that cannot be reached at the start is an error within seconds). The user's own settings win.
 # MLflow's asynchronous logging, unbuffered, polls its queue every second: the run's end (a flush) and the
 # interpreter's exit each wait for that poll. Buffered, it waits on an event that the flush sets, and sends what a
-# second gathered in one batch.
+# second gathered in one batch. MLflow prints a run's address, password included; the summary prints it redacted.
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}  # fmt: skip
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1",
+                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # fmt: skip
 LOCK_SECONDS = 300.0  # how long a run waits for another that is creating the same local store
 OFFLINE = "PROJECT_TRACKING"  # =offline: no MLflow run; project.sync puts the run there later
 ASYNC_LOGGER = "mlflow.utils.async_logging.async_logging_queue"  # where MLflow reports a batch it could not log
@@ -76,6 +77,19 @@ def local_store(exp_dir: str | Path) -> str:
     return runs.sqlite_url(Path(exp_dir) / LOCAL_STORE)
 
 
+def store_uri(exp_dir: str | Path) -> str:
+    """Where this project's MLflow runs are: MLFLOW_TRACKING_URI, else the local store of --exp-dir."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store(exp_dir)
+
+
+def configure_mlflow() -> None:
+    """This project's MLflow settings (the user's own win) and quiet loggers, before MLflow is first used."""
+    for name, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
+
+
 def artifact_location(uri: str, exp_dir: str | Path, experiment: str) -> str | None:
     """A server keeps artifacts where its --artifacts-destination says; straight into a database, MLflow would put
     them in ./mlruns of whatever the working directory is: they stay under --exp-dir instead."""
@@ -88,10 +102,7 @@ def open_client(uri: str, advice: str = "start the server or fix MLFLOW_TRACKING
     """MLflow's client of the store `uri`, answering (one line within seconds if not)."""
     import mlflow
 
-    for name, value in MLFLOW_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
+    configure_mlflow()
     try:
         with store_lock(uri):  # two runs that start together must not both create the store
             database = uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
@@ -121,7 +132,7 @@ class Trackers:
         """Start (or, resuming, reopen) the tracker runs; a server that cannot be used is an error now, not later.
         `previous`: the trackers' ids of the run being resumed (its manifest.json)."""
         self.loggers, self.directory = [csv_logger(directory / runs.METRICS)], directory
-        for name in self.names:
+        for name in sorted(self.names, key=("mlflow", "tensorboard", "wandb").index):  # W&B, which writes files, last
             if name == "mlflow":
                 self.mlflow = MLflowRun(directory, args, previous.get("mlflow"), tags)
                 self.loggers.append(self.mlflow.logger)
@@ -214,7 +225,7 @@ class MLflowRun:
         logging.getLogger(ASYNC_LOGGER).filters = [
             lambda record: record.levelno < logging.ERROR or self.fail(reason(record.getMessage()))
         ]
-        self.directory, self.uri = directory, os.environ.get("MLFLOW_TRACKING_URI") or local_store(args.exp_dir)
+        self.directory, self.uri = directory, store_uri(args.exp_dir)
         self.failure: str | None = None
         self.problem: str | None = None  # why the model was not logged (the rest of the run was)
         self.model_uri: str | None = None
@@ -363,7 +374,7 @@ def keep_environment(name: str) -> Any:
 def store_lock(uri: str) -> Any:
     """MLflow's schema set-up races when two processes create one SQLite store (one of them fails); a server needs
     no lock."""
-    database = runs.sqlite_file(uri) if uri.startswith("sqlite:") else None
+    database = runs.sqlite_file(uri)
     if database is None:
         return contextlib.nullcontext()
     from filelock import FileLock
@@ -486,6 +497,9 @@ def wandb_logger(directory: Path, experiment: str, tags: dict[str, str], previou
     sys.argv = [argv[0], *redact_argv(argv[1:])]
     try:
         _ = logger.experiment
+    except Exception as error:  # no API key, no network, a bad entity: W&B's own errors, each its own class
+        raise UserError(f"--logger wandb: W&B cannot start ({reason(error)}); log in (wandb login), or train offline "
+                        "(WANDB_MODE=offline) and sync later (wandb sync)") from None  # fmt: skip
     finally:
         sys.argv = argv
     return logger
