@@ -28,7 +28,12 @@ PARITY_TOLERANCE = 1e-4  # fp32 round-off, relative to the outputs' scale (proba
 def build_parser() -> Parser:
     parser = Parser(prog="python -m project.export", description="Export a checkpoint as ONNX or TorchScript.")
     add_model_options(parser, "a .ckpt file")
-    parser.add("--format", choices=tuple(FORMATS), default="onnx", help="onnx (ONNX Runtime, TensorRT) or torchscript")
+    parser.add(
+        "--format",
+        choices=tuple(FORMATS),
+        default="onnx",
+        help="onnx (ONNX Runtime, TensorRT) or torchscript (LibTorch; deprecated by PyTorch)",
+    )
     parser.add("--output", type=Path, help="file to write (unset: beside the checkpoint, as .onnx or .pt)")
     return parser
 
@@ -47,7 +52,7 @@ def export(args: argparse.Namespace) -> None:
 
     checkpoint = runs.find_checkpoint(args.checkpoint, args.exp_dir, args.exp_name, "--checkpoint")
     network, spec = read_model(checkpoint)
-    spec["checkpoint"] = str(checkpoint)
+    spec["checkpoint"] = redact_text(str(checkpoint))  # the file travels: a secret in its path stays here
     example = example_input(spec, batch_size=2)  # not 0 or 1, which torch.export would specialise the batch axis on
     differences = []
 

@@ -7,11 +7,12 @@ images.read_image); the task writes the CSV. On a GPU when there is one (CUDA_VI
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import io
 import itertools
 import json
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from project.infra.errors import UserError, exit_process, run_command
 from project.infra.files import write_file
 from project.infra.redact import redact_text
 
+# PyTorch deprecates TorchScript (export's --help says so); a user who chose it gets no two lines on each save and load.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 KEY = "project"  # where the spec is: ONNX metadata `project`, TorchScript extra file `project.json`, MLflow metadata
 
 
@@ -49,21 +52,26 @@ def predict(args: argparse.Namespace) -> None:
     task = build_task(spec["task"], spec["output_names"], spec.get("task_options"))
     sources = [source for text in args.inputs for source in find_inputs(Path(text).expanduser(), spec)]
 
-    def write(path: Path | None) -> None:  # None: standard output
-        with open(path, "w", newline="") if path else contextlib.nullcontext(sys.stdout) as file:
-            writer = csv.writer(file)
-            writer.writerow(["input", *task.prediction_columns()])
-            samples = read_inputs(sources, spec)
-            while chunk := list(itertools.islice(samples, args.batch_size)):
-                names, inputs = zip(*chunk, strict=True)
-                with torch.inference_mode():
-                    served = torch.as_tensor(run(torch.stack(inputs))).float()
-                writer.writerows([n, *row] for n, row in zip(names, task.prediction_rows(served), strict=True))
+    def write(file: Any) -> None:
+        writer = csv.writer(file)
+        writer.writerow(["input", *task.prediction_columns()])
+        samples = read_inputs(sources, spec)
+        while chunk := list(itertools.islice(samples, args.batch_size)):
+            names, inputs = zip(*chunk, strict=True)
+            with torch.inference_mode():
+                served = torch.as_tensor(run(torch.stack(inputs))).float()
+            writer.writerows([n, *row] for n, row in zip(names, task.prediction_rows(served), strict=True))
 
-    if args.output == "-":
-        write(None)
+    def write_to(path: Path) -> None:
+        with open(path, "w", newline="") as file:
+            write(file)
+
+    if args.output == "-":  # the CSV appears only whole: on standard output too
+        text = io.StringIO(newline="")
+        write(text)
+        sys.stdout.write(text.getvalue())
     else:
-        write_file(Path(args.output).expanduser(), write, flag="--output: ")  # the CSV appears only whole
+        write_file(Path(args.output).expanduser(), write_to, flag="--output: ")
     count = sum(1 if array is None else len(array) for _, array in sources)
     wrote = redact_text(f"Wrote {count} predictions to {args.output}")  # a path may hold a secret too
     print(wrote, file=sys.stderr if args.output == "-" else sys.stdout)
@@ -77,7 +85,17 @@ def load_model(source: str, exp_dir: str = "", exp_name: str = "") -> tuple[Any,
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")) or Path(source, "MLmodel").is_file():
         import mlflow
 
-        model = loaded(source, lambda: mlflow.pyfunc.load_model(source))  # MLFLOW_TRACKING_URI: where runs:/ are
+        from project.infra import tracking
+
+        tracking.configure_mlflow()  # a server that does not answer: one line within seconds
+        uri = tracking.store_uri(exp_dir)  # where the runs were logged; an MLflow model's folder needs none
+        database = runs.sqlite_file(uri)
+        if database is not None and not database.is_file() and not Path(source, "MLmodel").is_file():
+            raise UserError(f"--checkpoint {source}: no MLflow store at {database}; set MLFLOW_TRACKING_URI to where "
+                            "the run was logged, or --exp-dir to the folder of its mlflow.db")  # fmt: skip
+        with tracking.keep_environment("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(uri)
+            model = loaded(source, lambda: mlflow.pyfunc.load_model(source))
         return (lambda inputs: model.predict(inputs.numpy())), spec_of(model.metadata.metadata or {}, source)
     path = runs.find_checkpoint(source, exp_dir, exp_name, "--checkpoint")
     if path.suffix == ".onnx":
@@ -157,9 +175,13 @@ def find_inputs(path: Path, spec: dict[str, Any]) -> list[tuple[Path, Any]]:
     if array.shape[1:] != shape:
         wanted = f"(N, {', '.join(map(str, shape))})" + (f" or (N, {shape[1]}, {shape[2]})" if one_channel else "")
         raise UserError(f"{path}: shape {tuple(array.shape)}, but the model takes {wanted} raw input values")
-    bad = np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
+    if len(array) == 0:
+        raise UserError(f"{path}: holds no inputs (shape {tuple(array.shape)})")
+    values = array.reshape(len(array), -1)  # the model reads float32: a larger value is infinite there
+    finite = np.isfinite(values) & (np.abs(values) <= np.finfo(np.float32).max)
+    bad = np.flatnonzero(~finite.all(axis=1))
     if len(bad):  # a NaN would come out as a prediction of NaN, or as a confident one
-        raise UserError(f"{path}: row {bad[0]} (and {len(bad) - 1} more) holds NaN or infinite values")
+        raise UserError(f"{path}: row {bad[0]} (and {len(bad) - 1} more) holds NaN or infinite values (in float32)")
     return [(path, array)]
 
 
@@ -167,7 +189,7 @@ def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterat
     """(name, float32 raw input (*input_shape)) for each input, in order."""
     import torch
 
-    from project.infra.images import read_image
+    from project.infra.images import read_image, unreadable
 
     for path, array in sources:
         if array is not None:
@@ -175,8 +197,8 @@ def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterat
             continue
         try:
             image = read_image(path, tuple(spec["input_shape"]))
-        except OSError as error:  # PIL's UnidentifiedImageError is an OSError
-            raise UserError(f"cannot read image {path} ({type(error).__name__}); remove or replace it") from error
+        except Exception as error:  # Pillow's errors: OSError, a decompression bomb, ...
+            raise UserError(unreadable(str(path), error)) from error
         yield str(path), image.float() * (spec["pixel_max"] / 255)  # 8-bit files; a dataset's range may differ
 
 

@@ -389,3 +389,25 @@ def test_a_signal_while_a_store_is_made_waits_for_it_then_stops_the_command(caps
     assert errors.run_command(make_store) == 128 + signal.SIGTERM
     assert done == ["tables"] and "stopped by SIGTERM" in capsys.readouterr().err
     assert errors.StopSignals.received is None  # a Trainer built next in this process does not stop at its first step
+
+
+class DiesInItsWorker(torch.utils.data.Dataset):
+    """A DataLoader worker killed as the OS's out-of-memory killer kills one."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dataloader_worker_killed_by_the_os_is_one_line(capsys) -> None:
+    """--image-size 100000 took a worker past the machine's memory: one line that says what needs less."""
+    from torch.utils.data import DataLoader
+
+    from project.infra import errors
+
+    assert errors.run_command(lambda: list(DataLoader(DiesInItsWorker(), num_workers=1))) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: DataLoader worker (pid"), line  # "is killed by signal", or "exited unexpectedly"
+    assert "--num-workers" in line and "--resume" in line

@@ -103,6 +103,31 @@ def test_predict_writes_to_standard_output_and_takes_h_w_arrays(digits_run: dict
 
 
 @pytest.mark.slow
+def test_an_output_is_written_as_a_shell_writes_it(digits_run: dict, tmp_path: Path, capsys) -> None:
+    """Through a link (the link stays), into a device in place (/dev/null stays one), and to a reader that went away
+    (`| head`): exit 141 with no traceback, as a shell's own commands do."""
+    import stat
+
+    from project import export, predict
+
+    checkpoint, inputs = str(digits_run["checkpoint"]), str(digits_run["npy"])
+    (tmp_path / "kept").mkdir()
+    for name in ("p.csv", "m.onnx"):
+        (tmp_path / name).symlink_to(Path("kept") / name)  # relative, as users make them
+    assert predict.main(["--checkpoint", checkpoint, inputs, "--output", str(tmp_path / "p.csv")]) == 0
+    assert export.main(["--checkpoint", checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "p.csv").is_symlink() and (tmp_path / "m.onnx").is_symlink()
+    assert read_csv(tmp_path / "kept" / "p.csv")[1] and (tmp_path / "kept" / "m.onnx").stat().st_size > 0
+    assert predict.main(["--checkpoint", checkpoint, inputs, "--output", "/dev/null"]) == 0
+    assert stat.S_ISCHR(Path("/dev/null").stat().st_mode)
+    capsys.readouterr()
+    gone = subprocess.Popen([sys.executable, "-m", "project.predict", "--checkpoint", checkpoint, inputs, "--output",
+                             "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=cli_env())  # fmt: skip
+    gone.stdout.close()  # before the CSV is written
+    assert gone.wait(timeout=120) == 141 and gone.stderr.read() == b""
+
+
+@pytest.mark.slow
 def test_predict_scales_image_files_to_the_datasets_pixel_range(digits_run: dict, tmp_path: Path) -> None:
     """A PNG (0..255) given to a digits model (pixels 0..16) is scaled like the data it was trained on."""
     from PIL import Image

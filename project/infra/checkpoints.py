@@ -79,9 +79,10 @@ def read_model(path: Path, flag: str = "--checkpoint") -> tuple[torch.nn.Module,
         network = build_model(hparams["model"], hparams["input_shape"], len(hparams["output_names"]), hparams["mean"],
                               hparams["std"], task.output_layer(), **(hparams.get("model_options") or {}))  # fmt: skip
         network.load_state_dict(weights)
+        spec = input_spec(hparams)
     except (TypeError, KeyError, ValueError, RuntimeError) as error:
         raise UserError(f"{flag}: {path} does not fit this project's models ({str(error).splitlines()[0]})") from error
-    return torch.nn.Sequential(network, task.serve()).eval(), input_spec(hparams)
+    return torch.nn.Sequential(network, task.serve()).eval(), spec
 
 
 def load_solver(path: Path, datamodule: Any = None) -> Any:

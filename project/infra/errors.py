@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import signal
 import socket
 import sys
@@ -23,6 +24,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # a rank that will never come) would ignore SIGTERM and Ctrl-C for good. A signal not taken up within this many
 # seconds is answered from another thread.
 STUCK_AFTER_S = 10
+# How torch's DataLoader reports a worker process that died (its own exceptions come as theirs, with a traceback).
+WORKER_KILLED = re.compile(r"DataLoader worker \(pid.*?\) (is killed by signal|exited unexpectedly)")
 
 
 class UserError(Exception):
@@ -88,7 +91,12 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     watcher = watch_signals() if on_main_thread else None
     try:
         action()
+        sys.stdout.flush()  # a reader that went away (`| head`) is found here, not in Python's flush at exit
         return 0
+    except BrokenPipeError:  # nothing to say, and nowhere to say it; exit as a shell's own commands do
+        with contextlib.suppress(OSError, ValueError):  # the flush at exit would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except UserError as error:
         if debug:
             raise
@@ -107,8 +115,14 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
         print(f"stopped by {signal.Signals(signum).name} outside a training step: nothing new to save", file=sys.stderr)
         return 128 + signum
     except Exception as error:
-        if debug or not lost_peer(error):
+        killed = WORKER_KILLED.match(str(error))
+        if debug or not (lost_peer(error) or killed):
             raise
+        if killed:  # by the OS's out-of-memory killer, most often
+            print(f"error: {str(error).split('. ')[0].strip()}: out of memory? Fewer --num-workers, a smaller "
+                  "--batch-size or --image-size need less. Checkpoints are whole: continue with --resume",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         reason = redact_text(str(error).split("] ", 1)[-1].split(". ")[0])
         print(f"error: another process of this run ended or cannot be reached ({reason}); this one stops too. "
               "Checkpoints are whole: continue with --resume", file=sys.stderr)  # fmt: skip

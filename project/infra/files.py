@@ -16,20 +16,28 @@ def write_file(path: Path, write: Callable[[Path], Any], flag: str = "") -> None
     """`write(temporary path)`, then rename it onto `path`: a crash or a full disk leaves the old file or none, never
     half of one, and two processes writing one file at once each leave a whole one (their temporary names differ). The
     temporary name keeps the suffix (matplotlib and the exporters go by it) and fits where the name fits (255 bytes). An
-    OSError becomes one line naming the file, after the option that named it (`flag`, e.g. "--output: ")."""
+    OSError becomes one line naming the file, after the option that named it (`flag`, e.g. "--output: "). A path the
+    user named (a `flag`) is written as a shell writes it: through a link, and into a device or FIFO in place (a rename
+    would replace the link or /dev/null itself); a run's own files never follow a link."""
     partial = path.with_name(f".{path.stem[:64]}.partial-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
+        if flag and path.is_symlink():
+            path = Path(os.path.realpath(path))
+            partial = path.with_name(partial.name)
         if path.is_dir():
             raise UserError(f"{flag}{path} is a folder; name the file to write")
+        if flag and path.exists() and not path.is_file():
+            partial = path
         path.parent.mkdir(parents=True, exist_ok=True)
         write(partial)
-        if partial.exists():  # a writer may have had nothing to write
+        if partial != path and partial.exists():  # a writer may have had nothing to write
             os.replace(partial, path)
     except OSError as error:
         raise UserError(f"{flag}cannot write {path}: {error.strerror or error}") from error
     finally:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
+        if partial != path:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

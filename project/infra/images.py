@@ -53,14 +53,14 @@ def unreadable(path: str, error: Exception) -> str:
     """One line naming `path` and why it cannot be read (UnidentifiedImageError's text only repeats the path)."""
     why = f"{type(error).__name__}: {' '.join(str(error).split())}"
     why = f"not a {', '.join(FORMATS)} image" if isinstance(error, UnidentifiedImageError) else why
-    return f"image-folder: cannot read image {path} ({why}); remove or replace it"
+    return f"cannot read image {path} ({why}); remove or replace it"
 
 
 def header_problem(path: str) -> str | None:
     try:
         Image.open(path, formats=FORMATS).close()  # reads the header; pixels are decoded only by load()
     except Exception as error:
-        return unreadable(path, error)
+        return f"image-folder: {unreadable(path, error)}"
     return None
 
 
@@ -112,7 +112,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         try:
             return super().__getitem__(index)
         except Exception as error:
-            raise UnreadableImage(unreadable(self.samples[index][0], error)) from error
+            raise UnreadableImage(f"image-folder: {unreadable(self.samples[index][0], error)}") from error
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         classes = sorted(name for name in os.listdir(directory) if is_folder(Path(directory, name)))
