@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 from project.infra import images
 from project.infra.batches import Batches, DataModule, EpochBatches, InMemoryData, Split
 from project.infra.errors import UserError
+
+TEST_FRACTION = Fraction(1, 10)  # of data that has no test split of its own
 
 
 def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +42,25 @@ def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[n
     except ValueError:
         keep, held_out = train_test_split(index, test_size=fraction, random_state=seed)
     return np.sort(keep), np.sort(held_out)
+
+
+def split_all(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) of data with no test split of its own: a tenth of it for the test and
+    `val_fraction` of it for validation (the default 0.1: 80/10/10), stratified, by `seed`."""
+    val, test = held_out_fractions(val_fraction)
+    train, held_out = stratified_split(targets, float(val + test), seed)
+    val_index, test_index = stratified_split(targets[held_out], float(test / (val + test)), seed)
+    return train, held_out[val_index], held_out[test_index]
+
+
+def held_out_fractions(val_fraction: float) -> tuple[Fraction, Fraction]:
+    """(val, test) as shares of all the data. Exact fractions: 0.1 + 0.1 is 1/5, and 0.1 of all is 1/9 of the rest,
+    so the default split is the same on every machine and in every release."""
+    val = Fraction(val_fraction).limit_denominator(10**6)
+    if val + TEST_FRACTION >= 1:
+        raise UserError(f"--val-fraction {val_fraction}: a tenth of the data is the test split; below 0.9 is left to "
+                        "train on")  # fmt: skip
+    return val, TEST_FRACTION
 
 
 def as_split(inputs: Any, targets: Any, index: np.ndarray) -> Split:
@@ -64,13 +86,11 @@ class Digits(InMemoryData):
 
         digits = load_digits()
         images, labels = digits.images[:, None].astype(np.uint8), digits.target  # pixels are whole numbers 0-16
-        # 80/10/10, stratified: hold out 20%, then halve it into val and test.
-        train, held_out = stratified_split(labels, 0.2, self.seed)
-        val, test = stratified_split(labels[held_out], 0.5, self.seed)
+        train, val, test = split_all(labels, self.val_fraction, self.seed)
         return {
             "train": as_split(images, labels, train),
-            "val": as_split(images, labels, held_out[val]),
-            "test": as_split(images, labels, held_out[test]),
+            "val": as_split(images, labels, val),
+            "test": as_split(images, labels, test),
         }
 
 
@@ -78,8 +98,9 @@ class Diabetes(InMemoryData):
     """scikit-learn's bundled diabetes data (works offline): 442 patients, 10 features (age, sex, BMI, blood pressure,
     six blood serum measurements), and the disease's progression one year later, a value from 25 to 346.
 
-    Split 80/10/10 by --seed. The features are standardised with the training split's statistics; the model predicts
-    the progression in its own units (the task's output layer rescales with the training targets' mean and std).
+    Split 80/10/10 by --seed (--val-fraction: val's share). The features are standardised with the training split's
+    statistics; the model predicts the progression in its own units (the task's output layer rescales with the
+    training targets' mean and std).
     """
 
     task = "regression"
@@ -92,15 +113,14 @@ class Diabetes(InMemoryData):
 
         features, target = load_diabetes(return_X_y=True)
         features, target = features.astype(np.float32), target.astype(np.float32)
-        train, held_out = stratified_split(target, 0.2, self.seed)
-        val, test = stratified_split(target[held_out], 0.5, self.seed)
+        train, val, test = split_all(target, self.val_fraction, self.seed)
         self.input_shape = (features.shape[1],)
         self.mean, self.std = tuple(features[train].mean(0).tolist()), tuple(features[train].std(0).tolist())
         self.target_mean, self.target_std = [float(target[train].mean())], [float(target[train].std())]
         return {
             "train": as_split(features, target, train),
-            "val": as_split(features, target, held_out[val]),
-            "test": as_split(features, target, held_out[test]),
+            "val": as_split(features, target, val),
+            "test": as_split(features, target, test),
         }
 
 
@@ -223,11 +243,12 @@ class KeptImages(Batches):
 class ImageFolderData(DataModule):
     """Your own images, one folder per class, read by DataLoader workers.
 
-    Layouts: <data-dir>/<class>/<image> (split 80/10/10, stratified, fixed by --seed), or <data-dir>/train/<class>/...
-    with optional val/ and test/ beside it (a missing one is split off train). Images are converted to RGB and resized
-    to --image-size squared. Hidden entries are skipped, links to folders refused, every file's header is checked
-    before training starts and its pixels when training first reads it (infra/images.py). When all of them, resized,
-    fit in --image-memory GiB, each is decoded once: later epochs read it from memory (KeptImages).
+    Layouts: <data-dir>/<class>/<image> (split 80/10/10, stratified, fixed by --seed; --val-fraction: val's share),
+    or <data-dir>/train/<class>/... with optional val/ and test/ beside it (a missing one is split off train). Images
+    are converted to RGB and resized to --image-size squared. Hidden entries are skipped, links to folders refused,
+    every file's header is checked before training starts and its pixels when training first reads it
+    (infra/images.py). When all of them, resized, fit in --image-memory GiB, each is decoded once: later epochs read
+    it from memory (KeptImages).
     """
 
     augment = True
@@ -239,8 +260,10 @@ class ImageFolderData(DataModule):
         self.folders = images.open_image_folder(self.data_dir, self.input_shape)
         base = "train" if "train" in self.folders else "all"
         self.output_names = list(self.folders[base].classes)
-        # What setup() splits off the base folder, in order: test then val (80/10/10), or whichever is missing.
-        self.held_out = [("test", 0.1), ("val", 1 / 9)] if base == "all" else [
+        # What setup() splits off the base folder, in order: the test's tenth, then val's share of all (of the rest),
+        # or of train/ whichever has no folder of its own.
+        val, test = held_out_fractions(self.val_fraction)
+        self.held_out = [("test", float(test)), ("val", float(val / (1 - test)))] if base == "all" else [
             (name, self.val_fraction) for name in ("val", "test") if name not in self.folders]  # fmt: skip
         images.require_splittable(self.folders[base], self.held_out)
         self.subsets: dict[str, Any] = {}

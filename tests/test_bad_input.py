@@ -5,7 +5,7 @@ MLflow store beside it) byte for byte as it was."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
+import json
 import os
 import pickle
 import re
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Payload, only_run_dir, run_cli, write_image_folder, write_mnist_like
+from conftest import Payload, file_digests, only_run_dir, run_cli, write_image_folder, write_mnist_like
 
 # Short runs; the finished run below uses the default tracker, so its MLflow store is part of what must not change.
 QUICK = ("--num-workers", "0", "--max-epochs", "1", "--model", "mlp", "--hidden-dim", "16")
@@ -35,12 +35,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run_cli("--exp-dir", str(exp_dir), "--exp-name", "good", *QUICK, "--max-epochs", "2")
     assert result.returncode == 0, result.stderr
     return exp_dir
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file's bytes and every folder (an empty run directory left behind counts)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
-            for p in root.rglob("*")}  # fmt: skip
 
 
 def hostile_checkpoint(tmp: Path) -> Path:
@@ -80,7 +74,9 @@ CASES = {
     "resume with another learning rate": ("unchanged", "--learning-rate 0.5 (the run's: 0.001)"),
     "resume with a config file": ("unchanged", "uses the run's own config.yaml"),
     "resume a run whose config.yaml is a list": ("unchanged", "must hold a mapping"),
-    "resume a run whose manifest.json is broken": ("unchanged", "is not a manifest"),
+    "resume a run whose manifest.json is broken": ("unchanged", "is not a run's manifest"),
+    "resume a run whose manifest.json has odd parts": ("unchanged", "is not a run's manifest"),
+    "resume a run whose config.yaml is empty": ("unchanged", "holds no options; restore the run's config.yaml"),
     "resume a run another process holds": ("unchanged", "is in use by pid 4242 on elsewhere since"),
     "resume as a fast dev run": ("unchanged", "--fast-dev-run: a smoke test does not continue a run"),
     "resume with a strategy Lightning refuses": (
@@ -118,6 +114,16 @@ CASES = {
     "export into a path under a file": ("one line", "cannot write"),
     "predict pixels that are NaN": ("one line", "holds NaN or infinite values"),
     "predict into a path under a file": ("one line", "cannot write"),
+    "predict pixels beyond float32": ("one line", "holds NaN or infinite values (in float32)"),
+    "predict an empty array": ("one line", "holds no inputs"),
+    "predict a decompression bomb": ("one line", "cannot read image"),
+    "predict from an MLflow run without its store": ("one line", "no MLflow store at"),
+    "predict from a checkpoint with odd values": ("one line", "does not fit this project's models"),
+    "learning rate beyond float32": ("one line", "--learning-rate"),
+    "image size below what augmentation shifts": ("one line", "--image-size"),
+    "exp-dir empty": ("one line", "--exp-dir"),
+    "val fraction leaving nothing to train": ("one line", "--val-fraction 0.95: a tenth of the data is the test"),
+    "sweep storage in memory": ("one line", "SQLite in memory keeps nothing"),
     "gpu requested, none present": ("one line", "GPU"),
     "unknown strategy": ("one line", "strategy"),
     "dataset files missing": ("one line", "no usable files"),
@@ -144,7 +150,10 @@ CASES = {
         "secrets",
         "cannot open --storage postgresql://bob:[redacted]@",
     ),
-    "learning rate that is a token": ("secrets", "--learning-rate: invalid positive number value: 'token=[redacted]'"),
+    "learning rate that is a token": (
+        "secrets",
+        "--learning-rate: invalid positive number (below 3.4e38) value: 'token=[redacted]'",
+    ),
     # 7. Concurrency: a second command on what another one is writing waits or is one line.
     "sweep of a SQLite study another sweep runs": ("concurrency", "study s is being run by another sweep"),
 }
@@ -206,6 +215,10 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "checkpoint missing": ["--only-test", "--checkpoint", str(tmp / "nope.ckpt"), *fresh],
         "exp-name climbing out": ["--exp-dir", str(exp_dir), "--exp-name", "../escape"],
         "learning rate zero": [*fresh, "--learning-rate", "0"],
+        "learning rate beyond float32": [*fresh, "--learning-rate", "1e308"],
+        "image size below what augmentation shifts": [*fresh, "--image-size", "4"],
+        "exp-dir empty": ["--exp-dir", ""],
+        "val fraction leaving nothing to train": [*fresh, "--val-fraction", "0.95"],
         "epochs not a number": [*fresh, "--max-epochs", "ten"],
         "image folder missing": [*fresh, "--dataset", "image-folder", "--data-dir", str(tmp / "no-pets")],
     }
@@ -232,6 +245,11 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         ),
         "learning rate that is a token": ("project.run", [*fresh, "--learning-rate", f"token={SECRET}"]),
         "sweep of a SQLite study another sweep runs": ("project.sweep", [*sweep, *fresh, *QUICK]),
+        "sweep storage in memory": ("project.sweep", [*sweep, *fresh, "--storage", "sqlite://"]),
+        "predict from an MLflow run without its store": (
+            "project.predict",
+            ["--checkpoint", "runs:/0123/model", *fresh, str(tmp / "x.npy")],
+        ),  # fmt: skip
     }
     if case == "sweep of a SQLite study another sweep runs":  # held as a running sweep holds it
         (tmp / "fresh").mkdir()
@@ -250,6 +268,35 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
     if case == "resume a run whose manifest.json is broken":
         copy, argv = copy_of_run(exp_dir, tmp, lambda run: (run / "manifest.json").write_text("[1, 2"))
         return module, [*argv, "--max-epochs", "3"], copy
+    if case == "resume a run whose manifest.json has odd parts":  # each refused (tests/test_sync.py); one here
+
+        def edit(run: Path) -> None:
+            manifest = json.loads((run / "manifest.json").read_text())
+            (run / "manifest.json").write_text(json.dumps({**manifest, "resumed": 5}))
+
+        copy, argv = copy_of_run(exp_dir, tmp, edit)
+        return module, [*argv, "--max-epochs", "3"], copy
+    if case == "resume a run whose config.yaml is empty":
+        copy, argv = copy_of_run(exp_dir, tmp, lambda run: (run / "config.yaml").write_text("# emptied\n"))
+        return module, [*argv, "--max-epochs", "3"], copy
+    if case in ("predict pixels beyond float32", "predict an empty array", "predict a decompression bomb"):
+        source = tmp / ("bomb.png" if "bomb" in case else "inputs.npy")
+        if "bomb" in case:  # 225 million pixels in a 27 kB file
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS, limit = None, Image.MAX_IMAGE_PIXELS
+            Image.new("1", (15000, 15000)).save(source)
+            Image.MAX_IMAGE_PIXELS = limit
+        else:
+            np.save(source, np.full((2, 1, 8, 8), 1e300) if "float32" in case else np.zeros((0, 8, 8)))
+        return "project.predict", ["--checkpoint", str(best), str(source), "--output", str(tmp / "p.csv")], guarded
+    if case == "predict from a checkpoint with odd values":
+        import torch
+
+        checkpoint = torch.load(best, weights_only=True)
+        checkpoint["hyper_parameters"]["pixel_max"] = "abc"
+        torch.save(checkpoint, tmp / "odd.ckpt")
+        return "project.predict", ["--checkpoint", str(tmp / "odd.ckpt"), str(tmp / "x.npy")], guarded
     if case == "resume a run another process holds":  # a holder as records.RunLock is one, its note written
         copy, argv = copy_of_run(exp_dir, tmp, lambda run: None)
         holder = open(copy / ".lock", "a")  # noqa: SIM115 (held until the case ends)
@@ -320,7 +367,7 @@ HELD: list = []  # lock files this test process holds (released when it ends)
 def test_bad_input_is_one_line_and_harmless(case: str, trained: Path, tmp_path: Path) -> None:
     kind, words = CASES[case]
     module, argv, guarded = prepare(case, tmp_path, trained)
-    before = snapshot(guarded)
+    before = file_digests(guarded)
     try:
         result = run_cli(*argv, module=module)
     finally:
@@ -332,18 +379,18 @@ def test_bad_input_is_one_line_and_harmless(case: str, trained: Path, tmp_path: 
     assert len(errors) == 1 and len(result.stderr.strip().splitlines()) <= 3, result.stderr
     assert words in errors[0], errors[0]
     assert SECRET not in result.stdout + result.stderr
-    assert snapshot(guarded) == before, f"{case}: a finished run changed"
+    assert file_digests(guarded) == before, f"{case}: a finished run changed"
     assert not (tmp_path / "pwned").exists(), "a pickled program ran"
     assert not list(tmp_path.rglob(".*.partial*")), "a half-written file was left behind"
 
 
 @pytest.mark.parametrize("smoke", [[], ["--fast-dev-run"]], ids=["plain", "fast-dev-run"])
 def test_resuming_a_finished_run_to_its_own_end_says_so_and_changes_nothing(trained: Path, smoke: list[str]) -> None:
-    before = snapshot(trained)
+    before = file_digests(trained)
     result = run_cli("--resume", "--exp-dir", str(trained), "--exp-name", "good", "--max-epochs", "2", *smoke)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("nothing to train: ") and "trained all 2 epochs" in result.stdout
-    assert snapshot(trained) == before
+    assert file_digests(trained) == before
 
 
 def summary(output: str, label: str) -> Path:

@@ -99,6 +99,30 @@ def test_missing_dataset_names_the_missing_files(tmp_path, name):
     assert "\n" not in message
 
 
+def test_val_fraction_is_vals_share_of_data_without_a_test_split_and_the_default_split_stays(tmp_path):
+    """A tenth is the test split; --val-fraction is val's share of all (of train/ where the data splits it off)."""
+    from sklearn.datasets import load_digits
+
+    from project.data import stratified_split
+
+    labels = load_digits().target  # the split before --val-fraction counted here: 20% held out, halved
+    train, held_out = stratified_split(labels, 0.2, 0)
+    val, test = stratified_split(labels[held_out], 0.5, 0)
+    default = setup_module_data("digits")
+    for name, index in {"train": train, "val": held_out[val], "test": held_out[test]}.items():
+        assert torch.equal(default.splits[name][1], torch.as_tensor(labels[index])), name
+    for name, total in (("digits", 1797), ("diabetes", 442)):
+        sizes = setup_module_data(name, val_fraction=0.3).split_sizes
+        assert sizes["val"] == pytest.approx(0.3 * total, abs=1) and sizes["test"] == pytest.approx(0.1 * total, abs=1)
+    write_image_folder(tmp_path / "pets", per_class=20)
+    assert setup_module_data("image-folder", tmp_path / "pets", image_size=8).split_sizes == {"test": 4, "val": 4,
+                                                                                              "train": 32}  # fmt: skip
+    assert setup_module_data("image-folder", tmp_path / "pets", image_size=8, val_fraction=0.3).split_sizes == {
+        "test": 4, "val": 12, "train": 24}  # fmt: skip
+    with pytest.raises(UserError, match="--val-fraction 0.9: a tenth of the data is the test split"):
+        setup_module_data("digits", val_fraction=0.9)
+
+
 def test_image_folder_reads_pngs_and_splits(tmp_path):
     write_image_folder(tmp_path / "pets", classes=("cat", "dog", "fox"), per_class=10, size=12)
     datamodule = setup_module_data("image-folder", tmp_path / "pets", image_size=16)

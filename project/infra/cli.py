@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import itertools
-import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from project.infra.redact import redact_text
 # before PyYAML builds it, and so are aliases, which let a few hundred bytes expand to gigabytes.
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_CONFIG_DEPTH = 2  # a mapping of option: value or option: [values]
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def checked(description: str, convert: Callable[[str], Any], ok: Callable[[Any], Any] = lambda _: True) -> Any:
@@ -39,7 +39,11 @@ def checked(description: str, convert: Callable[[str], Any], ok: Callable[[Any],
 positive_int = checked("positive integer", int, lambda value: value > 0)
 non_negative_int = checked("non-negative integer", int, lambda value: value >= 0)
 seed = checked("seed (an integer from 0 to 2**32 - 1)", int, lambda value: 0 <= value < 2**32)  # numpy's are 32-bit
-positive_float = checked("positive number", float, lambda value: 0 < value < math.inf)
+# torch computes in float32: a larger number is infinite there
+positive_float = checked("positive number (below 3.4e38)", float, lambda value: 0 < value <= FLOAT32_MAX)
+# Augmentation pads by up to 4 pixels, reflecting the image: that needs more than 4 on each side.
+image_size = checked("image size (5 pixels or more)", int, lambda value: value >= 5)
+path = checked("path (not empty)", str, bool)  # "" would be the working directory, unasked
 fraction = checked("fraction (between 0 and 1)", float, lambda value: 0 < value < 1)
 # A name stays one folder inside --exp-dir: no separators, no '..', nothing hidden.
 name = checked("name (letters, digits, '_', '-', '.'; no '/' or '..')", str,
@@ -183,7 +187,7 @@ def load_config(path: Path) -> dict[Any, Any]:
 def add_model_options(parser: Parser, formats: str) -> None:
     """The options project.predict and project.export share: which trained model, and how to report mistakes."""
     parser.add("--checkpoint", default="best", help=f"{formats}, or best/last of the latest run of --exp-name")
-    parser.add("--exp-dir", default="~/Experiments", help="where runs are, for --checkpoint best/last")
+    parser.add("--exp-dir", type=path, default="~/Experiments", help="where runs are, for --checkpoint best/last")
     parser.add("--exp-name", type=name, default="debug", help="whose latest run --checkpoint best/last means")
     parser.add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 

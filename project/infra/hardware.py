@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,7 +45,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     flags = (f"--accelerator {accelerator} --devices {devices} --num-nodes {args.num_nodes} --strategy {args.strategy} "
              f"--precision {precision}")  # fmt: skip
     try:
-        trainer = pl.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        with warnings.catch_warnings():  # said once, by the run's own Trainer
+            warnings.simplefilter("ignore")
+            trainer = pl.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False)
         environment = getattr(trainer.strategy, "cluster_environment", None)
         if environment is not None:
             environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
