@@ -48,8 +48,12 @@ def split_all(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.n
     """Indices (train, val, test) of data with no test split of its own: a tenth of it for the test and
     `val_fraction` of it for validation (the default 0.1: 80/10/10), stratified, by `seed`."""
     val, test = held_out_fractions(val_fraction)
-    train, held_out = stratified_split(targets, float(val + test), seed)
-    val_index, test_index = stratified_split(targets[held_out], float(test / (val + test)), seed)
+    try:
+        train, held_out = stratified_split(targets, float(val + test), seed)
+        val_index, test_index = stratified_split(targets[held_out], float(test / (val + test)), seed)
+    except ValueError:  # scikit-learn's: a split would be empty
+        raise UserError(f"--val-fraction {val_fraction}: leaves no sample for training or for validation in "
+                        f"{len(targets)}") from None  # fmt: skip
     return train, held_out[val_index], held_out[test_index]
 
 
@@ -57,6 +61,8 @@ def held_out_fractions(val_fraction: float) -> tuple[Fraction, Fraction]:
     """(val, test) as shares of all the data. Exact fractions: 0.1 + 0.1 is 1/5, and 0.1 of all is 1/9 of the rest,
     so the default split is the same on every machine and in every release."""
     val = Fraction(val_fraction).limit_denominator(10**6)
+    if val == 0:
+        raise UserError(f"--val-fraction {val_fraction}: too small to hold out anything")
     if val + TEST_FRACTION >= 1:
         raise UserError(f"--val-fraction {val_fraction}: a tenth of the data is the test split; below 0.9 is left to "
                         "train on")  # fmt: skip

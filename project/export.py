@@ -15,8 +15,8 @@ from typing import Any
 from project.infra import runs
 from project.infra.cli import Parser, add_model_options
 from project.infra.errors import UserError, exit_process, run_command
-from project.infra.files import write_file
-from project.infra.redact import redact_text
+from project.infra.files import in_place, write_file
+from project.infra.redact import redact_path, redact_text
 from project.predict import KEY, load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # TorchScript: for LibTorch (C++); deprecated upstream
@@ -52,7 +52,7 @@ def export(args: argparse.Namespace) -> None:
 
     checkpoint = runs.find_checkpoint(args.checkpoint, args.exp_dir, args.exp_name, "--checkpoint")
     network, spec = read_model(checkpoint)
-    spec["checkpoint"] = redact_text(str(checkpoint))  # the file travels: a secret in its path stays here
+    spec["checkpoint"] = redact_path(checkpoint)  # the file travels: a secret in its path stays here
     example = example_input(spec, batch_size=2)  # not 0 or 1, which torch.export would specialise the batch axis on
     differences = []
 
@@ -71,6 +71,8 @@ def export(args: argparse.Namespace) -> None:
             raise UserError(f"the {args.format} export of {checkpoint} disagrees with it ({reason}); not kept")
 
     output = (args.output or checkpoint.with_suffix(FORMATS[args.format])).expanduser()
+    if in_place(output):
+        raise UserError(f"--output: {output} is not a regular file; the export is written, then read back to check it")
     write_file(output, write, flag="--output: ")
     sizes = ", ".join(map(str, PARITY_BATCH_SIZES))
     wrote = f"Wrote {output}; checked against PyTorch on batches of {sizes}: max difference {differences[0]:.1e}"

@@ -70,6 +70,7 @@ def predict(args: argparse.Namespace) -> None:
         text = io.StringIO(newline="")
         write(text)
         sys.stdout.write(text.getvalue())
+        sys.stdout.flush()  # before the note below: a reader that went away stops the command here
     else:
         write_file(Path(args.output).expanduser(), write_to, flag="--output: ")
     count = sum(1 if array is None else len(array) for _, array in sources)

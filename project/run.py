@@ -204,6 +204,7 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     if checkpoint is not None:  # what the data saved there (an image folder: its files) is checked before a run opens
         saved = checkpoints.read(checkpoint, "--resume" if args.resume else "--checkpoint")
         datamodule.load_state_dict(saved.get(type(datamodule).__qualname__, {}))
+        records.check_split(checkpoint, datamodule)
     if args.only_test:
         solver = checkpoints.load_solver(checkpoint, datamodule)
     else:

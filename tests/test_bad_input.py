@@ -77,6 +77,8 @@ CASES = {
     "resume a run whose manifest.json is broken": ("unchanged", "is not a run's manifest"),
     "resume a run whose manifest.json has odd parts": ("unchanged", "is not a run's manifest"),
     "resume a run whose config.yaml is empty": ("unchanged", "holds no options; restore the run's config.yaml"),
+    "resume a run whose data splits otherwise now": ("unchanged", "its data would split otherwise now (train 1000 ->"),
+    "test a run whose data splits otherwise now": ("unchanged", "its data would split otherwise now (train 1000 ->"),
     "resume a run another process holds": ("unchanged", "is in use by pid 4242 on elsewhere since"),
     "resume as a fast dev run": ("unchanged", "--fast-dev-run: a smoke test does not continue a run"),
     "resume with a strategy Lightning refuses": (
@@ -276,6 +278,15 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
 
         copy, argv = copy_of_run(exp_dir, tmp, edit)
         return module, [*argv, "--max-epochs", "3"], copy
+    if case.endswith("whose data splits otherwise now"):  # as a run an earlier release split otherwise
+
+        def split_otherwise(run: Path) -> None:
+            manifest = json.loads((run / "manifest.json").read_text())
+            manifest["data"]["split_sizes"]["train"] = 1000
+            (run / "manifest.json").write_text(json.dumps(manifest))
+
+        copy, argv = copy_of_run(exp_dir, tmp, split_otherwise)
+        return module, [*argv, "--max-epochs", "3"] if "resume" in case else ["--only-test", *argv[1:]], copy
     if case == "resume a run whose config.yaml is empty":
         copy, argv = copy_of_run(exp_dir, tmp, lambda run: (run / "config.yaml").write_text("# emptied\n"))
         return module, [*argv, "--max-epochs", "3"], copy
@@ -440,3 +451,12 @@ def test_a_secret_in_a_path_is_printed_nowhere(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "password=[redacted]" in result.stdout and "--backend-store-uri" in result.stdout
     assert SECRET not in result.stdout + result.stderr
+    # The records name the tested checkpoint with each folder redacted on its own: sync still finds it by name.
+    from project.sync import tested_checkpoint
+
+    run_dir = only_run_dir(tmp_path / f"password={SECRET}")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for record in (manifest["test"], json.loads((run_dir / "test_metrics.json").read_text())):
+        assert "/password=[redacted]/" in record["checkpoint"] and SECRET not in record["checkpoint"]
+    assert tested_checkpoint(run_dir, manifest) == run_dir / "checkpoints" / Path(manifest["test"]["checkpoint"]).name
+    assert tested_checkpoint(run_dir, manifest).is_file()

@@ -121,6 +121,9 @@ def test_val_fraction_is_vals_share_of_data_without_a_test_split_and_the_default
         "test": 4, "val": 12, "train": 24}  # fmt: skip
     with pytest.raises(UserError, match="--val-fraction 0.9: a tenth of the data is the test split"):
         setup_module_data("digits", val_fraction=0.9)
+    for tiny in (1e-7, 0.001):  # nothing held out, or an empty validation split
+        with pytest.raises(UserError, match=f"--val-fraction {tiny}: (too small|leaves no sample)"):
+            setup_module_data("diabetes", val_fraction=tiny)
 
 
 def test_image_folder_reads_pngs_and_splits(tmp_path):

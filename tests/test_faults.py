@@ -411,3 +411,14 @@ def test_a_dataloader_worker_killed_by_the_os_is_one_line(capsys) -> None:
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: DataLoader worker (pid"), line  # "is killed by signal", or "exited unexpectedly"
     assert "--num-workers" in line and "--resume" in line
+
+
+def test_a_broken_pipe_other_than_standard_output_is_not_taken_for_a_reader_gone() -> None:
+    """`| head` ends a command quietly (tests/test_predict_export.py); any other broken pipe is a real error."""
+    from project.infra import errors
+
+    def fail() -> None:
+        raise BrokenPipeError(32, "a socket's reader went away")
+
+    with pytest.raises(BrokenPipeError):
+        errors.run_command(fail)

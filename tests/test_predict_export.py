@@ -119,8 +119,18 @@ def test_an_output_is_written_as_a_shell_writes_it(digits_run: dict, tmp_path: P
     assert (tmp_path / "p.csv").is_symlink() and (tmp_path / "m.onnx").is_symlink()
     assert read_csv(tmp_path / "kept" / "p.csv")[1] and (tmp_path / "kept" / "m.onnx").stat().st_size > 0
     assert predict.main(["--checkpoint", checkpoint, inputs, "--output", "/dev/null"]) == 0
+    assert export.main(["--checkpoint", checkpoint, "--output", "/dev/null"]) == 2  # it could not read it back
     assert stat.S_ISCHR(Path("/dev/null").stat().st_mode)
-    capsys.readouterr()
+    (tmp_path / "loop.csv").symlink_to("loop.csv")
+    assert predict.main(["--checkpoint", checkpoint, inputs, "--output", str(tmp_path / "loop.csv")]) == 2
+    assert (tmp_path / "loop.csv").is_symlink()
+    assert "Too many levels of symbolic links" in capsys.readouterr().err
+    # /dev/stdout when that is a file the shell opened (`>> all.csv`): a rename would leave the shell's file behind
+    with open(tmp_path / "all.csv", "a") as shells:
+        argv = ["--checkpoint", checkpoint, inputs, "--output", "/dev/stdout"]
+        into = subprocess.run([sys.executable, "-m", "project.predict", *argv], stdout=shells, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=cli_env())  # fmt: skip
+    assert into.returncode == 2 and "standard output: name a file (predict: --output -)" in into.stderr
     gone = subprocess.Popen([sys.executable, "-m", "project.predict", "--checkpoint", checkpoint, inputs, "--output",
                              "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=cli_env())  # fmt: skip
     gone.stdout.close()  # before the CSV is written

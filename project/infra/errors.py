@@ -9,6 +9,7 @@ import contextlib
 import gc
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -93,9 +94,12 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
         action()
         sys.stdout.flush()  # a reader that went away (`| head`) is found here, not in Python's flush at exit
         return 0
-    except BrokenPipeError:  # nothing to say, and nowhere to say it; exit as a shell's own commands do
-        with contextlib.suppress(OSError, ValueError):  # the flush at exit would fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        if debug or not reader_gone():
+            raise
+        # The reader of our output went away (`| head`): nothing to say, and nowhere to say it; exit as a shell's own
+        # commands do. Standard output is pointed at /dev/null, or Python's flush at exit would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except UserError as error:
         if debug:
@@ -141,6 +145,16 @@ def exit_process(code: int) -> NoReturn:
     the default job. The objects alive now are left out of it (gc.freeze): the OS takes back the memory anyway."""
     gc.freeze()
     sys.exit(code)
+
+
+def reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on its end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor (a test's captured output), no poll (Windows)
+        return False
 
 
 def lost_peer(error: BaseException) -> bool:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,13 +24,17 @@ def write_file(path: Path, write: Callable[[Path], Any], flag: str = "") -> None
     would replace the link or /dev/null itself); a run's own files never follow a link."""
     partial = path.with_name(f".{path.stem[:64]}.partial-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
-        if flag and path.is_symlink():
-            path = Path(os.path.realpath(path))
+        if flag and same_file(path, sys.stdout):  # a rename would put the file where the shell's redirection is not
+            raise UserError(f"{flag}{path} is this command's standard output: name a file (predict: --output -)")
+        if flag and in_place(path):
+            partial = path
+        elif flag and path.is_symlink():
+            path = Path(os.path.realpath(path))  # its target may not exist yet
+            if path.is_symlink():  # a loop of links, which a shell refuses too
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
             partial = path.with_name(partial.name)
         if path.is_dir():
             raise UserError(f"{flag}{path} is a folder; name the file to write")
-        if flag and path.exists() and not path.is_file():
-            partial = path
         path.parent.mkdir(parents=True, exist_ok=True)
         write(partial)
         if partial != path and partial.exists():  # a writer may have had nothing to write
@@ -38,6 +45,22 @@ def write_file(path: Path, write: Callable[[Path], Any], flag: str = "") -> None
         if partial != path:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
+
+
+def in_place(path: Path) -> bool:
+    """Whether a shell would write into `path` rather than replace it: a device, a FIFO or a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there (or not reachable: write_file says why)
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def same_file(path: Path, stream: Any) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(stream.fileno()))
+    except (OSError, ValueError, AttributeError):  # not there, or a stream with no descriptor
+        return False
 
 
 def write_text(path: Path, text: str) -> None:

@@ -36,7 +36,7 @@ from project.infra import checkpoints, plots, runs
 from project.infra.cli import load_config
 from project.infra.errors import Interrupted, RunStopped, UserError
 from project.infra.files import write_file, write_text
-from project.infra.redact import redact, redact_argv, redact_text
+from project.infra.redact import redact, redact_argv, redact_path, redact_text
 from project.infra.tracking import Trackers
 
 try:
@@ -71,6 +71,22 @@ def finished(checkpoint: Path) -> bool:
     kept outside a run has nothing left to complete."""
     run = runs.run_of(checkpoint)
     return run is None or read_manifest(run).get("exit_status") == "finished"
+
+
+def check_split(checkpoint: Path, datamodule: Any) -> None:
+    """A run is continued and tested on the split it trained on: split sizes that differ from its manifest's (its data
+    split otherwise by another release of this project) would mix its test and training samples."""
+    run = runs.run_of(checkpoint)
+    recorded = read_manifest(run).get("data", {}).get("split_sizes") if run is not None else None
+    try:
+        now = dict(datamodule.split_sizes)
+    except (AttributeError, NotImplementedError, TypeError):  # a datamodule without sizes
+        return
+    differ = [f"{name} {recorded[name]} -> {now[name]}" for name in sorted(recorded.keys() & now.keys())
+              if recorded[name] != now[name]] if isinstance(recorded, dict) else []  # fmt: skip
+    if differ:
+        raise UserError(f"{run}: its data would split otherwise now ({', '.join(differ)}), mixing its test and "
+                        "training samples; start a new run to train on this split")  # fmt: skip
 
 
 class Run(pl.Callback):
@@ -203,7 +219,7 @@ class Run(pl.Callback):
         names = [runs.CONFIG, runs.CURVES, runs.METRICS]
         if report is not None:
             loss = trainer.callback_metrics.get("test/loss")
-            where = {"checkpoint": redact_text(str(tested)) if tested else None, "checkpoint_epoch": epoch}
+            where = {"checkpoint": redact_path(tested) if tested else None, "checkpoint_epoch": epoch}
             self.test_record = {**report.scores, "loss": None if loss is None else float(loss), **report.details,
                                 **where}  # fmt: skip
             self.manifest["test"] = {**report.scores, **where}
@@ -329,11 +345,16 @@ def create_run_dir(directory: Path) -> list[Path]:
     may be a link the user made; a link planted as the experiment folder inside it is refused rather than followed."""
     try:
         made = [folder for folder in reversed(directory.parents) if not folder.exists()] + [directory]
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        if directory.parent.is_symlink():
-            raise UserError(f"--exp-dir: {directory.parent} is a symbolic link; runs are not written through it")
-        directory.mkdir()
-        return made
+        for attempt in range(3):  # a command refused meanwhile may remove an empty parent (Run.abandon)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            if directory.parent.is_symlink():
+                raise UserError(f"--exp-dir: {directory.parent} is a symbolic link; runs are not written through it")
+            try:
+                directory.mkdir()
+                return made
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
     except FileExistsError as error:
         raise UserError(f"--exp-dir: {directory} exists already; start the run again for a new name") from error
     except OSError as error:

@@ -37,6 +37,11 @@ def redact_text(text: str) -> str:
     return text
 
 
+def redact_path(path: str | os.PathLike) -> str:
+    """A path with each folder's name redacted on its own: `.../password=X/run/last.ckpt` keeps `run/last.ckpt`."""
+    return "/".join(redact_text(part) for part in os.fspath(path).split("/"))
+
+
 def redact(value: Any, name: str = "") -> Any:
     """A copy of `value` (a mapping, list or scalar named `name`) that is safe to write down."""
     if name and is_secret(name) and value is not None:
