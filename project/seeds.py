@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import statistics
 import time
 
 from project import run
 from project.infra import cli, runs
 from project.infra.errors import UserError, exit_process, run_command
+from project.infra.files import write_text
 
 
 def seed_list(text: str) -> list[int]:
-    seeds = [cli.non_negative_int(part) for part in text.split(",") if part.strip()]
+    seeds = [cli.seed(part) for part in text.split(",") if part.strip()]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError
     return seeds
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> None:
     if any(arg.split("=")[0] == "--seed" for arg in run_argv):
         raise UserError("--seed and --seeds exclude each other: list every seed in --seeds")
+    cli.require_one_device(base, "project.seeds")
     results = []
     for number, seed in enumerate(seeds, 1):
         print(f"\n--- seed {seed} ({number} of {len(seeds)})", flush=True)
@@ -52,9 +55,11 @@ def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> N
     names = [name for name in results[0] if name.startswith("test/") and all(name in r for r in results)]
     values = {name: [r[name] for r in results] for name in names}
     summary = {name: {"mean": statistics.mean(v), "std": statistics.stdev(v)} for name, v in values.items()}
-    path = runs.experiment_dir(base.exp_dir, base.exp_name) / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    record = {"seeds": seeds, "config": run.config_of(base), "runs": results, "summary": summary}
-    path.write_text(json.dumps(record, indent=2))
+    # Named like a run: two commands that end within a second keep a summary each.
+    name = f"seeds-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.json"
+    path = runs.experiment_dir(base.exp_dir, base.exp_name) / name
+    config = {key: value for key, value in run.config_of(base).items() if key != "seed"}  # each run's is its own
+    write_text(path, json.dumps({"seeds": seeds, "config": config, "runs": results, "summary": summary}, indent=2))
     print(f"\nTest metrics over seeds {','.join(map(str, seeds))}, mean ± std (sample std); saved in {path}")
     for name, value in summary.items():
         print(f"{name:>16}  {value['mean']:.4f} ± {value['std']:.4f}")

@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespace) -> None:
     if base.exp_name not in ("debug", args.study):
         raise UserError(f"--exp-name: a sweep's trials are grouped under --study {args.study}; drop --exp-name")
-    if base.gpus not in (None, 1) or str(base.devices) != "1" or base.num_nodes != 1:
-        raise UserError("a sweep runs each trial on one device: for more, run one sweep per GPU with a --storage")
+    cli.require_one_device(base, "project.sweep", "for more, run one sweep per GPU with a --storage")
     try:
         import optuna
         import optuna_integration  # noqa: F401 (the pruning callback, imported per trial)
@@ -265,7 +264,9 @@ def report(study: optuna.Study, monitor: str, out_dir: Path) -> None:
     print(redact_text(f"Best: trial {best.number}, {monitor} = {best.value:.6g}, {best.params}: {out_dir}/best.yaml"))
     for name in ("optimization_history", "param_importances"):
         try:
-            axes = getattr(optuna_plots, f"plot_{name}")(study, target_name=monitor)
+            with warnings.catch_warnings():  # "too few trials" for the importances: the plot says it
+                warnings.simplefilter("ignore")
+                axes = getattr(optuna_plots, f"plot_{name}")(study, target_name=monitor)
         except (ValueError, RuntimeError, ImportError, ZeroDivisionError) as error:  # importances need 2 trials
             print(f"note: no {name} plot ({type(error).__name__}: {error})")
             continue

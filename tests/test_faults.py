@@ -422,3 +422,12 @@ def test_a_broken_pipe_other_than_standard_output_is_not_taken_for_a_reader_gone
 
     with pytest.raises(BrokenPipeError):
         errors.run_command(fail)
+
+
+def test_a_rank_other_than_zero_stopped_by_a_signal_names_no_checkpoint_of_its_own() -> None:
+    """Under torchrun the other ranks do not know the run directory's name: rank 0's line says how to resume."""
+    from types import SimpleNamespace
+
+    stop = callbacks.GracefulStop(Path("/runs/rank-0/checkpoints/last.ckpt"), "python -m project.run --resume X")
+    message = str(stop.stopped(SimpleNamespace(is_global_zero=False, global_rank=1), "after step 3"))
+    assert message == "stopped by SIGTERM after step 3 (rank 1: rank 0 says how to resume)"

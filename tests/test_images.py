@@ -405,6 +405,35 @@ def test_smallest_splittable_is_exactly_where_scikit_learn_starts_to_split(fract
         assert splits == (count >= needed), (count, needed)
 
 
+def test_val_and_test_folders_without_train_are_one_line(tmp_path):
+    write_image_folder(tmp_path / "pets" / "val")
+    write_image_folder(tmp_path / "pets" / "test")
+    assert "has val/ or test/ but no train/" in one_line_error(lambda: open_folder(tmp_path / "pets"))
+
+
+def test_pixels_are_read_as_a_viewer_shows_them(tmp_path):
+    """16-bit images scaled to 8 bits (convert() alone clips every pixel above 255 to white), photos turned upright
+    by their EXIF orientation, and a file whose name holds a newline named on one line."""
+    from PIL import Image
+
+    deep = (np.arange(64).reshape(8, 8) * 1000 + 257).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    read = images.read_image(tmp_path / "deep.png", (1, 8, 8))
+    assert np.array_equal(read[0].numpy(), deep // 256)
+    sideways = np.zeros((4, 8, 3), dtype=np.uint8)
+    sideways[:, :2] = 255  # a white band on the left; orientation 6: turn it 90 degrees clockwise to view it
+    photo = Image.fromarray(sideways)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "photo.png", exif=exif)
+    upright = images.read_image(tmp_path / "photo.png", (1, 8, 4))[0].numpy()
+    assert (upright[:2] > 200).all() and (upright[2:] < 50).all()  # the band is on top now
+    (tmp_path / "two\nlines.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    message = images.unreadable(str(tmp_path / "two\nlines.png"), OSError("broken"))
+    assert "\n" not in message and "two\\nlines.png" in message
+
+
 def test_presplit_folders_must_share_their_classes(tmp_path):
     write_image_folder(tmp_path / "pets" / "train", classes=("cat", "dog"))
     write_image_folder(tmp_path / "pets" / "val", classes=("cat", "emu"))

@@ -27,13 +27,19 @@ def test_seeds_are_separate_runs_summarised_as_mean_and_std(tmp_path: Path, caps
     assert summary["summary"]["test/acc"]["mean"] == pytest.approx(statistics.mean(accuracies))
     assert summary["summary"]["test/acc"]["std"] == pytest.approx(statistics.stdev(accuracies))
     assert "mean ± std" in capsys.readouterr().out
+    assert "seed" not in summary["config"]  # each run's is its own
 
 
 def test_seed_list_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
-    for bad in ("1", "1,1", "1,x"):
+    for bad in ("1", "1,1", "1,x", "0,4294967296"):  # the last: project.run's own limit, before the first run
         with pytest.raises(SystemExit) as exit_info:
             seeds.main(["--seeds", bad, "--exp-dir", str(tmp_path)])
         assert exit_info.value.code == 2
         assert "--seeds: invalid list of two or more distinct seeds" in capsys.readouterr().err
     assert seeds.main(["--seeds", "1,2", "--seed", "4", "--exp-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: --seed and --seeds exclude each other: list every seed in --seeds"
+    # Several processes would each run the whole loop of runs (and part ways between them): refused at once.
+    for devices in (["--devices", "2", "--accelerator", "cpu"], ["--num-nodes", "2"]):
+        assert seeds.main(["--seeds", "1,2", *devices, "--exp-dir", str(tmp_path)]) == 2
+        assert "project.seeds trains each run on one device" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

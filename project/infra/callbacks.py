@@ -202,7 +202,7 @@ class GracefulStop(Callback):
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # validation and the epoch-end checkpoint come next (see MidEpochCheckpoint)
         trainer.save_checkpoint(self.last_checkpoint)  # where MidEpochCheckpoint saves: resumes with the next step
-        raise self.stopped(f"after step {trainer.global_step}")
+        raise self.stopped(trainer, f"after step {trainer.global_step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if StopSignals.received is not None:
@@ -211,16 +211,19 @@ class GracefulStop(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         StopSignals.deferred = False
         if StopSignals.received is not None:
-            raise self.stopped(f"at the end of the epoch, after step {trainer.global_step}")
+            raise self.stopped(trainer, f"at the end of the epoch, after step {trainer.global_step}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         StopSignals.deferred = False
         if trainer.progress_bar_callback is not None:
             print(flush=True)  # end the progress bar's line, so that our message starts on its own
 
-    def stopped(self, when: str) -> RunStopped:
+    def stopped(self, trainer: pl.Trainer, when: str) -> RunStopped:
         signum = StopSignals.received or signal.SIGTERM  # a process that did not get the signal itself
         name, resume = signal.Signals(signum).name, self.resume_command
+        if not trainer.is_global_zero:  # under torchrun, only rank 0 knows the run directory's name
+            return RunStopped(f"stopped by {name} {when} (rank {trainer.global_rank}: rank 0 says how to resume)",
+                              128 + signum)  # fmt: skip
         return RunStopped(
             f"stopped by {name}: saved {self.last_checkpoint} {when}\nresume with: {resume}", 128 + signum
         )

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import itertools
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from project.infra.errors import UserError
 from project.infra.redact import redact_text
 
 # A config file holds option: value lines (a run's config.yaml is about 1 kB); a bigger or deeper one is refused
@@ -190,6 +192,14 @@ def add_model_options(parser: Parser, formats: str) -> None:
     parser.add("--exp-dir", type=path, default="~/Experiments", help="where runs are, for --checkpoint best/last")
     parser.add("--exp-name", type=name, default="debug", help="whose latest run --checkpoint best/last means")
     parser.add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def require_one_device(base: argparse.Namespace, command: str, advice: str = "") -> None:
+    """project.sweep and project.seeds run one training after another in this process; several processes (DDP) would
+    each run the whole loop, and part ways between its runs."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if base.gpus not in (None, 1) or str(base.devices) != "1" or base.num_nodes != 1 or launched:
+        raise UserError(f"{command} trains each run on one device{'; ' + advice if advice else ''}")
 
 
 def refused_continuing(argv: list[str], command: str) -> bool:

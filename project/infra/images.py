@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError  # torchvision imports Pillow already
+from PIL import Image, ImageOps, UnidentifiedImageError  # torchvision imports Pillow already
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import check_integrity
 
@@ -45,7 +45,10 @@ def read_image(path: str | Path, input_shape: tuple[int, int, int]) -> torch.Ten
 
     channels, height, width = input_shape
     with Image.open(path, formats=FORMATS) as image:
-        converted = image.convert("RGB" if channels == 3 else "L")
+        upright = ImageOps.exif_transpose(image)  # as a viewer shows a photo taken sideways
+        if upright.mode == "I" or upright.mode.startswith("I;16"):  # 16-bit pixels: convert() would clip at 255
+            upright = upright.convert("I").point(lambda value: value / 256)
+        converted = upright.convert("RGB" if channels == 3 else "L")
     return TF.pil_to_tensor(TF.resize(converted, [height, width]))
 
 
@@ -53,7 +56,8 @@ def unreadable(path: str, error: Exception) -> str:
     """One line naming `path` and why it cannot be read (UnidentifiedImageError's text only repeats the path)."""
     why = f"{type(error).__name__}: {' '.join(str(error).split())}"
     why = f"not a {', '.join(FORMATS)} image" if isinstance(error, UnidentifiedImageError) else why
-    return f"cannot read image {path} ({why}); remove or replace it"
+    shown = path if str(path).isprintable() else ascii(str(path))  # a newline or a byte that is not UTF-8 in its name
+    return f"cannot read image {shown} ({why}); remove or replace it"
 
 
 def header_problem(path: str) -> str | None:
@@ -165,6 +169,9 @@ def open_image_folder(data_dir: Path, input_shape: tuple[int, int, int]) -> dict
     if not data_dir.is_dir():
         raise UserError(f"image-folder: {data_dir} is not a folder; pass --data-dir with one folder per class")
     root, linked = data_dir.resolve(), set()  # --data-dir itself may be a link: the user named it
+    if not is_folder(root / "train") and any(is_folder(root / name) for name in SPLITS[1:]):
+        raise UserError(f"image-folder: {root} has val/ or test/ but no train/: put the training images in "
+                        f"{root / 'train'}, or the class folders straight in {root}")  # fmt: skip
     splits = [name for name in SPLITS if is_folder(root / name)] if is_folder(root / "train") else [""]
     folders = {split or "all": ImageFolder(root, split, input_shape, linked) for split in splits}
     base = folders.get("train") or folders["all"]
