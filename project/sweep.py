@@ -97,6 +97,9 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     for attempt in range(3):
         try:  # (a folder that cannot be made, under a file or with a name too long, is one line too)
             with tracking.store_lock(url):
+                if others := foreign_tables(url):  # Optuna would add its tables to another application's database
+                    raise UserError(f"--storage {url} holds tables of another application ({', '.join(others[:3])}"
+                                    ", ...) and no Optuna study: name a database of its own")  # fmt: skip
                 storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
                                      heartbeat_stale_trial_callback=retry)  # fmt: skip
                 study = optuna.create_study(storage=storage, study_name=args.study, direction=direction,
@@ -105,6 +108,8 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
                     if key not in study.user_attrs:
                         study.set_user_attr(key, getattr(base, key))
             break
+        except UserError:
+            raise
         except Exception as error:  # a database driver not installed, a bad URL, a refused connection
             if isinstance(error, IntegrityError) and attempt < 2:
                 continue
@@ -143,6 +148,18 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
             requeue(study, retry, started[-1:])
             raise
     report(study, monitor, Path(base.exp_dir).expanduser() / args.study / "sweep")
+
+
+def foreign_tables(url: str) -> list[str]:
+    """The tables of a database that holds some but not Optuna's (MLflow's mlflow.db, say); [] for Optuna's or none."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        names = sorted(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    return [] if "studies" in names else names
 
 
 def requeue(study: optuna.Study, retry: Any, numbers: list[int]) -> None:

@@ -126,6 +126,7 @@ CASES = {
     "exp-dir empty": ("one line", "--exp-dir"),
     "val fraction leaving nothing to train": ("one line", "--val-fraction 0.95: a tenth of the data is the test"),
     "sweep storage in memory": ("one line", "SQLite in memory keeps nothing"),
+    "sweep storage of another application": ("unchanged", "holds tables of another application (alembic_version"),
     "gpu requested, none present": ("one line", "GPU"),
     "unknown strategy": ("one line", "strategy"),
     "dataset files missing": ("one line", "no usable files"),
@@ -248,6 +249,10 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "learning rate that is a token": ("project.run", [*fresh, "--learning-rate", f"token={SECRET}"]),
         "sweep of a SQLite study another sweep runs": ("project.sweep", [*sweep, *fresh, *QUICK]),
         "sweep storage in memory": ("project.sweep", [*sweep, *fresh, "--storage", "sqlite://"]),
+        "sweep storage of another application": (
+            "project.sweep",
+            [*sweep, *fresh, "--storage", f"sqlite:///{exp_dir / 'mlflow.db'}"],
+        ),  # fmt: skip
         "predict from an MLflow run without its store": (
             "project.predict",
             ["--checkpoint", "runs:/0123/model", *fresh, str(tmp / "x.npy")],
