@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from project import run
 from project.infra import cli, runs, tracking
-from project.infra.errors import RunStopped, UserError, exit_process, run_command
+from project.infra.errors import Interrupted, RunStopped, UserError, exit_process, run_command
 from project.infra.redact import redact, redact_text
 
 if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without loading Optuna or torch
     import optuna
 
-MAX_RETRIES = 2  # a trial that keeps dying (it kills the machine?) is not queued forever
+MAX_RETRIES = 2  # a trial that keeps crashing (it kills the machine?) is not queued forever; a signal is no crash
 STUDY_OPTIONS = ("monitor", "model", "dataset")  # trials of one study compare only when these are the same
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 60, 300  # seconds: a trial (of any worker) silent that long is queued again
 
@@ -77,7 +77,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     except ImportError as error:
         raise UserError(f"project.sweep needs {error.name}: pip install -e '.[sweep]'") from error
     from filelock import FileLock, Timeout
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
     from optuna.trial import TrialState
     from sqlalchemy.exc import IntegrityError
 
@@ -89,7 +89,6 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # retries: we rely on them
     url = args.storage or runs.sqlite_url(Path(base.exp_dir) / "optuna.db")
     database = runs.sqlite_file(url)
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     direction = "maximize" if task.higher_is_better(base.monitor) else "minimize"
     pruner = optuna.pruners.MedianPruner(args.prune_after_trials, n_warmup_steps=args.prune_after_epochs)
     # Workers starting together on a new database race to create its tables and the study's records (SQLite: a lock,
@@ -101,7 +100,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
                     raise UserError(f"--storage {url} holds tables of another application ({', '.join(others[:3])}"
                                     ", ...) and no Optuna study: name a database of its own")  # fmt: skip
                 storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                                     heartbeat_stale_trial_callback=retry)  # fmt: skip
+                                     heartbeat_stale_trial_callback=retry_unless_crashing)  # fmt: skip
                 study = optuna.create_study(storage=storage, study_name=args.study, direction=direction,
                                             pruner=pruner, load_if_exists=True)  # fmt: skip
                 for key in STUDY_OPTIONS:  # what every trial of the study must share (a study from before: as now)
@@ -132,7 +131,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
             raise UserError(f"study {args.study} is of {' '.join(changed) or f'--monitor {monitor}'}: continue it "
                             "with the same, or start another --study")  # fmt: skip
         if sqlite:  # we hold the lock: a trial still running was left by a dead sweep
-            requeue(study, retry, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
+            requeue(study, [t.number for t in study.get_trials(states=(TrialState.RUNNING,))])
 
         finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
         print(f"Study {args.study}: {finished} of {args.n_trials} trials finished (storage {url})", flush=True)
@@ -145,7 +144,7 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
         except UserError:
             raise  # a value search_space() chose that project.run refuses: it would fail again
         except BaseException:  # a signal (or a bug): the trial reruns from scratch when the sweep is run again
-            requeue(study, retry, started[-1:])
+            requeue(study, started[-1:])
             raise
     report(study, monitor, Path(base.exp_dir).expanduser() / args.study / "sweep")
 
@@ -162,16 +161,30 @@ def foreign_tables(url: str) -> list[str]:
     return [] if "studies" in names else names
 
 
-def requeue(study: optuna.Study, retry: Any, numbers: list[int]) -> None:
+def requeue(study: optuna.Study, numbers: list[int]) -> None:
     """Fail these trials, if still running, and queue each again with the same parameters."""
     from optuna.trial import TrialState
 
     for number in numbers:
         trial = study.tell(number, state=TrialState.FAIL, skip_if_finished=True)  # a finished one stays as it is
         if trial.state == TrialState.FAIL:
-            gave_up = len(retry.retry_history(trial)) >= MAX_RETRIES  # (read first: the callback appends to it)
-            retry(study, trial)  # a copy with the same parameters, unless retried MAX_RETRIES times already
-            print(f"trial {number} did not finish; {'given up' if gave_up else 'queued again'}", flush=True)
+            queued = retry_unless_crashing(study, trial)
+            print(f"trial {number} did not finish; {'queued again' if queued else 'given up'}", flush=True)
+
+
+def retry_unless_crashing(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Queue a copy of the failed `trial` with its parameters (Optuna's RetryHeartbeatStaleTrialCallback, which links
+    it to the trial it repeats), unless its attempts crashed more than MAX_RETRIES times. An attempt stopped on purpose
+    (marked "stopped": SLURM's preemption, Ctrl-C) never counts. Also the storage's callback for a silent worker."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=None)
+    trials = study.get_trials(deepcopy=False)  # by number
+    attempts = [*retry.retry_history(trial), trial.number]
+    if sum(not trials[number].user_attrs.get("stopped") for number in attempts) > MAX_RETRIES:
+        return False
+    retry(study, trial)
+    return True
 
 
 def claimed(study: optuna.Study, before: int | None = None) -> int:
@@ -212,6 +225,7 @@ def objective(
 
     trial.set_user_attr("config", redact(run.config_of(trial_args)))  # best.yaml's: no secret is written down
     trial.set_user_attr("run_dir", None)  # a retried trial inherits the interrupted one's until its run starts
+    trial.set_user_attr("stopped", False)  # and whether that one was stopped on purpose
     given = {arg.split("=", 1)[0] for arg in run_argv}  # --hidden-dim 16 or --hidden-dim=16
     replaced = [flag for flag in (f"--{name.replace('_', '-')}" for name in params) if flag in given]
     replacing = f" (sampled: replaces the {' '.join(replaced)} given)" if replaced else ""
@@ -223,9 +237,13 @@ def objective(
     ]
     try:
         result = run.train_and_test(trial_args, callbacks=callbacks)
+    except (Interrupted, KeyboardInterrupt):  # a signal outside a training step: no crash (retry_unless_crashing)
+        trial.set_user_attr("stopped", True)
+        raise
     except (RunStopped, optuna.TrialPruned) as error:
         # A signal: the sweep stops, and the trial reruns from scratch (so without the run's "resume with" line).
         if isinstance(error, RunStopped) and error.exit_code > 128:
+            trial.set_user_attr("stopped", True)
             raise RunStopped(f"trial {trial.number} {str(error).splitlines()[0]}", error.exit_code) from error
         print(f"trial {trial.number} pruned: {error}", flush=True)  # pruned, or diverged: a finished, hopeless trial
         raise optuna.TrialPruned(str(error)) from error

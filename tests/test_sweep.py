@@ -531,3 +531,25 @@ def test_a_sweep_prints_and_writes_no_secret(tmp_path: Path, monkeypatch: pytest
     assert "password=[redacted]" in written[0] and not [text for text in written if SECRET in text]
     trials = optuna.load_study(study_name="s", storage=storage).trials
     assert len(trials) == 2 and SECRET not in str([t.user_attrs for t in trials])
+
+
+def test_a_trial_stopped_on_purpose_is_always_queued_again_and_one_that_keeps_crashing_is_given_up() -> None:
+    """A cluster that preempts a trial again and again (SIGTERM each time) must not make the sweep give it up."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 1.0})
+
+    def attempt(stopped: bool) -> bool:
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})  # the copy waiting to run
+        assert trial.params == {"x": 1.0}
+        trial.set_user_attr("stopped", stopped)  # as sweep.objective marks it (a copy inherits the mark)
+        return sweep.retry_unless_crashing(study, study.tell(trial, state=TrialState.FAIL))
+
+    assert all(attempt(stopped=True) for _ in range(5))
+    assert [attempt(stopped=False) for _ in range(sweep.MAX_RETRIES + 1)] == [True] * sweep.MAX_RETRIES + [False]
+    assert not study.get_trials(states=(TrialState.WAITING,))
