@@ -88,6 +88,7 @@ def configure_mlflow() -> None:
         os.environ.setdefault(name, value)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's tables, in INFO lines
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry of a dead server
+    logging.getLogger("mlflow.utils.databricks_utils").setLevel(logging.ERROR)  # its auth's fallback: our line says
 
 
 def artifact_location(uri: str, exp_dir: str | Path, experiment: str) -> str | None:
