@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import csv
 import importlib
+import io
 import logging
 import os
 import re
@@ -125,7 +126,9 @@ class Trackers:
     def __init__(self, names: list[str], offline: bool = False) -> None:
         self.names, self.offline, self.directory = names, offline, Path()
         self.loggers: list[Any] = []
-        self.mlflow: MLflowRun | None = None  # once open
+        self.mlflow: MLflowRun | None = None  # each, once open
+        self.tensorboard: Any = None
+        self.wandb: Any = None
 
     def open(
         self, directory: Path, args: argparse.Namespace, previous: Mapping[str, Any], tags: dict[str, str]
@@ -133,22 +136,23 @@ class Trackers:
         """Start (or, resuming, reopen) the tracker runs; a server that cannot be used is an error now, not later.
         `previous`: the trackers' ids of the run being resumed (its manifest.json)."""
         self.loggers, self.directory = [csv_logger(directory / runs.METRICS)], directory
-        for name in sorted(self.names, key=("mlflow", "tensorboard", "wandb").index):  # W&B, which writes files, last
-            if name == "mlflow":
-                self.mlflow = MLflowRun(directory, args, previous.get("mlflow"), tags)
-                self.loggers.append(self.mlflow.logger)
-            elif name == "tensorboard":
-                from lightning.pytorch.loggers import TensorBoardLogger
+        if "mlflow" in self.names:  # first: it may refuse, and W&B, which writes files, comes last
+            self.mlflow = MLflowRun(directory, args, previous.get("mlflow"), tags)
+            self.loggers.append(self.mlflow.logger)
+        if "tensorboard" in self.names:
+            from lightning.pytorch.loggers import TensorBoardLogger
 
-                self.loggers.append(TensorBoardLogger(save_dir=str(directory), name="tensorboard", version="",
-                                                      default_hp_metric=False))  # fmt: skip
-            elif name == "wandb":
-                self.loggers.append(wandb_logger(directory, args.exp_name, tags, previous.get("wandb")))
+            self.tensorboard = TensorBoardLogger(save_dir=str(directory), name="tensorboard", version="",
+                                                 default_hp_metric=False)  # fmt: skip
+            self.loggers.append(self.tensorboard)
+        if "wandb" in self.names:
+            self.wandb = wandb_logger(directory, args.exp_name, tags, previous.get("wandb"))
+            self.loggers.append(self.wandb)
 
     def start(self, params: dict[str, Any]) -> None:
         """The run's configuration, user and command line as every tracker's hyperparameters (already redacted)."""
-        if self.mlflow is not None:
-            self.mlflow.mark_running()
+        if self.mlflow is not None and self.mlflow.reopened:
+            self.mlflow.call(self.mlflow.client.update_run, self.mlflow.run_id, "RUNNING")
         for logger in self.loggers:
             logger.log_hyperparams(params)
 
@@ -160,41 +164,35 @@ class Trackers:
         """Copies of the run's records (plots, config, reports) for each tracker; TensorBoard gets the plots as images
         and the hyperparameters beside the test scores (its HPARAMS tab)."""
         files = [path for path in files if path.is_file()]
-        for logger in self.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                for path in files:
-                    logger.experiment.save(str(path), base_path=str(directory), policy="now")
-            elif type(logger).__name__ == "TensorBoardLogger":
-                tensorboard_summary(logger, directory, files, scores)
+        for path in files if self.wandb is not None else []:
+            self.wandb.experiment.save(str(path), base_path=str(directory), policy="now")
+        if self.tensorboard is not None:
+            tensorboard_summary(self.tensorboard, directory, files, scores)
 
     def close(self, manifest: Path, status: str) -> list[str]:
         """End the tracker runs with a status ("finished", "interrupted", "failed: ..."); returns what went wrong."""
-        problems = []
-        if self.mlflow is not None:
-            problems += filter(None, [self.mlflow.close(manifest, status)])
-        for logger in self.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                with contextlib.suppress(Exception):  # W&B keeps its own offline copy when its service fails
-                    logger.experiment.finish(exit_code=0 if status == "finished" else 1)
-            elif self.mlflow is None or logger is not self.mlflow.logger:
-                logger.finalize("success" if status == "finished" else "failed")
-        return problems
+        problem = self.mlflow.close(manifest, status) if self.mlflow is not None else None
+        if self.wandb is not None:
+            with contextlib.suppress(Exception):  # W&B keeps its own offline copy when its service fails
+                self.wandb.experiment.finish(exit_code=0 if status == "finished" else 1)
+        for logger in filter(None, self.loggers[:1] + [self.tensorboard]):
+            logger.finalize("success" if status == "finished" else "failed")
+        return [problem] if problem else []
 
     def abandon(self) -> None:
-        """The run never started: end the tracker runs this command opened, without marking anything."""
-        if self.mlflow is not None:
-            self.mlflow.abandon()
+        """The run never started: a new MLflow run this command made is deleted (MLflow can restore it), a reopened
+        one is left as it was."""
+        if self.mlflow is not None and not self.mlflow.reopened:
+            self.mlflow.call(self.mlflow.client.delete_run, self.mlflow.run_id)
 
     def describe(self) -> dict[str, Any]:
         """What manifest.json keeps about each tracker run: enough to find it again and to resume it."""
         found: dict[str, Any] = {"mlflow": self.mlflow.describe()} if self.mlflow is not None else {}
-        for logger in self.loggers:
-            kind = type(logger).__name__
-            if kind == "WandbLogger":
-                url = getattr(logger.experiment, "url", None)
-                found["wandb"] = {"id": logger.version, "project": logger.name, "url": url}
-            elif kind == "TensorBoardLogger":
-                found["tensorboard"] = {"log_dir": logger.log_dir}
+        if self.wandb is not None:
+            url = getattr(self.wandb.experiment, "url", None)
+            found["wandb"] = {"id": self.wandb.version, "project": self.wandb.name, "url": url}
+        if self.tensorboard is not None:
+            found["tensorboard"] = {"log_dir": self.tensorboard.log_dir}
         return found
 
     def how_to_open(self) -> list[str]:
@@ -202,13 +200,11 @@ class Trackers:
         lines = [self.mlflow.how_to_open()] if self.mlflow is not None else []
         if self.offline:
             lines.append(f"MLflow offline ({OFFLINE}=offline): python -m project.sync {self.directory} puts it there")
-        for logger in self.loggers:
-            kind = type(logger).__name__
-            if kind == "TensorBoardLogger":
-                lines.append(f"tensorboard --logdir {shlex.quote(logger.log_dir)}")
-            elif kind == "WandbLogger":
-                url = getattr(logger.experiment, "url", None)
-                lines.append(url or f"wandb sync {Path(logger.experiment.dir).parent}  (an offline run: uploads it)")
+        if self.tensorboard is not None:
+            lines.append(f"tensorboard --logdir {shlex.quote(self.tensorboard.log_dir)}")
+        if self.wandb is not None:
+            url = getattr(self.wandb.experiment, "url", None)
+            lines.append(url or f"wandb sync {Path(self.wandb.experiment.dir).parent}  (an offline run: uploads it)")
         return lines
 
 
@@ -274,10 +270,6 @@ class MLflowRun:
         self.failure = self.failure or why
         return False  # as a logging filter: the record goes no further
 
-    def mark_running(self) -> None:
-        if self.reopened:
-            self.call(self.client.update_run, self.run_id, "RUNNING")
-
     def log_params(self, params: Mapping[str, Any]) -> None:
         from project.sync import log_params
 
@@ -322,12 +314,6 @@ class MLflowRun:
                     f"python -m project.sync {self.directory}")  # fmt: skip
         self.failure, self.problem, self.model_uri = None, problem or self.problem, model_uri or self.model_uri
         return f"MLflow: {self.problem}" if self.problem else None
-
-    def abandon(self) -> None:
-        """The run never started: a new MLflow run is deleted (MLflow can restore it), a reopened one is left as it
-        was."""
-        if not self.reopened:
-            self.call(self.client.delete_run, self.run_id)
 
     def describe(self) -> dict[str, Any]:
         found = {"tracking_uri": redact_text(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id,
@@ -466,22 +452,16 @@ def csv_logger(path: Path) -> Any:
                 with contextlib.suppress(OSError), open(self.path, newline="") as file:
                     rows = list(csv.DictReader(file))
                 self.columns = ["step", *sorted((set(self.columns) | set(row)) - {"step"})]
-                write_text(self.path, to_csv(self.columns, [*rows, row]))
+                text = io.StringIO()
+                writer = csv.DictWriter(text, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows([*rows, row])
+                write_text(self.path, text.getvalue())
                 return
             with open(self.path, "a", newline="") as file:  # flushed at every call: a crash loses no logged value
                 csv.DictWriter(file, fieldnames=self.columns).writerow(row)
 
     return AppendingCsvLogger()
-
-
-def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    import io
-
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
 
 
 def wandb_logger(directory: Path, experiment: str, tags: dict[str, str], previous: Mapping[str, Any] | None) -> Any:
