@@ -135,9 +135,12 @@ class TorchvisionData(InMemoryData):
     downloads what is missing; without a network the error names the files expected and where."""
 
     name: str  # as --dataset says it
+    source: str  # its class in torchvision.datasets
 
     def reader(self, train: bool, download: bool = False) -> Any:
-        raise NotImplementedError
+        import torchvision
+
+        return getattr(torchvision.datasets, self.source)(str(self.data_dir), train=train, download=download)
 
     def prepare_data(self) -> None:
         try:
@@ -173,37 +176,27 @@ class TorchvisionData(InMemoryData):
 class MNIST(TorchvisionData):
     """MNIST in its IDX files (torchvision's layout: <data-dir>/MNIST/raw/)."""
 
-    name = "mnist"
+    name, source = "mnist", "MNIST"
     input_shape = (1, 28, 28)
     output_names = [str(d) for d in range(10)]
     mean, std = (33.32,), (78.57,)
-
-    def reader(self, train: bool, download: bool = False) -> Any:
-        import torchvision
-
-        return torchvision.datasets.MNIST(str(self.data_dir), train=train, download=download)
 
 
 class FashionMNIST(TorchvisionData):
     """Fashion-MNIST, the same IDX format (<data-dir>/FashionMNIST/raw/)."""
 
-    name = "fashion-mnist"
+    name, source = "fashion-mnist", "FashionMNIST"
     input_shape = (1, 28, 28)
     output_names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]  # fmt: skip
     mean, std = (72.94,), (90.02,)
-
-    def reader(self, train: bool, download: bool = False) -> Any:
-        import torchvision
-
-        return torchvision.datasets.FashionMNIST(str(self.data_dir), train=train, download=download)
 
 
 class CIFAR10(TorchvisionData):
     """CIFAR-10's python batches (<data-dir>/cifar-10-batches-py/), read by torchvision with its checksums on: the
     batches are pickles, which can run code when read, so only the official files are ever unpickled."""
 
-    name = "cifar10"
+    name, source = "cifar10", "CIFAR10"
     input_shape = (3, 32, 32)
     output_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     mean, std = (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)
@@ -213,11 +206,6 @@ class CIFAR10(TorchvisionData):
         if (self.data_dir / "cifar-10-batches-py").is_dir():
             images.verify_cifar10(self.data_dir)  # planted or damaged files: refused by name, before any is read
         super().prepare_data()
-
-    def reader(self, train: bool, download: bool = False) -> Any:
-        import torchvision
-
-        return torchvision.datasets.CIFAR10(str(self.data_dir), train=train, download=download)
 
     def arrays(self, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
         return dataset.data.transpose(0, 3, 1, 2), np.asarray(dataset.targets)  # stored N x H x W x C
