@@ -96,7 +96,8 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     for attempt in range(3):
         try:  # (a folder that cannot be made, under a file or with a name too long, is one line too)
             with tracking.store_lock(url):
-                if others := foreign_tables(url):  # Optuna would add its tables to another application's database
+                others = runs.table_names(url)  # Optuna would add its tables to another application's database
+                if others and "studies" not in others:
                     raise UserError(f"--storage {url} holds tables of another application ({', '.join(others[:3])}"
                                     ", ...) and no Optuna study: name a database of its own")  # fmt: skip
                 storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
@@ -147,18 +148,6 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
             requeue(study, started[-1:])
             raise
     report(study, monitor, Path(base.exp_dir).expanduser() / args.study / "sweep")
-
-
-def foreign_tables(url: str) -> list[str]:
-    """The tables of a database that holds some but not Optuna's (MLflow's mlflow.db, say); [] for Optuna's or none."""
-    from sqlalchemy import create_engine, inspect
-
-    engine = create_engine(url)
-    try:
-        names = sorted(inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
-    return [] if "studies" in names else names
 
 
 def requeue(study: optuna.Study, numbers: list[int]) -> None:

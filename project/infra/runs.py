@@ -53,6 +53,18 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database)
 
 
+def table_names(url: str) -> list[str]:
+    """The tables of the database at `url` (SQLAlchemy's URL), after one try to connect: MLflow and Optuna would
+    retry a database that cannot be reached for minutes."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        return sorted(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
 def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:
     return Path(exp_dir).expanduser() / exp_name
 

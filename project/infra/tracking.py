@@ -109,7 +109,7 @@ def open_client(uri: str, advice: str = "start the server or fix MLFLOW_TRACKING
         with store_lock(uri):  # two runs that start together must not both create the store
             database = uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql")
             if database and not uri.startswith("sqlite"):
-                connect_once(uri)  # MLflow tries a database it cannot reach for minutes (10 times, longer waits)
+                runs.table_names(uri)  # MLflow tries a database it cannot reach for minutes (10 times, longer waits)
             # This process makes a database's tables: a signal waits for them (a store half made cannot be opened).
             # A server makes its own: a signal stops the wait for one that does not answer, at once.
             with signals_held() if database else contextlib.nullcontext():
@@ -368,17 +368,6 @@ def store_lock(uri: str) -> Any:
 
     database.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(f"{database}.lock", timeout=LOCK_SECONDS)
-
-
-def connect_once(uri: str) -> None:
-    from sqlalchemy import create_engine
-
-    engine = create_engine(uri)
-    try:
-        with engine.connect():
-            pass
-    finally:
-        engine.dispose()
 
 
 def unreachable(error: BaseException) -> bool:
