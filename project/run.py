@@ -195,7 +195,10 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
 
     # 1. Data: the dataset tells the model its task, input shape, outputs and input statistics. Everything is read
     # and checked now, so a missing or broken file fails before anything is written.
-    datamodule = DATASETS[args.dataset](**vars(args))
+    try:  # every option, as keyword arguments: a DataModule of one's own takes **kwargs
+        datamodule = DATASETS[args.dataset](**vars(args))
+    except TypeError as error:
+        raise UserError(f"--dataset {args.dataset}: {str(error).splitlines()[0]}") from error
     datamodule.prepare_data()
     datamodule.setup("test" if args.only_test else "fit")
 
@@ -207,6 +210,9 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         records.check_split(checkpoint, datamodule)
     if args.only_test:
         solver = checkpoints.load_solver(checkpoint, datamodule)
+        # The checkpoint decides the network: config.yaml records the one tested, whatever the flags said.
+        args.model, args.learning_rate = solver.hparams["model"], solver.hparams["learning_rate"]
+        vars(args).update(solver.hparams.get("model_options") or {})
     else:
         solver = build_solver(args, datamodule)
         if args.resume:
@@ -246,9 +252,14 @@ def resolve_task(args: argparse.Namespace) -> Any:
     from project.tasks import TASKS
 
     dataset = DATASETS[args.dataset]
-    task = TASKS[dataset.task]
+    task = TASKS.get(getattr(dataset, "task", None))
+    if task is None:
+        raise UserError(f"--dataset {args.dataset}: its task {getattr(dataset, 'task', None)!r} is not one of "
+                        f"project/tasks/'s TASKS ({', '.join(TASKS)})")  # fmt: skip
     if args.model == "auto":
-        args.model = dataset.default_model
+        args.model = getattr(dataset, "default_model", None)
+        if args.model is None:
+            raise UserError(f"--model auto: --dataset {args.dataset} names no default_model; give --model")
     if args.monitor.partition("/")[2] not in task.metric_names():
         names = ", ".join(f"val/{name}" for name in task.metric_names())
         raise UserError(
@@ -259,7 +270,7 @@ def resolve_task(args: argparse.Namespace) -> Any:
 
 def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
     """A fresh Solver for the dataset's task and inputs (benchmarks/ build it the same way)."""
-    from project.infra import hardware
+    from project.infra import checkpoints, hardware
     from project.model import backbone_options
     from project.solver import Solver
     from project.tasks import TASKS
@@ -280,7 +291,7 @@ def build_solver(args: argparse.Namespace, datamodule: Any) -> Any:
         compile=args.compile,
     )
     try:
-        return Solver(**settings)
+        return Solver(**checkpoints.storable(settings))
     except (TypeError, ValueError) as error:  # a backbone that does not fit the data, or its options
         raise UserError(f"--model {args.model}: {str(error).splitlines()[0]}") from error
 

@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from conftest import only_run_dir, run_cli, write_image_folder, write_mnist_like
+import yaml
+from conftest import only_run_dir, run_cli, run_dirs, write_image_folder, write_mnist_like
 
 QUICK = ("--logger", "csv", "--num-workers", "0")
 
@@ -23,9 +24,12 @@ def test_short_digits_run_then_only_test_reproduces_it(exp_dir):
     assert recorded["acc"] >= 0.9
     assert list((run_dir / "checkpoints").glob("best-*.ckpt")) and (run_dir / "checkpoints" / "last.ckpt").is_file()
 
-    retest = run_cli("--only-test", "--exp-dir", str(exp_dir), "--exp-name", "short", *QUICK)
+    # A network flag given to --only-test changes nothing: the checkpoint's network is tested, and recorded.
+    retest = run_cli("--only-test", "--exp-dir", str(exp_dir), "--exp-name", "short", "--hidden-dim", "16", *QUICK)
     assert retest.returncode == 0, retest.stderr
     assert f"Test scores:   acc {recorded['acc']:.4f}" in retest.stdout
+    (test_run,) = [d for d in run_dirs(exp_dir, "short") if d != run_dir]
+    assert yaml.safe_load((test_run / "config.yaml").read_text())["hidden_dim"] == 32
 
 
 def test_only_test_without_a_checkpoint_says_so(exp_dir):

@@ -1,11 +1,16 @@
 """Every model on every image shape gives one output per task output; the MLP takes feature vectors too; the registries
 match the CLI's names."""
 
+import io
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from project import run
 from project.data import DATASETS
+from project.infra.errors import UserError
 from project.model import MODELS, backbone_options, build_model
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "image-folder": (3, 64, 64)}
@@ -47,3 +52,21 @@ def test_feature_vectors_are_standardised_per_feature():
 def test_cli_names_match_the_registries():
     assert set(run.DATASET_NAMES) == set(DATASETS)
     assert set(run.MODEL_NAMES) == set(MODELS)
+
+
+def test_numpy_values_of_a_dataset_give_checkpoints_that_load_weights_only(tmp_path):
+    # The natural way to write a dataset (`list(load_wine().target_names)`, `features.mean(0)`) gives numpy values;
+    # a checkpoint holding them was refused by every weights-only read, after a whole run had trained.
+    args = run.parse_args(["--exp-dir", str(tmp_path)])
+    run.resolve_task(args)
+    datamodule = DATASETS["digits"](**vars(args))
+    datamodule.output_names = list(np.array([str(d) for d in range(10)]))
+    datamodule.mean, datamodule.std = np.array([4.884]), tuple(np.array([6.017]))
+    buffer = io.BytesIO()
+    torch.save({"hyper_parameters": dict(run.build_solver(args, datamodule).hparams)}, buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)["hyper_parameters"]
+    assert saved["output_names"][3] == "3" and saved["mean"] == [4.884] and saved["std"] == [6.017]
+
+    datamodule.pixel_max = Path("16")  # anything a weights-only read refuses: one line before training, not after
+    with pytest.raises(UserError, match=r"setting pixel_max = PosixPath\('16'\) \(PosixPath\)"):
+        run.build_solver(args, datamodule)

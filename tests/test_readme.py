@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,7 @@ def patched_project(tmp_path: Path) -> Path:
     (names_line,) = [b.strip() for b in blocks if b.startswith("MODEL_NAMES =")]
     (datasets_line,) = [b.strip() for b in blocks if b.startswith("DATASET_NAMES =")]
     (option_line,) = [b.rstrip("\n") for b in blocks if b.strip().startswith('add("--')]
+    (search_lines,) = [b for b in blocks if "suggest_" in b]
     assert len(model_code) == 2 and len(data_code) == 2
     append(root / "project" / "model.py", model_code)
     append(root / "project" / "data.py", data_code)
@@ -105,6 +107,9 @@ def patched_project(tmp_path: Path) -> Path:
     marker = re.search(r"^ *# Backbone options.*\n", run_py, flags=re.M)
     run_py = run_py[: marker.end()] + option_line + "\n" + run_py[marker.end() :]
     (root / "project" / "run.py").write_text(run_py)
+    sweep_py = (root / "project" / "sweep.py").read_text()
+    end = sweep_py.index("    return space\n", sweep_py.index("def search_space("))
+    (root / "project" / "sweep.py").write_text(sweep_py[:end] + search_lines + sweep_py[end:])
     return root
 
 
@@ -125,16 +130,36 @@ def test_the_extension_examples_work_as_the_readme_shows(tmp_path: Path) -> None
     with CliServer(env) as server:
         extended_project_trains(server, root, tmp_path)
         assert server.calls == 5  # forked: the same runs, each without importing the libraries again
+    extended_parts_do_what_they_say(root, env)
 
-    # The changed copy still passes the project's own tests and its linters; no machinery file was touched.
+    # The changed copy still passes the project's own tests and its linters; no machinery file was touched (the
+    # sweep's search_space() is the part of it meant to be edited).
     for command in ("python -m pytest -q -x -p no:cacheprovider", "ruff format --check .", "ruff check ."):
         done = shell(command, root, env, timeout=900)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}{done.stderr[-2000:]}"
     changed = [path.relative_to(root).as_posix() for path in (root / "project").rglob("*.py")
                if not (ROOT / path.relative_to(root)).is_file() or (ROOT / path.relative_to(root)).read_bytes()
                != path.read_bytes()]  # fmt: skip
-    assert sorted(changed) == ["project/data.py", "project/model.py", "project/run.py", "project/tasks/__init__.py",
-                               "project/tasks/multilabel.py"]  # fmt: skip
+    assert sorted(changed) == ["project/data.py", "project/model.py", "project/run.py", "project/sweep.py",
+                               "project/tasks/__init__.py", "project/tasks/multilabel.py"]  # fmt: skip
+
+
+def extended_parts_do_what_they_say(root: Path, env: dict[str, str]) -> None:
+    """The sweep searches the new option for the backbone that takes it; the multi-label metrics read small logits
+    (all within [0, 1], which torchmetrics would take for probabilities) as logits."""
+    check = """
+import optuna, torch
+from project.sweep import search_space
+from project.tasks.multilabel import MultiLabel
+trial = optuna.create_study().ask()
+assert set(search_space(trial, {"hidden_dim", "dropout"})) == {"learning_rate", "hidden_dim", "dropout"}
+assert set(search_space(optuna.create_study().ask(), {"hidden_dim"})) == {"learning_rate", "hidden_dim"}
+metric = MultiLabel(["a", "b"]).metric()
+metric.update(torch.tensor([[0.3, 0.2], [-0.1, 0.4]]), torch.tensor([[1, 1], [0, 1]]))
+assert {k: float(v) for k, v in metric.compute().items()} == {"f1": 1.0, "exact_match": 1.0}
+"""
+    done = subprocess.run([sys.executable, "-c", check], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def extended_project_trains(server: CliServer, root: Path, tmp_path: Path) -> None:

@@ -51,6 +51,33 @@ def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
     return checkpoint
 
 
+def storable(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as the checkpoint's hyperparameters will hold them: numpy values (a dataset's `mean` computed with
+    numpy, its class names from scikit-learn) become plain Python, and anything else that `read` would refuse is one
+    line now, before training, not a run whose every checkpoint cannot be read."""
+    import io
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value.tolist() if type(value).__module__ == "numpy" else value  # a numpy scalar or array
+
+    settings = plain(settings)
+    for key, value in settings.items():
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"the model's setting {key} = {repr(value)[:80]} ({type(value).__name__}) could not be "
+                            "read back from a checkpoint (weights only): give plain values (str, int, float, bool, "
+                            "lists, dicts)") from None  # fmt: skip
+    return settings
+
+
 def input_spec(hparams: dict[str, Any]) -> dict[str, Any]:
     """What a user of the model must know to feed it and read it, in plain JSON types: raw inputs (N, *input_shape)
     (images' pixels 0..pixel_max; the model standardises them with mean/std), the task and its outputs' names."""

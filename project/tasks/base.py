@@ -68,7 +68,9 @@ class Task:
         raise NotImplementedError
 
     def report(self, state: Any) -> Report:
-        return Report(self.scores(state))
+        """The test set's scores; a task with more to say (per class, per output, figures) says it here."""
+        scores = self.scores(state)
+        return Report(scores, text="\n".join(f"{name:>12} {value:.4f}" for name, value in scores.items()))
 
     def serve(self) -> nn.Module:
         """What follows the network when it is served (predict, export, MLflow): outputs -> what users read."""
