@@ -137,6 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
         if continued:
             refuse_changes(parser, args, saved, continued)
+    if continued and args.resume:  # a run continues where it is now (moved or copied), whatever its config says
+        args.exp_dir, args.exp_name = str(continued.parent.parent), continued.parent.name
     if args.resume or args.only_test:
         args.resume, args.checkpoint = (str(checkpoint), None) if args.resume else (None, str(checkpoint))
     args.argv = argv  # for manifest.json and the trackers

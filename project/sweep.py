@@ -71,6 +71,8 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
     if base.exp_name not in ("debug", args.study):
         raise UserError(f"--exp-name: a sweep's trials are grouped under --study {args.study}; drop --exp-name")
     cli.require_one_device(base, "project.sweep", "for more, run one sweep per GPU with a --storage")
+    if base.fast_dev_run:  # Lightning logs no metric in a fast dev run: every trial would end pruned, for good
+        raise UserError("--fast-dev-run: a sweep's trials are whole runs; smoke-test with project.run --fast-dev-run")
     try:
         import optuna
         import optuna_integration  # noqa: F401 (the pruning callback, imported per trial)

@@ -174,7 +174,8 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
     name = manifest.get("experiment") or run_dir.parent.name
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        found = client.search_runs([experiment.experiment_id], f"tags.{TAG} = '{manifest['run_id']}'", max_results=1)
+        found = client.search_runs([experiment.experiment_id], f"tags.{TAG} = '{manifest['run_id']}'")
+        found = [run for run in found if not copied_from(run, run_dir)]
         if found:
             return found[0], True
     recorded = manifest.get("trackers", {}).get("mlflow") or {}
@@ -182,7 +183,7 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
         try:
             run = client.get_run(recorded["run_id"])
             ours = run.data.tags.get(TAG, manifest["run_id"]) == manifest["run_id"]  # not another run directory's
-            if run.info.lifecycle_stage == "active" and ours:
+            if run.info.lifecycle_stage == "active" and ours and not copied_from(run, run_dir):
                 return run, True
         except MlflowException:
             pass
@@ -195,11 +196,19 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
     return client.create_run(experiment_id, start_time=started, tags=tags, run_name=run_dir.name), False
 
 
+def copied_from(run: Any, run_dir: Path) -> bool:
+    """Whether `run` is the MLflow run of another run directory that still exists: `run_dir` is a copy of it, and
+    must not write into its record (a moved run directory finds its run again)."""
+    recorded = run.data.tags.get("run_dir")
+    return bool(recorded) and recorded != redact_text(str(run_dir.resolve())) and Path(recorded).is_dir()
+
+
 def run_tags(manifest: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
     """The tags a live run gets (records.Run.tags), from its manifest."""
     git = manifest.get("git") or {}
-    found = {"user": manifest.get("user"), "host": manifest.get("host"), "run_dir": redact_text(str(run_dir)), "mode":
-             manifest.get("mode"), **manifest.get("tags", {}), TAG: manifest.get("run_id") or run_dir.name}  # fmt: skip
+    found = {"user": manifest.get("user"), "host": manifest.get("host"), "mode": manifest.get("mode"),
+             "run_dir": redact_text(str(run_dir.resolve())), **manifest.get("tags", {}),
+             TAG: manifest.get("run_id") or run_dir.name}  # fmt: skip
     if git.get("commit"):
         found |= {"git_commit": git["commit"], "git_dirty": str(git.get("dirty"))}
     return {key: str(value) for key, value in found.items() if value is not None}

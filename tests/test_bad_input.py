@@ -112,6 +112,9 @@ CASES = {
     "config malformed": ("one line", "not valid YAML"),
     "config with an unknown key": ("one line", "unknown option 'max_epoch'"),
     "config missing": ("one line", "cannot read"),
+    "config that is a FIFO": ("one line", "not a regular file"),  # opening it would wait for a writer for good
+    "exp-dir of a user this machine does not know": ("one line", "--exp-dir"),
+    "sweep of fast dev runs": ("one line", "--fast-dev-run: a sweep's trials are whole runs"),
     "exp-dir behind a file": ("one line", "--exp-dir"),
     "export into a path under a file": ("one line", "cannot write"),
     "predict pixels that are NaN": ("one line", "holds NaN or infinite values"),
@@ -221,6 +224,7 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "learning rate beyond float32": [*fresh, "--learning-rate", "1e308"],
         "image size below what augmentation shifts": [*fresh, "--image-size", "4"],
         "exp-dir empty": ["--exp-dir", ""],
+        "exp-dir of a user this machine does not know": ["--exp-dir", "~no-such-user-here/x"],
         "val fraction leaving nothing to train": [*fresh, "--val-fraction", "0.95"],
         "epochs not a number": [*fresh, "--max-epochs", "ten"],
         "image folder missing": [*fresh, "--dataset", "image-folder", "--data-dir", str(tmp / "no-pets")],
@@ -249,6 +253,7 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "learning rate that is a token": ("project.run", [*fresh, "--learning-rate", f"token={SECRET}"]),
         "sweep of a SQLite study another sweep runs": ("project.sweep", [*sweep, *fresh, *QUICK]),
         "sweep storage in memory": ("project.sweep", [*sweep, *fresh, "--storage", "sqlite://"]),
+        "sweep of fast dev runs": ("project.sweep", [*sweep, *fresh, "--fast-dev-run"]),
         "sweep storage of another application": (
             "project.sweep",
             [*sweep, *fresh, "--storage", f"sqlite:///{exp_dir / 'mlflow.db'}"],
@@ -350,6 +355,8 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
                    "config with an unknown key": b"max_epoch: 3\n"}  # fmt: skip
         if case in content:
             config.write_bytes(content[case])
+        elif case == "config that is a FIFO":
+            os.mkfifo(config)
         return module, [*fresh, "--config", str(config)], guarded
     if case.startswith("checkpoint"):
         path = tmp / "c.ckpt"

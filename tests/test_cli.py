@@ -195,7 +195,8 @@ def alias_bomb(option: str = "") -> bytes:
      (b"learning_rate: 0.1\n" * 100_000, "larger than 64 KiB"), (b"#" * 70_000, "larger than 64 KiB"),
      (b"learning_rate: " + b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
      (b"logger: {a: {b: {c: 1}}}\n", "nested too deeply"), (b"logger: [[csv]]\n", "nested too deeply"),
-     (b"data_dir: {a: 1}\n", "data_dir must be a value or a list of values"),
+     (b"data_dir: {a: 1}\n", "data_dir takes one value"), (b"max_epochs: [1, 2]\n", "max_epochs takes one value"),
+     (b"devices: [1, 2]\n", "devices takes one value"), (b"logger: {a: 1}\n", "logger takes one value or a list"),
      (b"- a list\n", "mapping"), (b"just text\n", "mapping"), (b"42\n", "mapping"), (b"[1, 2]\n", "mapping")],
 )  # fmt: skip
 def test_config_files_that_would_explode_are_one_line_before_any_work(tmp_path, capsys, content, named):
@@ -317,3 +318,15 @@ def test_a_run_forked_by_the_test_server_prints_and_ends_as_a_fresh_process(tmp_
                            env=cli_env(), timeout=300)  # fmt: skip
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
     assert forked.returncode != 0 and forked.stderr.count("\n") <= 2, forked.stderr
+
+
+def test_config_numbers_are_read_as_written_like_flags(tmp_path):
+    # YAML 1.1 reads 0123 as the octal 83 and 1:30 as 90 (base 60); a flag --exp-name 0123 is the name "0123".
+    config = tmp_path / "c.yaml"
+    config.write_text("exp_name: 0123\nseed: 010\nmax_epochs: 1_000\nlearning_rate: 1e-3\nlogger: [csv]\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.exp_name, args.seed, args.max_epochs, args.learning_rate, args.logger) == ("0123", 10, 1000, 1e-3,
+                                                                                            ["csv"])  # fmt: skip
+    config.write_text("exp_name: 1:30\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])

@@ -268,6 +268,42 @@ def test_predict_takes_the_mlflow_model_the_run_logged(exp_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
+def test_a_copied_run_resumes_into_records_of_its_own_and_keeps_its_tracker_links(exp_dir):
+    """A run directory copied (to branch a run off) and resumed: the original's files and MLflow run stay as they
+    were, the copy continues where it is (its experiment) in an MLflow run of its own; resumed with another --logger,
+    its manifest still names that MLflow run."""
+    import shutil
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from project.infra.tracking import local_store
+
+    assert run_cli("--exp-dir", str(exp_dir), "--exp-name", "a", "--max-epochs", "1", *TINY).returncode == 0
+    original = only_run_dir(exp_dir, "a")
+    shutil.copytree(exp_dir / "a", exp_dir / "b", symlinks=True)
+    copy = exp_dir / "b" / original.name
+    client, files = MlflowClient(local_store(exp_dir)), file_digests(original)
+    original_id = json.loads((original / "manifest.json").read_text())["trackers"]["mlflow"]["run_id"]
+    points = history(client, original_id, "val/loss")
+
+    resumed = run_cli("--resume", str(copy / "checkpoints" / "last.ckpt"), "--max-epochs", "2", "--exp-dir",
+                      str(exp_dir), *TINY)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert file_digests(original) == files and history(client, original_id, "val/loss") == points
+    manifest = json.loads((copy / "manifest.json").read_text())
+    copy_id = manifest["trackers"]["mlflow"]["run_id"]
+    assert copy_id != original_id and len(history(client, copy_id, "val/loss")) == 2  # its first epoch too
+    assert manifest["experiment"] == yaml.safe_load((copy / "config.yaml").read_text())["exp_name"] == "b"
+
+    again = run_cli("--resume", "--exp-name", "b", "--max-epochs", "3", "--exp-dir", str(exp_dir), "--logger", "csv",
+                    *TINY)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads((copy / "manifest.json").read_text())["trackers"]["mlflow"]["run_id"] == copy_id
+    assert file_digests(original) == files
+
+
 # --- MLflow through Trackers, as records.py drives it, in this process ---------------------------------------------
 
 TAGS = {"user": "tester", "study": "trackers"}

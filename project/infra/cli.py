@@ -45,7 +45,9 @@ seed = checked("seed (an integer from 0 to 2**32 - 1)", int, lambda value: 0 <= 
 positive_float = checked("positive number (below 3.4e38)", float, lambda value: 0 < value <= FLOAT32_MAX)
 # Augmentation pads by up to 4 pixels, reflecting the image: that needs more than 4 on each side.
 image_size = checked("image size (5 pixels or more)", int, lambda value: value >= 5)
-path = checked("path (not empty)", str, bool)  # "" would be the working directory, unasked
+# "" would be the working directory, unasked; "~user/..." must name a user this machine knows (a home to expand).
+path = checked("path (not empty; ~ and ~user: a known home)", str,
+               lambda text: text and not (text.startswith("~") and os.path.expanduser(text) == text))  # fmt: skip
 fraction = checked("fraction (between 0 and 1)", float, lambda value: 0 < value < 1)
 # A name stays one folder inside --exp-dir: no separators, no '..', nothing hidden.
 name = checked("name (letters, digits, '_', '-', '.'; no '/' or '..')", str,
@@ -83,6 +85,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, usage=f"{kwargs['prog']} [options]  (see --help)", **kwargs)
         self.flags: dict[str, str] = {}  # dest -> its flag, for config files and suggestions
         self.switches: set[str] = set()  # dests of on/off flags
+        self.repeatable: set[str] = set()  # dests that take a list
         self.command_only: set[str] = set()  # what to do with a run (--resume, ...), never in a config file
         self.source = ""  # set while a config file is read, to say where a mistake came from
 
@@ -95,8 +98,9 @@ class Parser(argparse.ArgumentParser):
             if not command_only:  # --x and --no-x, so that a flag can undo a config file's `true`
                 kwargs["action"] = argparse.BooleanOptionalAction
             default = bool(default)
-        elif isinstance(default, list) and default:
-            help += f" (default: {' '.join(map(str, default))})"
+        elif kwargs.get("action") is Repeatable:
+            self.repeatable.add(dest)
+            help += f" (default: {' '.join(map(str, default))})" if default else ""
         elif default not in (None, [], ()):
             help += " (default: %(default)s)"
         self.add_argument(flag, default=default, help=help, **kwargs)
@@ -130,7 +134,7 @@ class Parser(argparse.ArgumentParser):
         by this parser exactly as the same flags would be; usable as defaults under the command line's flags."""
         self.source = f"--config {path}: "  # a mistake says where it came from
         try:
-            values = load_config(path)
+            values = load_config(path, as_written=True)
             options = [dest for dest in self.flags if dest not in self.command_only]
             tokens = []
             for key, value in values.items():
@@ -142,8 +146,8 @@ class Parser(argparse.ArgumentParser):
                     raise ValueError(f"unknown option '{key}'" + (f"; did you mean {close[0]}?" if close else ""))
                 if dest in self.switches and not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
-                if isinstance(value, dict):
-                    raise ValueError(f"{key} must be a value or a list of values")
+                if isinstance(value, dict) or (isinstance(value, list) and dest not in self.repeatable):
+                    raise ValueError(f"{key} takes one value" + (" or a list" if dest in self.repeatable else ""))
                 for item in value if isinstance(value, list) else [value]:
                     if isinstance(item, bool):
                         tokens.append(self.flags[dest] if item else f"--no-{self.flags[dest][2:]}")
@@ -157,11 +161,14 @@ class Parser(argparse.ArgumentParser):
         return {dest: parsed[dest] for dest in (str(key).replace("-", "_") for key in values)}
 
 
-def load_config(path: Path) -> dict[Any, Any]:
-    """A config file's mapping, or a one-line ValueError, before PyYAML builds anything big."""
+def load_config(path: Path, as_written: bool = False) -> dict[Any, Any]:
+    """A config file's mapping, or a one-line ValueError, before PyYAML builds anything big. `as_written`: numbers
+    as the file spells them, for the parser to read as it reads flags (YAML 1.1 reads `0123` as 83, `1:30` as 90)."""
     import yaml
 
     try:
+        if Path(path).exists() and not Path(path).is_file():  # a FIFO would wait for a writer for good
+            raise ValueError("cannot read it: not a regular file")
         with open(path, "rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)
         if len(data) > MAX_CONFIG_BYTES:
@@ -183,6 +190,17 @@ def load_config(path: Path) -> dict[Any, Any]:
         raise ValueError("not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
     if not isinstance(values, (dict, type(None))):
         raise ValueError("must hold a mapping of option: value")
+    written = yaml.load(text, Loader=yaml.BaseLoader) if as_written and values else {}  # every scalar a string
+    if len(written) == len(values or {}):  # (keys YAML reads alike, `1` and `01`, would not line up)
+
+        def spelled(value: Any, text: Any) -> Any:
+            if isinstance(value, list) and isinstance(text, list):
+                return [spelled(*pair) for pair in zip(value, text, strict=True)]
+            return text if type(value) in (int, float) else value
+
+        values = {
+            key: spelled(value, text) for (key, value), text in zip(values.items(), written.values(), strict=True)
+        }
     return values or {}
 
 

@@ -158,8 +158,8 @@ class Run(pl.Callback):
         if not tracker:
             return tags
         git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
-        return {"user": user(), "host": socket.gethostname(), **git, "run_dir": redact_text(str(self.directory)),
-                "mode": "test" if self.args.only_test else "train", **tags}  # fmt: skip
+        return {"user": user(), "host": socket.gethostname(), **git, "mode": "test" if self.args.only_test else "train",
+                "run_dir": redact_text(str(self.directory.resolve())), **tags}  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not (self.zero and trainer.is_global_zero):
@@ -179,14 +179,15 @@ class Run(pl.Callback):
             old = load_config(self.directory / runs.CONFIG)  # the parser has read and checked it already
             changed = {k: [old.get(k), v] for k, v in self.config.items() if old.get(k) != v}
             resumed = {**session, "from": str(self.args.resume), "changed": changed, "tags": self.tags()}
-            self.manifest = {**self.previous, "end_time": None, "exit_status": "running",
+            self.manifest = {**self.previous, "experiment": self.args.exp_name, "end_time": None,
+                             "exit_status": "running",
                              "resumed": [*self.previous.get("resumed", []), resumed]}  # fmt: skip
         else:
             self.manifest = {"run_id": self.directory.name, "experiment": self.args.exp_name,
                              "mode": "test" if self.args.only_test else "train", **session, "end_time": None,
                              "exit_status": "running", "versions": versions(), "seed": self.args.seed,
                              "data": {"dataset": self.args.dataset}, "tags": self.tags()}  # fmt: skip
-        self.manifest["trackers"] = self.trackers.describe()
+        self.manifest["trackers"] = self.tracker_runs()
         self.started = True
         self.lock.note(f"pid {session['pid']} on {session['host']} since {session['start_time']} ({self.command})\n")
         write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
@@ -253,6 +254,11 @@ class Run(pl.Callback):
         else:
             self.close(f"failed: {type(error).__name__}")
 
+    def tracker_runs(self) -> dict[str, Any]:
+        """Each tracker's run of this run directory: this session's, and those of earlier sessions that logged to
+        another tracker (a run resumed with another --logger keeps its link to them)."""
+        return {**self.previous.get("trackers", {}), **self.trackers.describe()}
+
     def close(self, status: str) -> list[str]:
         """Record the end time and exit status, end the tracker runs, empty the lock's note and release it; once."""
         if self.closed:
@@ -260,13 +266,13 @@ class Run(pl.Callback):
         self.closed, problems = True, []
         try:
             if self.zero:
-                self.manifest.update(end_time=now(), exit_status=status, trackers=self.trackers.describe())
+                self.manifest.update(end_time=now(), exit_status=status, trackers=self.tracker_runs())
                 for session in self.manifest.get("resumed", [])[-1:]:
                     session.update(end_time=self.manifest["end_time"], exit_status=status)
                 self.write_manifest()  # the trackers get this copy: unchanged below unless they failed
                 problems = self.trackers.close(self.directory / runs.MANIFEST, status)
-                if self.manifest["trackers"] != self.trackers.describe():
-                    self.manifest["trackers"] = self.trackers.describe()
+                if self.manifest["trackers"] != self.tracker_runs():
+                    self.manifest["trackers"] = self.tracker_runs()
                     self.write_manifest()
         finally:
             self.lock.note("")
