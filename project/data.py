@@ -301,9 +301,11 @@ class ImageFolderData(DataModule):
         return KeptImages(plan, self.subsets[split], self.num_workers, pin_memory, self.kept[split])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"listed": self.listed}  # in every checkpoint: a resumed or tested run checks its folder against it
+        # in every checkpoint: a resumed or tested run checks its folder against it
+        return {**super().state_dict(), "listed": self.listed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         then = state.get("listed", self.listed)
         if then != self.listed:
             raise UserError(

@@ -16,6 +16,7 @@ from project import run
 from project.infra import cli, runs
 from project.infra.errors import UserError, exit_process, run_command
 from project.infra.files import write_text
+from project.infra.redact import redact, redact_path
 
 
 def seed_list(text: str) -> list[int]:
@@ -51,16 +52,20 @@ def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> N
     for number, seed in enumerate(seeds, 1):
         print(f"\n--- seed {seed} ({number} of {len(seeds)})", flush=True)
         result = run.train_and_test(run.parse_args([*run_argv, "--seed", str(seed)]))
-        results.append({"seed": seed, "run_dir": str(result.directory), **result.test_metrics})
+        results.append({"seed": seed, "run_dir": redact_path(result.directory), **result.test_metrics})
     names = [name for name in results[0] if name.startswith("test/") and all(name in r for r in results)]
     values = {name: [r[name] for r in results] for name in names}
     summary = {name: {"mean": statistics.mean(v), "std": statistics.stdev(v)} for name, v in values.items()}
     # Named like a run: two commands that end within a second keep a summary each.
     name = f"seeds-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.json"
     path = runs.experiment_dir(base.exp_dir, base.exp_name) / name
-    config = {key: value for key, value in run.config_of(base).items() if key != "seed"}  # each run's is its own
+    config = {
+        key: value for key, value in redact(run.config_of(base)).items() if key != "seed"
+    }  # each run's is its own
     write_text(path, json.dumps({"seeds": seeds, "config": config, "runs": results, "summary": summary}, indent=2))
-    print(f"\nTest metrics over seeds {','.join(map(str, seeds))}, mean ± std (sample std); saved in {path}")
+    print(
+        f"\nTest metrics over seeds {','.join(map(str, seeds))}, mean ± std (sample std); saved in {redact_path(path)}"
+    )
     for name, value in summary.items():
         print(f"{name:>16}  {value['mean']:.4f} ± {value['std']:.4f}")
 

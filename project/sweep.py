@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from project import run
 from project.infra import cli, runs, tracking
 from project.infra.errors import Interrupted, RunStopped, UserError, exit_process, run_command
-from project.infra.redact import redact, redact_text
+from project.infra.redact import redact, redact_path, redact_text
 
 if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without loading Optuna or torch
     import optuna
@@ -222,7 +222,9 @@ def objective(
     replacing = f" (sampled: replaces the {' '.join(replaced)} given)" if replaced else ""
     print(f"\n--- study {study}, trial {trial.number}: {params}{replacing}", flush=True)
     callbacks = [
-        LambdaCallback(on_fit_start=lambda trainer, _: trial.set_user_attr("run_dir", trainer.default_root_dir)),
+        LambdaCallback(
+            on_fit_start=lambda trainer, _: trial.set_user_attr("run_dir", redact_path(trainer.default_root_dir))
+        ),
         # Raises TrialPruned after a hopeless epoch's validation, before its checkpoints; the run ends as "pruned".
         PyTorchLightningPruningCallback(trial, monitor=trial_args.monitor),
     ]

@@ -97,6 +97,8 @@ CASES = {
     "test on another split": ("unchanged", "--seed 5 (the run's: 0): a run's checkpoint is tested on its own test"),
     "test a run's checkpoint on another dataset": ("unchanged", "a run's checkpoint is tested on its own test split"),
     "test a checkpoint file of another dataset": ("unchanged", "was trained on inputs"),
+    "test a checkpoint file on another split": ("unchanged", "trained on the split of --seed 0 (not 5)"),
+    "resume a checkpoint file on another split": ("unchanged", "trained on the split of --val-fraction 0.1 (not 0.2)"),
     "only-test with nothing trained": ("unchanged", "no checkpoint found"),
     # 7. Image folders read the way a person sees them, problems named before training.
     "image folder missing": ("images", "is not a folder"),
@@ -326,6 +328,11 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         holder.flush()
         HELD.append(holder)
         return module, [*argv, "--max-epochs", "3"], copy
+    if case.endswith("checkpoint file on another split"):  # kept outside its run: its own record says which split
+        weights = str(shutil.copy(last if case.startswith("resume") else best, tmp / "weights.ckpt"))
+        other = ["--resume", weights, "--max-epochs", "9", "--val-fraction", "0.2"] if case.startswith("resume") else [
+            "--only-test", "--checkpoint", weights, "--seed", "5"]  # fmt: skip
+        return module, [*other, *fresh], guarded
     if case.startswith("test a") and "another dataset" in case:
         write_mnist_like(tmp / "data", "MNIST", n_train=20, n_test=10)
         if "file" in case:  # a checkpoint kept outside its run: no config.yaml, its weights say what they fit

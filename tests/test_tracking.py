@@ -537,3 +537,17 @@ def test_a_server_that_cannot_be_reached_is_one_line_quickly(tmp_path, monkeypat
     assert message.startswith(f"MLflow at {url} cannot be used (no answer from {url}")
     assert "MLFLOW_TRACKING_URI" in message and "PROJECT_TRACKING=offline" in message and "\n" not in message
     assert time.monotonic() - started < 30
+
+
+def test_a_wait_for_the_local_store_says_whom_it_waits_for(tmp_path, capsys):
+    import fcntl
+    import threading
+
+    from project.infra.tracking import local_store, store_lock
+
+    holder = open(tmp_path / "mlflow.db.lock", "a")  # noqa: SIM115 (another process creating the store, as it holds it)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    threading.Timer(2.5, holder.close).start()  # closing drops the lock
+    with store_lock(local_store(tmp_path)):
+        pass
+    assert f"waiting for another process that holds {tmp_path / 'mlflow.db.lock'}" in capsys.readouterr().err

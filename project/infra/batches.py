@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from project.infra.errors import UserError
+
 Split = tuple[torch.Tensor, torch.Tensor]  # (inputs N x ..., targets N x ...)
 
 DEFAULT_THREADS = torch.get_num_threads()
@@ -175,6 +177,19 @@ class DataModule(pl.LightningDataModule):
 
     def batches(self, split: str, shuffle: bool) -> Batches:
         raise NotImplementedError  # `self.loader(tensors or dataset, shuffle)`
+
+    def state_dict(self) -> dict[str, Any]:
+        """In every checkpoint: what picks the split, so that a checkpoint kept outside its run (no config.yaml to
+        continue from) is resumed and tested on its own split; another would mix its test and training samples."""
+        return {"split": {"seed": self.seed, "val_fraction": self.val_fraction}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        then, now = state.get("split", {}), self.state_dict()["split"]  # (older checkpoints recorded none)
+        differ = [f"--{key.replace('_', '-')} {then[key]} (not {value})" for key, value in now.items()
+                  if key in then and then[key] != value]  # fmt: skip
+        if differ:
+            raise UserError(f"the checkpoint was trained on the split of {', '.join(differ)}: give the same to "
+                            "continue or test it on its own split")  # fmt: skip
 
     def loader(self, source: Split | Dataset, shuffle: bool) -> Batches:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -32,7 +32,7 @@ from typing import Any
 
 from project.infra import runs
 from project.infra.errors import UserError, signals_held
-from project.infra.redact import redact_argv, redact_text
+from project.infra.redact import redact_argv, redact_path, redact_text
 
 # --logger name -> modules that provide it (any one will do), and the pip extra that installs them.
 OPTIONAL_TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}
@@ -310,8 +310,8 @@ class MLflowRun:
                                              self.run_id)  # fmt: skip
         except Exception as error:
             self.fail(reason(error))
-            return (f"MLflow still does not answer ({self.failure}); to complete its record: "
-                    f"python -m project.sync {self.directory}")  # fmt: skip
+            what = "still does not answer" if unreachable(error) else f"did not take the records ({reason(error)})"
+            return f"MLflow {what}; to complete its record: python -m project.sync {self.directory}"
         self.failure, self.problem, self.model_uri = None, problem or self.problem, model_uri or self.model_uri
         return f"MLflow: {self.problem}" if self.problem else None
 
@@ -358,16 +358,28 @@ def keep_environment(name: str) -> Any:
             os.environ[name] = value
 
 
+@contextlib.contextmanager
 def store_lock(uri: str) -> Any:
     """MLflow's schema set-up races when two processes create one SQLite store (one of them fails); a server needs
-    no lock."""
+    no lock. A wait longer than a moment says whom it waits for."""
     database = runs.sqlite_file(uri)
     if database is None:
-        return contextlib.nullcontext()
-    from filelock import FileLock
+        yield
+        return
+    from filelock import FileLock, Timeout
 
     database.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{database}.lock", timeout=LOCK_SECONDS)
+    lock = FileLock(f"{database}.lock")
+    try:
+        lock.acquire(timeout=2)
+    except Timeout:
+        print(f"waiting for another process that holds {redact_path(f'{database}.lock')} (at most {LOCK_SECONDS:.0f} "
+              "s)", file=sys.stderr, flush=True)  # fmt: skip
+        lock.acquire(timeout=LOCK_SECONDS)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def unreachable(error: BaseException) -> bool:
