@@ -190,18 +190,20 @@ def load_config(path: Path, as_written: bool = False) -> dict[Any, Any]:
         raise ValueError("not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
     if not isinstance(values, (dict, type(None))):
         raise ValueError("must hold a mapping of option: value")
+    values = values or {}
     written = yaml.load(text, Loader=yaml.BaseLoader) if as_written and values else {}  # every scalar a string
-    if len(written) == len(values or {}):  # (keys YAML reads alike, `1` and `01`, would not line up)
-
-        def spelled(value: Any, text: Any) -> Any:
-            if isinstance(value, list) and isinstance(text, list):
-                return [spelled(*pair) for pair in zip(value, text, strict=True)]
-            return text if type(value) in (int, float) else value
-
+    if len(written) == len(values):  # (keys YAML reads alike, `1` and `01`, would not line up)
         values = {
             key: spelled(value, text) for (key, value), text in zip(values.items(), written.values(), strict=True)
         }
-    return values or {}
+    return values
+
+
+def spelled(value: Any, text: Any) -> Any:
+    """A number as the file spells it (`text`, from YAML's BaseLoader); anything else as YAML read it."""
+    if isinstance(value, list) and isinstance(text, list):
+        return [spelled(*pair) for pair in zip(value, text, strict=True)]
+    return text if type(value) in (int, float) else value
 
 
 def add_model_options(parser: Parser, formats: str) -> None:

@@ -49,7 +49,7 @@ class Regression(Task):
         return (((outputs - targets.view_as(outputs)) / scale) ** 2).mean(dim=1)
 
     def metric(self) -> RegressionErrors:
-        return RegressionErrors(len(self.output_names))
+        return RegressionErrors(len(self.output_names), shift=self.target_mean)
 
     def scores(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         return {name: float(state[name].mean()) for name in self.metrics}
