@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import datetime
 import importlib.metadata
@@ -60,11 +61,17 @@ def sync(run_dirs: list[Path]) -> None:
         for _, _, uri in found:
             clients[uri] = clients.get(uri) or tracking.open_client(uri)
         for run_dir, manifest, uri in found:
+            client, run, made = clients[uri], None, False
             try:
-                run_id, problem, model_uri = sync_run(clients[uri], uri, run_dir.resolve(), manifest)
-                record(clients[uri], uri, run_dir, manifest, run_id, problem, model_uri)
+                run, reopened = find(client, uri, run_dir.resolve(), manifest, run_tags(manifest, run_dir))
+                made = not reopened
+                run_id, problem, model_uri = sync_run(client, uri, run_dir.resolve(), manifest, run.info.run_id)
+                record(client, uri, run_dir, manifest, run_id, problem, model_uri)
             except Exception as error:  # a server gone mid-way (--debug: the traceback)
                 later = "; the same command sends the rest once MLflow answers" if tracking.unreachable(error) else ""
+                if made:  # not a RUNNING run for good: the one this command made is deleted (MLflow can restore it)
+                    with contextlib.suppress(Exception):  # a server gone: the same command finds it and goes on
+                        client.delete_run(run.info.run_id)
                 raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}){later}") from error
             print(redact_text(f"{run_dir}: MLflow run {run_id} at {uri}" + (f" ({problem})" if problem else "")))
     finally:
@@ -120,15 +127,15 @@ def metric_points(run_dir: Path) -> dict[str, list]:
     return points
 
 
-def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], run_id: str | None = None) -> tuple:
-    """What the MLflow run (`run_id`, else found or created) lacks of `run_dir`; the caller holds the run's lock.
-    Returns the MLflow run's id, why the model was not logged (or None) and the model's URI if logged now."""
+def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], run_id: str) -> tuple:
+    """What the MLflow run `run_id` (see `find`) lacks of `run_dir`; the caller holds the run's lock. Returns the MLflow
+    run's id, why the model was not logged (or None) and the model's URI if logged now."""
     from mlflow.entities import RunTag
 
     from project.infra.cli import load_config
 
-    run = client.get_run(run_id) if run_id else find(client, uri, run_dir, manifest, run_tags(manifest, run_dir))[0]
-    run_id, held = run.info.run_id, run.data
+    run = client.get_run(run_id)
+    held = run.data
     tags = [RunTag(k, v) for k, v in run_tags(manifest, run_dir).items() if held.tags.get(k) != v]
     config = load_config(run_dir / runs.CONFIG) if (run_dir / runs.CONFIG).is_file() else {}
     who = {key: manifest[key] for key in ("user", "command") if manifest.get(key) is not None}

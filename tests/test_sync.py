@@ -302,3 +302,23 @@ def test_a_run_whose_process_died_ends_failed_in_its_own_local_store(tmp_path, m
     assert held["status"] == "FAILED" and held["metrics"] == csv_histories(run_dir / "metrics.csv")
     assert held["tags"]["project_run_id"] == run_dir.name and held["params"] == {"lr": "0.1"}
     assert sync.main([str(run_dir)]) == 0 and snapshot(client, run.info.run_id) == held
+
+
+def test_a_store_that_refuses_the_files_leaves_no_running_run(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+    (tmp_path / "mlflow-artifacts").write_text("in the way")  # where the store keeps the run's files
+    assert sync.main([str(run_dir)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {run_dir}: not synced (") and "once MLflow answers" not in line
+    client = mlflow.MlflowClient(local_store(tmp_path))
+    experiment = client.get_experiment_by_name("exp").experiment_id
+    assert client.search_runs([experiment]) == []  # the half-filled run this sync made is deleted, not RUNNING
+    (tmp_path / "mlflow-artifacts").unlink()
+    assert sync.main([str(run_dir)]) == 0  # the same command, once the store takes files, makes the whole run
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "FINISHED" and [a.path for a in client.list_artifacts(run.info.run_id)]
