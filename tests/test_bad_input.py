@@ -116,6 +116,7 @@ CASES = {
     "config missing": ("one line", "cannot read"),
     "config that is a FIFO": ("one line", "not a regular file"),  # opening it would wait for a writer for good
     "exp-dir of a user this machine does not know": ("one line", "--exp-dir"),
+    "exp-name of a file in exp-dir": ("unchanged", "mlflow.db is a file, not a folder of runs"),
     "sweep of fast dev runs": ("one line", "--fast-dev-run: a sweep's trials are whole runs"),
     "exp-dir behind a file": ("one line", "--exp-dir"),
     "export into a path under a file": ("one line", "cannot write"),
@@ -227,6 +228,7 @@ def prepare(case: str, tmp: Path, exp_dir: Path) -> tuple[str, list[str], Path]:
         "image size below what augmentation shifts": [*fresh, "--image-size", "4"],
         "exp-dir empty": ["--exp-dir", ""],
         "exp-dir of a user this machine does not know": ["--exp-dir", "~no-such-user-here/x"],
+        "exp-name of a file in exp-dir": ["--exp-dir", str(exp_dir), "--exp-name", "mlflow.db", "--max-epochs", "1"],
         "val fraction leaving nothing to train": [*fresh, "--val-fraction", "0.95"],
         "epochs not a number": [*fresh, "--max-epochs", "ten"],
         "image folder missing": [*fresh, "--dataset", "image-folder", "--data-dir", str(tmp / "no-pets")],

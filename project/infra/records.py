@@ -362,6 +362,11 @@ def create_run_dir(directory: Path) -> list[Path]:
                 if attempt == 2:
                     raise
     except FileExistsError as error:
+        file = next(
+            (folder for folder in reversed(directory.parents) if folder.is_file()), None
+        )  # --exp-name mlflow.db
+        if file is not None:
+            raise UserError(f"--exp-dir, --exp-name: {file} is a file, not a folder of runs") from error
         raise UserError(f"--exp-dir: {directory} exists already; start the run again for a new name") from error
     except OSError as error:
         raise UserError(f"--exp-dir: cannot create a run directory in {directory.parent}: {error.strerror}") from error
