@@ -137,12 +137,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
         if continued:
             refuse_changes(parser, args, saved, continued)
-    if continued and args.resume:  # a run continues where it is now (moved or copied), whatever its config says
-        args.exp_dir, args.exp_name = str(continued.parent.parent), continued.parent.name
+            follow_the_run(parser, args, saved, continued)
     if args.resume or args.only_test:
         args.resume, args.checkpoint = (str(checkpoint), None) if args.resume else (None, str(checkpoint))
     args.argv = argv  # for manifest.json and the trackers
     return args
+
+
+def follow_the_run(parser: Parser, args: argparse.Namespace, saved: dict[str, Any], run: Path) -> None:
+    """A run moved or copied since its config.yaml was written continues where it is now (its store and experiment
+    there), and --only-test records its test beside it unless --exp-dir/--exp-name say otherwise."""
+    here = run.resolve()
+    if (Path(args.exp_dir).expanduser() / args.exp_name / here.name).resolve() == here:
+        return
+    if args.only_test and (args.exp_dir, args.exp_name) != (saved.get("exp_dir"), saved.get("exp_name")):
+        return  # the flags chose where the test run goes
+    try:
+        args.exp_dir, args.exp_name = str(here.parent.parent), name(here.parent.name)
+    except ValueError:
+        parser.error(f"{here}: its folder {here.parent.name!r} is not an experiment name (letters, digits, '_', '-', "
+                     "'.'); rename it")  # fmt: skip
 
 
 def refuse_changes(parser: Parser, args: argparse.Namespace, saved: dict[str, Any], run: Path) -> None:

@@ -59,9 +59,8 @@ def repeat(seeds: list[int], run_argv: list[str], base: argparse.Namespace) -> N
     # Named like a run: two commands that end within a second keep a summary each.
     name = f"seeds-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.json"
     path = runs.experiment_dir(base.exp_dir, base.exp_name) / name
-    config = {
-        key: value for key, value in redact(run.config_of(base)).items() if key != "seed"
-    }  # each run's is its own
+    config = redact(run.config_of(base))
+    del config["seed"]  # each run's is its own
     write_text(path, json.dumps({"seeds": seeds, "config": config, "runs": results, "summary": summary}, indent=2))
     print(
         f"\nTest metrics over seeds {','.join(map(str, seeds))}, mean ± std (sample std); saved in {redact_path(path)}"

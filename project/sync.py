@@ -17,6 +17,7 @@ import contextlib
 import csv
 import datetime
 import importlib.metadata
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -206,15 +207,15 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
 def copied_from(run: Any, run_dir: Path) -> bool:
     """Whether `run` is the MLflow run of another run directory that still exists: `run_dir` is a copy of it, and
     must not write into its record (a moved run directory finds its run again)."""
-    recorded = run.data.tags.get("run_dir")
-    return bool(recorded) and recorded != redact_text(str(run_dir.resolve())) and Path(recorded).is_dir()
+    recorded = run.data.tags.get("run_dir") or ""  # absolute since 2026-12 (relative before: it says nothing)
+    return os.path.isabs(recorded) and os.path.isdir(recorded) and not os.path.samefile(recorded, run_dir)
 
 
 def run_tags(manifest: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
     """The tags a live run gets (records.Run.tags), from its manifest."""
     git = manifest.get("git") or {}
-    found = {"user": manifest.get("user"), "host": manifest.get("host"), "mode": manifest.get("mode"),
-             "run_dir": redact_text(str(run_dir.resolve())), **manifest.get("tags", {}),
+    found = {**manifest.get("tags", {}), "user": manifest.get("user"), "host": manifest.get("host"),
+             "mode": manifest.get("mode"), "run_dir": redact_text(str(run_dir.resolve())),
              TAG: manifest.get("run_id") or run_dir.name}  # fmt: skip
     if git.get("commit"):
         found |= {"git_commit": git["commit"], "git_dirty": str(git.get("dirty"))}

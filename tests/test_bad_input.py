@@ -114,7 +114,7 @@ CASES = {
     "config malformed": ("one line", "not valid YAML"),
     "config with an unknown key": ("one line", "unknown option 'max_epoch'"),
     "config missing": ("one line", "cannot read"),
-    "config that is a FIFO": ("one line", "not a regular file"),  # opening it would wait for a writer for good
+    "config that is a FIFO": ("one line", "a pipe that nothing writes to"),  # opening it waited for good
     "exp-dir of a user this machine does not know": ("one line", "--exp-dir"),
     "exp-name of a file in exp-dir": ("unchanged", "mlflow.db is a file, not a folder of runs"),
     "sweep of fast dev runs": ("one line", "--fast-dev-run: a sweep's trials are whole runs"),

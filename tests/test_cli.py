@@ -103,6 +103,30 @@ def test_only_test_takes_the_runs_data_and_split(tmp_path, capsys):
     assert "--seed 0 (the run's: 3): a run's checkpoint is tested on its own test split" in capsys.readouterr().err
 
 
+def test_a_run_moved_since_continues_where_it_is_now(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run = fake_run(tmp_path)
+    experiments = str(tmp_path / "experiments")
+    monkeypatch.chdir(run)  # resumed from inside its own folder: it stays where its config.yaml says
+    args = parse_args(["--resume", "checkpoints/last.ckpt"])
+    assert (args.exp_dir, args.exp_name) == (experiments, "debug")
+    moved = tmp_path / "elsewhere" / "study" / run.name
+    moved.parent.mkdir(parents=True)
+    shutil.move(run, moved)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--resume", str(moved / "checkpoints" / "last.ckpt")], ["--only-test", "--checkpoint",
+                 str(moved / "checkpoints" / "best-epoch003.ckpt")]):  # fmt: skip
+        args = parse_args(argv)  # its store and experiment are there now (the old folder is not made again)
+        assert (args.exp_dir, args.exp_name) == (str((tmp_path / "elsewhere").resolve()), "study")
+    args = parse_args(["--only-test", "--checkpoint", str(moved / "checkpoints" / "last.ckpt"), "--exp-name", "tests"])
+    assert (args.exp_dir, args.exp_name) == (experiments, "tests")  # where the flags say
+    shutil.move(moved.parent, tmp_path / "elsewhere" / "my runs")
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(tmp_path / "elsewhere" / "my runs" / run.name / "checkpoints" / "last.ckpt")])
+    assert "its folder 'my runs' is not an experiment name" in capsys.readouterr().err
+
+
 def test_what_may_change_is_a_subset_of_the_options():
     options = set(config_of(parse_args([])))
     assert options >= MAY_CHANGE_ON_RESUME and options >= FIXED_ON_TEST
@@ -330,3 +354,20 @@ def test_config_numbers_are_read_as_written_like_flags(tmp_path):
     config.write_text("exp_name: 1:30\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])
+    config.write_text("<<: {max_epochs: 3}\nlearning_rate: 0.01\n")  # a merge key: the values line up by name
+    assert (parse_args(["--config", str(config)]).max_epochs, parse_args(["--config", str(config)]).learning_rate) == (
+        3, 0.01)  # fmt: skip
+
+
+def test_a_config_from_a_pipe_is_read_and_one_nothing_writes_to_is_one_line(tmp_path, capsys):
+    import os
+
+    read, write = os.pipe()  # `--config <(...)`, or /dev/stdin
+    os.write(write, b"max_epochs: 4\n")
+    os.close(write)
+    assert parse_args(["--config", f"/proc/self/fd/{read}"]).max_epochs == 4
+    os.close(read)
+    os.mkfifo(tmp_path / "fifo")  # opening it for reading waited for a writer for good
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(tmp_path / "fifo")])
+    assert "a pipe that nothing writes to" in capsys.readouterr().err

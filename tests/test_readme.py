@@ -155,7 +155,7 @@ trial = optuna.create_study().ask()
 assert set(search_space(trial, {"hidden_dim", "dropout"})) == {"learning_rate", "hidden_dim", "dropout"}
 assert set(search_space(optuna.create_study().ask(), {"hidden_dim"})) == {"learning_rate", "hidden_dim"}
 metric = MultiLabel(["a", "b"]).metric()
-metric.update(torch.tensor([[0.3, 0.2], [-0.1, 0.4]]), torch.tensor([[1, 1], [0, 1]]))
+metric.update(torch.tensor([[0.3, 0.2], [0.1, 0.4]]), torch.tensor([[1, 1], [1, 1]]))  # all labels: logits > 0
 assert {k: float(v) for k, v in metric.compute().items()} == {"f1": 1.0, "exact_match": 1.0}
 """
     done = subprocess.run([sys.executable, "-c", check], cwd=root, env=env, capture_output=True, text=True, timeout=300)

@@ -322,3 +322,21 @@ def test_a_store_that_refuses_the_files_leaves_no_running_run(tmp_path, monkeypa
     assert sync.main([str(run_dir)]) == 0  # the same command, once the store takes files, makes the whole run
     (run,) = client.search_runs([experiment])
     assert run.info.status == "FINISHED" and [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_a_run_is_a_copy_only_of_another_directory_that_still_exists(tmp_path):
+    from types import SimpleNamespace
+
+    original, copy = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    original.mkdir(parents=True)
+    copy.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+
+    def tagged(run_dir: str | None):
+        return SimpleNamespace(data=SimpleNamespace(tags={} if run_dir is None else {"run_dir": run_dir}))
+
+    assert sync.copied_from(tagged(str(original)), copy)  # its original is still there: a copy
+    assert not sync.copied_from(tagged(str(tmp_path / "link" / "run")), original)  # the same folder through a link
+    assert not sync.copied_from(tagged(str(tmp_path / "gone" / "run")), copy)  # moved: it finds its run again
+    assert not sync.copied_from(tagged("a/run"), copy)  # a relative tag (runs before 2026-12) says nothing
+    assert not sync.copied_from(tagged(None), copy) and not sync.copied_from(tagged("[redacted]/run"), copy)

@@ -67,11 +67,11 @@ def storable(settings: dict[str, Any]) -> dict[str, Any]:
     settings = plain(settings)
     for key, value in settings.items():
         buffer = io.BytesIO()
-        torch.save(value, buffer)
-        buffer.seek(0)
         try:
+            torch.save(value, buffer)  # a lambda cannot be saved at all
+            buffer.seek(0)
             torch.load(buffer, weights_only=True)
-        except pickle.UnpicklingError:
+        except Exception:
             raise UserError(f"the model's setting {key} = {repr(value)[:80]} ({type(value).__name__}) could not be "
                             "read back from a checkpoint (weights only): give plain values (str, int, float, bool, "
                             "lists, dicts)") from None  # fmt: skip

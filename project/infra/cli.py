@@ -10,6 +10,7 @@ import difflib
 import itertools
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -167,10 +168,14 @@ def load_config(path: Path, as_written: bool = False) -> dict[Any, Any]:
     import yaml
 
     try:
-        if Path(path).exists() and not Path(path).is_file():  # a FIFO would wait for a writer for good
-            raise ValueError("cannot read it: not a regular file")
-        with open(path, "rb") as file:
+        # Opened without waiting: a named pipe that nothing writes to reads as empty instead of blocking for good
+        # (`--config <(...)` and a pipe on /dev/stdin have their writer and read as usual).
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(descriptor, True)
+        with open(descriptor, "rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)
+            if not data and stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+                raise ValueError("cannot read it: a pipe that nothing writes to")
         if len(data) > MAX_CONFIG_BYTES:
             raise ValueError(f"larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds option: value lines")
         text = data.decode("utf-8")
@@ -191,19 +196,17 @@ def load_config(path: Path, as_written: bool = False) -> dict[Any, Any]:
     if not isinstance(values, (dict, type(None))):
         raise ValueError("must hold a mapping of option: value")
     values = values or {}
-    written = yaml.load(text, Loader=yaml.BaseLoader) if as_written and values else {}  # every scalar a string
-    if len(written) == len(values):  # (keys YAML reads alike, `1` and `01`, would not line up)
-        values = {
-            key: spelled(value, text) for (key, value), text in zip(values.items(), written.values(), strict=True)
-        }
+    if as_written and values:
+        written = {str(key): text for key, text in yaml.load(text, Loader=yaml.BaseLoader).items()}  # scalars as text
+        values = {key: spelled(value, written.get(str(key))) for key, value in values.items()}
     return values
 
 
 def spelled(value: Any, text: Any) -> Any:
     """A number as the file spells it (`text`, from YAML's BaseLoader); anything else as YAML read it."""
-    if isinstance(value, list) and isinstance(text, list):
+    if isinstance(value, list) and isinstance(text, list) and len(value) == len(text):
         return [spelled(*pair) for pair in zip(value, text, strict=True)]
-    return text if type(value) in (int, float) else value
+    return text if type(value) in (int, float) and isinstance(text, str) else value
 
 
 def add_model_options(parser: Parser, formats: str) -> None:

@@ -158,8 +158,9 @@ class Run(pl.Callback):
         if not tracker:
             return tags
         git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
-        return {"user": user(), "host": socket.gethostname(), **git, "mode": "test" if self.args.only_test else "train",
-                "run_dir": redact_text(str(self.directory.resolve())), **tags}  # fmt: skip
+        mode = "test" if self.args.only_test else "train"  # and ours win over --tag: sync finds a run by them
+        return {**tags, "user": user(), "host": socket.gethostname(), **git, "mode": mode,
+                "run_dir": redact_text(str(self.directory.resolve()))}  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not (self.zero and trainer.is_global_zero):
@@ -257,7 +258,10 @@ class Run(pl.Callback):
     def tracker_runs(self) -> dict[str, Any]:
         """Each tracker's run of this run directory: this session's, and those of earlier sessions that logged to
         another tracker (a run resumed with another --logger keeps its link to them)."""
-        return {**self.previous.get("trackers", {}), **self.trackers.describe()}
+        now = self.trackers.describe()
+        earlier = {name: entry | {"complete": False} if isinstance(entry, dict) and "complete" in entry else entry
+                   for name, entry in self.previous.get("trackers", {}).items() if name not in now}  # fmt: skip
+        return {**earlier, **now}
 
     def close(self, status: str) -> list[str]:
         """Record the end time and exit status, end the tracker runs, empty the lock's note and release it; once."""
