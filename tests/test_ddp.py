@@ -148,6 +148,24 @@ class Noted(torch.utils.data.TensorDataset):
 
 
 DATASETS["plain"] = PlainDigits
+
+
+class StreamedDigits(PlainDigits):
+    """The same, its training set an IterableDataset (which Lightning does not shard)."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(Stream(list(zip(*self.splits[0].tensors))), batch_size=100)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+
+DATASETS["plain-stream"] = StreamedDigits
 '''
 
 
@@ -165,7 +183,7 @@ def test_a_users_plain_datamodule_is_sharded_across_processes(tmp_path):
     data_py = copy / "project" / "data.py"
     data_py.write_text(data_py.read_text() + PLAIN_DATAMODULE)
     run_py = copy / "project" / "run.py"
-    run_py.write_text(run_py.read_text().replace('"diabetes")', '"diabetes", "plain")', 1))
+    run_py.write_text(run_py.read_text().replace('"diabetes")', '"diabetes", "plain", "plain-stream")', 1))
     notes = tmp_path / "notes"
     notes.mkdir()
     done = subprocess.run([sys.executable, "-m", "project.run", "--dataset", "plain", "--data-dir", str(notes),
@@ -178,6 +196,15 @@ def test_a_users_plain_datamodule_is_sharded_across_processes(tmp_path):
     training = [reads for reads in training if reads]
     assert len(training) == 2 and [len(reads) for reads in training] == [700, 700], [len(r) for r in training]
     assert not set(training[0]) & set(training[1])  # two halves, not the whole set twice
+    assert "IterableDataset" not in done.stderr
+
+    # An IterableDataset is not sharded by Lightning: it is said once, not left silent.
+    done = subprocess.run([sys.executable, "-m", "project.run", "--dataset", "plain-stream", "--data-dir", str(notes),
+                           "--max-epochs", "1", "--exp-dir", str(tmp_path / "experiments"), *QUICK, *TWO_PROCESSES],
+                          cwd=copy, env={**cli_env(), "PYTHONPATH": str(copy)}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("warning: the training data is an IterableDataset, which Lightning does not split") == 1
 
 
 def torchrun_nodes(tmp_path: Path, *nodes: tuple[str, ...], timeout: float = 300) -> list[tuple[int, str]]:

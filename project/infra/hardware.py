@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -81,3 +82,13 @@ class SameSettings(pl.Callback):
             )
             raise UserError(f"the processes of this run were started with different options ({values}, by rank); "
                             "start every node with the same command")  # fmt: skip
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning shards a map-style dataset (a DistributedSampler), never an IterableDataset: whether one splits
+        # itself by rank cannot be seen from here, so it is said, not refused.
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if trainer.world_size > 1 and trainer.is_global_zero and isinstance(dataset, torch.utils.data.IterableDataset):
+            print(f"warning: the training data is an IterableDataset, which Lightning does not split across the "
+                  f"{trainer.world_size} processes: unless it splits itself by torch.distributed.get_rank() (README: "
+                  "Your own data and model), each process trains on all of it", file=sys.stderr,
+                  flush=True)  # fmt: skip
