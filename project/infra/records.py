@@ -366,9 +366,8 @@ def create_run_dir(directory: Path) -> list[Path]:
                 if attempt == 2:
                     raise
     except FileExistsError as error:
-        file = next(
-            (folder for folder in reversed(directory.parents) if folder.is_file()), None
-        )  # --exp-name mlflow.db
+        # A file where a folder should be (--exp-name mlflow.db) is not a run that exists already.
+        file = next((folder for folder in reversed(directory.parents) if folder.is_file()), None)
         if file is not None:
             raise UserError(f"--exp-dir, --exp-name: {file} is a file, not a folder of runs") from error
         raise UserError(f"--exp-dir: {directory} exists already; start the run again for a new name") from error
