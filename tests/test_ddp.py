@@ -166,6 +166,27 @@ class Stream(torch.utils.data.IterableDataset):
 
 
 DATASETS["plain-stream"] = StreamedDigits
+
+
+class BatchedDigits(PlainDigits):
+    """The same, batched by a sampler of its own that is no BatchSampler (Lightning cannot shard it)."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.splits[0], batch_sampler=Batches(len(self.splits[0])))
+
+
+class Batches:
+    def __init__(self, size):
+        self.size = size
+
+    def __iter__(self):
+        return iter([list(range(start, min(start + 100, self.size))) for start in range(0, self.size, 100)])
+
+    def __len__(self):
+        return -(-self.size // 100)
+
+
+DATASETS["plain-batches"] = BatchedDigits
 '''
 
 
@@ -183,7 +204,8 @@ def test_a_users_plain_datamodule_is_sharded_across_processes(tmp_path):
     data_py = copy / "project" / "data.py"
     data_py.write_text(data_py.read_text() + PLAIN_DATAMODULE)
     run_py = copy / "project" / "run.py"
-    run_py.write_text(run_py.read_text().replace('"diabetes")', '"diabetes", "plain", "plain-stream")', 1))
+    run_py.write_text(run_py.read_text().replace('"diabetes")', '"diabetes", "plain", "plain-stream", "plain-batches")',
+                                                 1))  # fmt: skip
     notes = tmp_path / "notes"
     notes.mkdir()
     done = subprocess.run([sys.executable, "-m", "project.run", "--dataset", "plain", "--data-dir", str(notes),
@@ -205,6 +227,14 @@ def test_a_users_plain_datamodule_is_sharded_across_processes(tmp_path):
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("warning: the training data is an IterableDataset, which Lightning does not split") == 1
+
+    # A batch sampler Lightning cannot rebuild for several processes: one line from each, not its TypeError traceback.
+    done = subprocess.run([sys.executable, "-m", "project.run", "--dataset", "plain-batches", "--data-dir", str(notes),
+                           "--max-epochs", "1", "--exp-dir", str(tmp_path / "experiments"), *QUICK, *TWO_PROCESSES],
+                          cwd=copy, env={**cli_env(), "PYTHONPATH": str(copy)}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: Lightning cannot split this DataLoader across the processes: its batch sampler" in done.stderr
 
 
 def torchrun_nodes(tmp_path: Path, *nodes: tuple[str, ...], timeout: float = 300) -> list[tuple[int, str]]:

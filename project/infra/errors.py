@@ -27,6 +27,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STUCK_AFTER_S = 10
 # How torch's DataLoader reports a worker process that died (its own exceptions come as theirs, with a traceback).
 WORKER_KILLED = re.compile(r"DataLoader worker \(pid.*?\) (is killed by signal|exited unexpectedly)")
+# How Lightning refuses to shard a DataLoader of one's own for several processes (a batch sampler it cannot rebuild).
+NOT_SHARDABLE = "Lightning can't inject a (distributed) sampler"
 
 
 class UserError(Exception):
@@ -120,8 +122,12 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
         return 128 + signum
     except Exception as error:
         killed = WORKER_KILLED.match(str(error))
-        if debug or not (lost_peer(error) or killed):
+        if debug or not (lost_peer(error) or killed or NOT_SHARDABLE in str(error)):
             raise
+        if NOT_SHARDABLE in str(error):
+            print("error: Lightning cannot split this DataLoader across the processes: its batch sampler does not "
+                  "subclass torch's BatchSampler (README: Your own data and model)", file=sys.stderr)  # fmt: skip
+            return 1
         if killed:  # by the OS's out-of-memory killer, most often
             print(f"error: {str(error).split('. ')[0].strip()}: out of memory? Fewer --num-workers, a smaller "
                   "--batch-size or --image-size need less. Checkpoints are whole: continue with --resume",
