@@ -481,3 +481,9 @@ def test_a_secret_in_a_path_is_printed_nowhere(tmp_path: Path) -> None:
         assert "/password=[redacted]/" in record["checkpoint"] and SECRET not in record["checkpoint"]
     assert tested_checkpoint(run_dir, manifest) == run_dir / "checkpoints" / Path(manifest["test"]["checkpoint"]).name
     assert tested_checkpoint(run_dir, manifest).is_file()
+    # Resumed, its text records still hold it nowhere (the checkpoints keep Lightning's paths: resume needs them)
+    resumed = run_cli("--exp-dir", str(tmp_path / f"password={SECRET}"), *QUICK, "--max-epochs", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert SECRET not in resumed.stdout + resumed.stderr
+    texts = [path for path in run_dir.iterdir() if path.suffix in (".json", ".yaml", ".csv", ".txt")]
+    assert len(texts) >= 4 and not [path.name for path in texts if SECRET in path.read_text()]

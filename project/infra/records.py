@@ -179,7 +179,7 @@ class Run(pl.Callback):
         if self.previous:
             old = load_config(self.directory / runs.CONFIG)  # the parser has read and checked it already
             changed = {k: [old.get(k), v] for k, v in self.config.items() if old.get(k) != v}
-            resumed = {**session, "from": str(self.args.resume), "changed": changed, "tags": self.tags()}
+            resumed = {**session, "from": redact_path(self.args.resume), "changed": changed, "tags": self.tags()}
             self.manifest = {**self.previous, "experiment": self.args.exp_name, "end_time": None,
                              "exit_status": "running",
                              "resumed": [*self.previous.get("resumed", []), resumed]}  # fmt: skip
