@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shlex
 import signal
 from pathlib import Path
@@ -300,6 +301,28 @@ def test_extending_a_finished_run_follows_the_longer_schedule_from_its_first_new
                                    ((0, 2), (1, 2), (2, 4), (3, 4))])  # fmt: skip
     val_loss = [float(row["val/loss"]) for row in rows if row.get("val/loss")]
     assert len(val_loss) == 4 and val_loss[2] != val_loss[1] and val_loss[3] != val_loss[2]
+
+
+@pytest.mark.slow
+def test_a_moved_run_resumed_keeps_its_best_checkpoint(exp_dir: Path) -> None:
+    """Lightning restores a checkpoint callback's best scores only from a state saved in the same folder: a run moved
+    and then resumed would keep its first new epoch as the best, however bad, and test it."""
+    import shutil
+
+    args = ("--model", "mlp", "--hidden-dim", "16", "--logger", "csv")
+    assert run_cli(*args, "--max-epochs", "2", "--exp-dir", str(exp_dir / "a")).returncode == 0
+    last = only_run_dir(exp_dir / "a") / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    for state in saved["callbacks"].values():  # the best so far made unbeatable: no new epoch may replace it
+        if state.get("monitor") == "val/loss":
+            state["best_model_score"] = torch.tensor(0.0)
+            state["best_k_models"] = dict.fromkeys(state["best_k_models"], torch.tensor(0.0))
+    torch.save(saved, last)
+    shutil.move(exp_dir / "a", exp_dir / "b")
+    resumed = run_cli(*args, "--max-epochs", "3", "--exp-dir", str(exp_dir / "b"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.search(r"Best epoch: +1 \(val/loss [\d.]+\), tested from checkpoints/best-epoch001.ckpt", resumed.stdout)
+    assert "dirpath" not in resumed.stderr  # Lightning's warning that it forgot them
 
 
 # Regression on the diabetes data: 353 training rows in batches of 32, 12 steps an epoch; last.ckpt after steps 5,

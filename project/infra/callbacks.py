@@ -22,7 +22,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from torch.optim.swa_utils import update_bn
 
-from project.infra import checkpoints
+from project.infra import checkpoints, runs
 from project.infra.console import ProgressBar
 from project.infra.errors import STOP_SIGNALS, RunStopped, StopSignals, UserError
 
@@ -81,7 +81,27 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 os.close(folder)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return checkpoints.read(Path(path), self.flag)  # weights_only=True, whatever the caller asked
+        checkpoint = checkpoints.read(Path(path), self.flag)  # weights_only=True, whatever the caller asked
+        return follow_moved_run(checkpoint, Path(path)) if runs.run_of(Path(path)) else checkpoint
+
+
+def follow_moved_run(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The checkpoint callbacks' states of a run moved since `checkpoint` was saved (its folder, or --exp-dir renamed)
+    name their files where they are now. From a state saved in another folder Lightning restores only
+    best_model_path: the resumed run would keep its first new epoch as the best, however bad, and test it."""
+    here = os.path.realpath(path.parent)  # as ModelCheckpoint keeps its dirpath
+    for state in checkpoint.get("callbacks", {}).values():
+        then = state.get("dirpath") if isinstance(state, dict) else None
+        if not isinstance(then, str) or then == here:
+            continue
+
+        def moved(value: Any, then: str = then) -> Any:
+            return here + value[len(then) :] if isinstance(value, str) and value.startswith(then + os.sep) else value
+
+        state.update({key: moved(value) for key, value in state.items()}, dirpath=here)
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {moved(key): value for key, value in state["best_k_models"].items()}
+    return checkpoint
 
 
 class RandomState(Callback):
