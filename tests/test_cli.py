@@ -371,3 +371,16 @@ def test_a_config_from_a_pipe_is_read_and_one_nothing_writes_to_is_one_line(tmp_
     with pytest.raises(SystemExit):
         parse_args(["--config", str(tmp_path / "fifo")])
     assert "a pipe that nothing writes to" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_that_a_mistake_otherwise_hides(tmp_path, capsys):
+    """A mistake is one line and exit 2; with --debug its exception goes up, traceback and all."""
+    from project.infra.errors import UserError
+    from project.run import main
+
+    argv = ["--dataset", "image-folder", "--data-dir", str(tmp_path / "absent"), "--exp-dir", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(UserError, match="absent"):
+        main([*argv, "--debug"])
+    assert not (tmp_path / "runs").exists()
