@@ -33,6 +33,7 @@ from project.infra.cli import (
     tracker,
 )
 from project.infra.errors import UserError, exit_process, run_command
+from project.infra.redact import redact
 
 # Names only, so that --help needs no torch; tests/test_models.py checks them against data.DATASETS and model.MODELS.
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder", "diabetes")
@@ -166,8 +167,9 @@ def refuse_changes(parser: Parser, args: argparse.Namespace, saved: dict[str, An
     else:
         fixed = [key for key in saved if key in FIXED_ON_TEST]
         why = "a run's checkpoint is tested on its own test split"
+    # config.yaml holds values redacted: a --data-dir .../password=X given again is the same as the one it names
     changed = [f"{parser.flags[key]} {getattr(args, key)} (the run's: {saved[key]})"
-               for key in fixed if getattr(args, key) != saved[key]]  # fmt: skip
+               for key in fixed if redact(getattr(args, key), key) != saved[key]]  # fmt: skip
     if changed:
         parser.error(f"{', '.join(changed)}: {why} ({run / runs.CONFIG}); start a new run to change that")
 

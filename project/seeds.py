@@ -30,11 +30,10 @@ seed_list.__name__ = "list of two or more distinct seeds, like 0,1,2"  # argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(  # its mistakes, like project.run's: one line, redacted; no abbreviations (project.run's)
         prog="python -m project.seeds",
         description="Train and test one configuration once per seed; report the test metrics as mean ± std.",
         epilog="Every other option is a project.run option (python -m project.run --help), the same for each seed.",
-        allow_abbrev=False,  # a prefix of a project.run option must reach project.run
     )
     parser.add_argument("--seeds", type=seed_list, required=True, help="comma-separated seeds, e.g. 0,1,2")
     args, run_argv = parser.parse_known_args(argv)

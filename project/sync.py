@@ -11,7 +11,6 @@ process holds its lock) ends FAILED: it crashed (killed outright, out of memory,
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import csv
@@ -24,9 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from project.infra import runs, tracking
+from project.infra import cli, runs, tracking
 from project.infra.errors import UserError, exit_process, run_command
-from project.infra.redact import redact_text
+from project.infra.redact import redact_path, redact_text
 
 TAG = "project_run_id"  # names the run directory in any store
 STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}  # any other end: FAILED
@@ -36,7 +35,11 @@ BATCH = 1000  # MLflow's limit of metrics in one log_batch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m project.sync", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(  # its mistakes, like project.run's: one line, redacted
+        prog="python -m project.sync",
+        usage="python -m project.sync RUN_DIR [RUN_DIR ...]  (see --help)",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="<exp-dir>/<exp-name>/<run-id>")
     parser.add_argument("--debug", action="store_true", help="a traceback instead of one line on errors")
     args = parser.parse_args(argv)
@@ -74,7 +77,12 @@ def sync(run_dirs: list[Path]) -> None:
                     with contextlib.suppress(Exception):  # a server gone: the same command finds it and goes on
                         client.delete_run(run.info.run_id)
                 raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}){later}") from error
-            print(redact_text(f"{run_dir}: MLflow run {run_id} at {uri}" + (f" ({problem})" if problem else "")))
+            print(
+                redact_text(
+                    f"{redact_path(run_dir)}: MLflow run {run_id} at {redact_path(uri)}"
+                    + (f" ({problem})" if problem else "")
+                )
+            )
     finally:
         for lock in locks:
             lock.release()
@@ -87,7 +95,7 @@ def record(client: Any, uri: str, run_dir: Path, manifest: dict, run_id: str, pr
     before = manifest.get("trackers", {}).get("mlflow") or {}
     model_uri = model_uri or (before.get("model_uri") if before.get("run_id") == run_id else None)
     experiment_id = client.get_run(run_id).info.experiment_id
-    entry = {"tracking_uri": redact_text(uri), "experiment_id": experiment_id, "run_id": run_id,
+    entry = {"tracking_uri": redact_path(uri), "experiment_id": experiment_id, "run_id": run_id,
              "complete": problem is None} | ({"model_uri": model_uri} if model_uri else {})  # fmt: skip
     if entry != before:
         write_manifest(run_dir, {**manifest, "trackers": {**manifest.get("trackers", {}), "mlflow": entry}})
@@ -187,7 +195,7 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
         if found:
             return found[0], True
     recorded = manifest.get("trackers", {}).get("mlflow") or {}
-    if recorded.get("tracking_uri") == redact_text(uri) and recorded.get("run_id"):
+    if recorded.get("tracking_uri") == redact_path(uri) and recorded.get("run_id"):
         try:
             run = client.get_run(recorded["run_id"])
             ours = run.data.tags.get(TAG, manifest["run_id"]) == manifest["run_id"]  # not another run directory's
@@ -215,7 +223,7 @@ def run_tags(manifest: Mapping[str, Any], run_dir: Path) -> dict[str, str]:
     """The tags a live run gets (records.Run.tags), from its manifest."""
     git = manifest.get("git") or {}
     found = {**manifest.get("tags", {}), "user": manifest.get("user"), "host": manifest.get("host"),
-             "mode": manifest.get("mode"), "run_dir": redact_text(str(run_dir.resolve())),
+             "mode": manifest.get("mode"), "run_dir": redact_path(run_dir.resolve()),
              TAG: manifest.get("run_id") or run_dir.name}  # fmt: skip
     if git.get("commit"):
         found |= {"git_commit": git["commit"], "git_dirty": str(git.get("dirty"))}

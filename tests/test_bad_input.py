@@ -467,23 +467,40 @@ def test_odd_paths_work_and_are_where_the_summary_says(tmp_path: Path) -> None:
 
 
 def test_a_secret_in_a_path_is_printed_nowhere(tmp_path: Path) -> None:
-    """--exp-dir .../password=X: the summary's run directory and the tracker's command name the path redacted."""
-    result = run_cli("--exp-dir", str(tmp_path / f"password={SECRET}"), *QUICK)
+    """--exp-dir .../password=X Y: the summary's run directory and the tracker's command name the path redacted (the
+    folder's whole name: a space does not end it)."""
+    exp_dir = tmp_path / f"password=abc {SECRET}"
+    result = run_cli("--exp-dir", str(exp_dir), *QUICK)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "password=[redacted]" in result.stdout and "--backend-store-uri" in result.stdout
-    assert SECRET not in result.stdout + result.stderr
+    run_dir = only_run_dir(exp_dir)
+    assert f"Run directory: {tmp_path}/password=[redacted]/debug/{run_dir.name}" in result.stdout
+    assert "--backend-store-uri" in result.stdout and SECRET not in result.stdout + result.stderr
     # The records name the tested checkpoint with each folder redacted on its own: sync still finds it by name.
     from project.sync import tested_checkpoint
 
-    run_dir = only_run_dir(tmp_path / f"password={SECRET}")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for record in (manifest["test"], json.loads((run_dir / "test_metrics.json").read_text())):
         assert "/password=[redacted]/" in record["checkpoint"] and SECRET not in record["checkpoint"]
     assert tested_checkpoint(run_dir, manifest) == run_dir / "checkpoints" / Path(manifest["test"]["checkpoint"]).name
     assert tested_checkpoint(run_dir, manifest).is_file()
-    # Resumed, its text records still hold it nowhere (the checkpoints keep Lightning's paths: resume needs them)
-    resumed = run_cli("--exp-dir", str(tmp_path / f"password={SECRET}"), *QUICK, "--max-epochs", "2", "--resume")
+    # Resumed into TensorBoard too, its text records still hold it nowhere (the checkpoints keep Lightning's paths:
+    # resume needs them)
+    resumed = run_cli("--exp-dir", str(exp_dir), *QUICK, "--max-epochs", "2", "--resume", "--logger", "tensorboard")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert SECRET not in resumed.stdout + resumed.stderr
-    texts = [path for path in run_dir.iterdir() if path.suffix in (".json", ".yaml", ".csv", ".txt")]
-    assert len(texts) >= 4 and not [path.name for path in texts if SECRET in path.read_text()]
+    assert SECRET not in resumed.stdout + resumed.stderr and "tensorboard --logdir" in resumed.stdout
+    texts = [path for path in run_dir.rglob("*") if path.suffix in (".json", ".yaml", ".csv", ".txt")]
+    assert len(texts) >= 5 and not [path.name for path in texts if SECRET in path.read_text()]
+
+
+def test_a_run_on_data_in_a_secret_folder_resumes_when_given_the_folder_again(tmp_path: Path) -> None:
+    """config.yaml names --data-dir .../password=X redacted: resuming, the folder given again is the run's own."""
+    pets = tmp_path / f"password={SECRET}" / "pets"
+    write_image_folder(pets)
+    data = ("--dataset", "image-folder", "--data-dir", str(pets), "--image-size", "8", "--logger", "csv")
+    assert run_cli("--exp-dir", str(tmp_path / "runs"), *data, *QUICK).returncode == 0
+    resumed = run_cli("--exp-dir", str(tmp_path / "runs"), *data, *QUICK, "--max-epochs", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert SECRET not in resumed.stdout + resumed.stderr + (only_run_dir(tmp_path / "runs") / "config.yaml").read_text()
+    other = run_cli("--exp-dir", str(tmp_path / "runs"), *data[:2], "--data-dir", str(tmp_path), *data[4:], *QUICK,
+                    "--max-epochs", "3", "--resume")  # fmt: skip
+    assert other.returncode == 2 and "--data-dir" in other.stderr, other.stderr[-2000:]

@@ -384,3 +384,17 @@ def test_debug_shows_the_traceback_that_a_mistake_otherwise_hides(tmp_path, caps
     with pytest.raises(UserError, match="absent"):
         main([*argv, "--debug"])
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "module, argv",
+    [("project.seeds", ["--seeds", "password=Hunter2secret"]), ("project.sync", ["--api-token=Hunter2secret", "x"]),
+     ("project.sweep", ["--study", "s", "--n-trials", "1", "--db-password=Hunter2secret"])],
+)  # fmt: skip
+def test_a_mistake_is_redacted_by_every_entry_point(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "error:" in err and "Hunter2secret" not in err, err

@@ -148,6 +148,22 @@ def test_a_plain_folder_lists_exactly_what_torchvisions_image_folder_lists(tmp_p
     assert len(expected) == 18
 
 
+def test_the_record_of_checked_headers_names_the_images_only_within_their_folder(tmp_path):
+    """The record (a cache beside the user's others) names no folder above the images: a folder's name may hold a
+    secret. A second start reads no header that the record vouches for."""
+    import json
+
+    root = tmp_path / "password=Hunter2secret" / "pets"
+    write_image_folder(root, per_class=2)
+    paths = sorted(str(path) for path in root.rglob("*.png"))
+    assert images.check_headers(paths, root) == []
+    (record,) = (tmp_path / "cache").rglob("*.json")
+    assert sorted(json.loads(record.read_text())) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    (root / "cat" / "0.png").write_bytes(b"not an image")  # changed: read again, and named
+    assert [problem for problem in images.check_headers(paths, root) if "cat/0.png" in problem]
+    assert "Hunter2secret" not in record.read_text()
+
+
 def test_a_link_to_a_parent_folder_is_refused_not_looped(tmp_path):
     write_image_folder(tmp_path / "pets")
     (tmp_path / "pets" / "cat" / "loop").symlink_to("..")  # torchvision's walk reads every image ~41 times

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env, file_digests, free_port, only_run_dir, run_cli, wait_for
 
-from project.infra.redact import REDACTED, redact, redact_argv, redact_text
+from project.infra.redact import REDACTED, redact, redact_argv, redact_path, redact_text
 
 # Batch 16: 90 steps an epoch, so the per-step loss (written every 50 steps) shows up in 2 epochs.
 TINY = ("--model", "mlp", "--num-workers", "0", "--batch-size", "16")
@@ -217,6 +217,25 @@ def test_redaction_by_name_by_value_and_in_urls(monkeypatch):
     config = {"learning_rate": 0.1, "nested": {"aws_secret_access_key": "zzz", "ok": ["abc123secret", 3]}}
     assert redact(config) == {"learning_rate": 0.1, "nested": {"aws_secret_access_key": REDACTED, "ok": [REDACTED, 3]}}
     assert redact({"wandb_api_key": None}) == {"wandb_api_key": None}  # nothing to hide
+
+
+@pytest.mark.parametrize("value", ["db_password=abc {}", "api_key=x,{}", "my_token=a&{}", "token: a;{}"])
+def test_a_secret_value_of_one_argument_or_one_folder_is_hidden_whole(value):
+    """One argument, or one folder's name, is one value: a secret-named one is hidden to its end, whatever it holds
+    (in running text a value ends at a space or a comma)."""
+    secret = "Hunter2secret"
+    argv = redact_argv(["--tag", value.format(secret), f"--note={value.format(secret)}"])
+    path = redact_path(f"/data/{value.format(secret)}/run/last.ckpt")
+    assert secret not in " ".join(argv) + path and path.endswith(f"{REDACTED}/run/last.ckpt"), (argv, path)
+
+
+def test_a_url_password_with_a_slash_and_a_path_redacted_already_stay_as_they_should():
+    assert redact_text("postgresql://u:Hunter2/secret@127.0.0.1:1/db") == f"postgresql://u:{REDACTED}@127.0.0.1:1/db"
+    once = redact_path("/x/password=Hunter2secret/debug/run-1")
+    assert once == f"/x/password={REDACTED}/debug/run-1" and redact_text(f"Run directory: {once}") == (
+        f"Run directory: {once}"
+    )
+    assert redact_text(f"password={REDACTED}Hunter2secret") == f"password={REDACTED}"
 
 
 @pytest.mark.slow

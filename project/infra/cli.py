@@ -83,7 +83,8 @@ class Parser(argparse.ArgumentParser):
     a mistake is at most three lines (no 30-line usage), and a mistyped option names the closest one."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(allow_abbrev=False, usage=f"{kwargs['prog']} [options]  (see --help)", **kwargs)
+        kwargs.setdefault("usage", f"{kwargs['prog']} [options]  (see --help)")
+        super().__init__(allow_abbrev=False, **kwargs)
         self.flags: dict[str, str] = {}  # dest -> its flag, for config files and suggestions
         self.switches: set[str] = set()  # dests of on/off flags
         self.repeatable: set[str] = set()  # dests that take a list

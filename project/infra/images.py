@@ -78,14 +78,15 @@ def check_headers(paths: list[str], root: Path) -> list[str]:
     except (OSError, ValueError):
         known = {}
     seen = {path: [(stat := os.stat(path)).st_size, stat.st_mtime_ns] for path in paths}
-    unchecked = [path for path in paths if known.get(path) != seen[path]]
+    named = {path: os.path.relpath(path, root) for path in paths}  # the file is root's: no folder above it is named
+    unchecked = [path for path in paths if known.get(named[path]) != seen[path]]
     with ThreadPoolExecutor() as pool:  # reading headers mostly waits for the disk
         problems = dict(zip(unchecked, pool.map(header_problem, unchecked), strict=True))
     with contextlib.suppress(OSError):  # a cache only: where it cannot be written, every start checks every header
         if unchecked:
             record.parent.mkdir(parents=True, exist_ok=True)
             temporary = record.with_name(f".{record.name}.{os.getpid()}")
-            temporary.write_text(json.dumps({path: seen[path] for path in paths if not problems.get(path)}))
+            temporary.write_text(json.dumps({named[path]: seen[path] for path in paths if not problems.get(path)}))
             os.replace(temporary, record)  # whole or absent, whatever stops the process
     return [*filter(None, problems.values())]
 

@@ -160,7 +160,7 @@ class Run(pl.Callback):
         git = {"git_commit": self.git["commit"], "git_dirty": str(self.git["dirty"])} if self.git["commit"] else {}
         mode = "test" if self.args.only_test else "train"  # and ours win over --tag: sync finds a run by them
         return {**tags, "user": user(), "host": socket.gethostname(), **git, "mode": mode,
-                "run_dir": redact_text(str(self.directory.resolve()))}  # fmt: skip
+                "run_dir": redact_path(self.directory.resolve())}  # fmt: skip
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not (self.zero and trainer.is_global_zero):
@@ -299,7 +299,7 @@ class Run(pl.Callback):
         write_manifest(self.directory, self.manifest)
 
     def summary(self, report: Any, tested: Path | None, best: float | None, problems: list[str]) -> str:
-        lines = ["", f"Run directory: {self.directory}"]
+        lines = ["", f"Run directory: {redact_path(self.directory)}"]
         if tested is not None and report is not None:
             where = tested.relative_to(self.directory) if tested.is_relative_to(self.directory) else tested
             value = f" ({self.args.monitor} {best:.4f})" if best is not None and not self.args.only_test else ""

@@ -14,12 +14,16 @@ from typing import Any
 REDACTED = "[redacted]"
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL", re.IGNORECASE)
 # NAME=value, NAME = value, NAME: value, NAME='a b', anywhere in a text; a value ends at a space, quote, ',', ';', '&'.
-# In a store's URL, a path's '=' is escaped as %3D.
+# In a store's URL, a path's '=' is escaped as %3D. A value redacted already (a folder: `password=[redacted]/run`) is
+# left as it is, and the rest of the path with it.
 ASSIGNMENT = re.compile(
-    rf"([\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|%3D|:)\s*)('[^']*'|\"[^\"]*\"|[^\s'\",;&]+)", re.IGNORECASE
+    rf"([\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|%3D|:)\s*)(?!\[redacted\](?:/|\s|$))"
+    rf"('[^']*'|\"[^\"]*\"|[^\s'\",;&]+)",
+    re.IGNORECASE,
 )
-# scheme://user:password@host, the user possibly empty (sqlite+pysqlcipher://:password@/runs.db).
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
+# scheme://user:password@host, the user possibly empty (sqlite+pysqlcipher://:password@/runs.db); SQLAlchemy takes a
+# password with a '/' in it as written.
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]+@")
 # Shorter environment values ("1", "true") are not secrets, and scrubbing them would mangle ordinary text.
 MIN_SECRET_LENGTH = 6
 
@@ -38,8 +42,15 @@ def redact_text(text: str) -> str:
 
 
 def redact_path(path: str | os.PathLike) -> str:
-    """A path with each folder's name redacted on its own: `.../password=X/run/last.ckpt` keeps `run/last.ckpt`."""
-    return "/".join(redact_text(part) for part in os.fspath(path).split("/"))
+    """A path, or a store's URL, with each folder's name redacted on its own: `.../password=X/run/last.ckpt` keeps
+    `run/last.ckpt`, and a secret's value runs to the end of its name (`password=a b`)."""
+    return redact_text("/".join(redact_whole(part) for part in os.fspath(path).split("/")))
+
+
+def redact_whole(value: str) -> str:
+    """`value` (one name, or one argument of a command line) with a secret-named assignment hidden to its end."""
+    found = ASSIGNMENT.search(value)
+    return value[: found.end(1)] + REDACTED if found else value
 
 
 def redact(value: Any, name: str = "") -> Any:
@@ -50,12 +61,13 @@ def redact(value: Any, name: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
-    return redact_text(value) if isinstance(value, str) else value
+    return redact_path(value) if isinstance(value, str) else value  # a value may be a path (--data-dir)
 
 
 def redact_argv(argv: list[str]) -> list[str]:
     """A command line that is safe to write down; the argument after a secret-named flag (`--api-key X`) is hidden."""
     pairs = itertools.pairwise(["", *argv])
     return [
-        REDACTED if flag[:1] == "-" and "=" not in flag and is_secret(flag) else redact_text(arg) for flag, arg in pairs
+        REDACTED if flag[:1] == "-" and "=" not in flag and is_secret(flag) else redact_text(redact_whole(arg))
+        for flag, arg in pairs
     ]

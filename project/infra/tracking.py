@@ -117,7 +117,7 @@ def open_client(uri: str, advice: str = "start the server or fix MLFLOW_TRACKING
                 client.search_experiments(max_results=1)
         return client
     except Exception as error:
-        raise UserError(f"MLflow at {redact_text(uri)} cannot be used ({reason(error)}): {advice}") from None
+        raise UserError(f"MLflow at {redact_path(uri)} cannot be used ({reason(error)}): {advice}") from None
 
 
 class Trackers:
@@ -192,7 +192,7 @@ class Trackers:
             url = getattr(self.wandb.experiment, "url", None)
             found["wandb"] = {"id": self.wandb.version, "project": self.wandb.name, "url": url}
         if self.tensorboard is not None:
-            found["tensorboard"] = {"log_dir": self.tensorboard.log_dir}
+            found["tensorboard"] = {"log_dir": redact_path(self.tensorboard.log_dir)}
         return found
 
     def how_to_open(self) -> list[str]:
@@ -201,10 +201,11 @@ class Trackers:
         if self.offline:
             lines.append(f"MLflow offline ({OFFLINE}=offline): python -m project.sync {self.directory} puts it there")
         if self.tensorboard is not None:
-            lines.append(f"tensorboard --logdir {shlex.quote(self.tensorboard.log_dir)}")
+            lines.append(f"tensorboard --logdir {shlex.quote(redact_path(self.tensorboard.log_dir))}")
         if self.wandb is not None:
             url = getattr(self.wandb.experiment, "url", None)
-            lines.append(url or f"wandb sync {Path(self.wandb.experiment.dir).parent}  (an offline run: uploads it)")
+            offline = redact_path(Path(self.wandb.experiment.dir).parent)
+            lines.append(url or f"wandb sync {offline}  (an offline run: uploads it)")
         return lines
 
 
@@ -241,9 +242,9 @@ class MLflowRun:
                 self.logger = mlflow_logger(self, tracking_uri=self.uri, run_id=self.run_id, synchronous=False)
                 _ = self.logger.experiment  # now, inside keep_environment
         except Exception as error:
-            raise UserError(f"MLflow at {redact_text(self.uri)} cannot be used ({reason(error)}): {advice}") from None
+            raise UserError(f"MLflow at {redact_path(self.uri)} cannot be used ({reason(error)}): {advice}") from None
         if previous and not self.reopened:  # a reopened run is left exactly as it was until training starts
-            print(f"warning: MLflow run {previous.get('run_id')} is not in {redact_text(self.uri)} (deleted, or "
+            print(f"warning: MLflow run {previous.get('run_id')} is not in {redact_path(self.uri)} (deleted, or "
                   "tracked elsewhere); this run's metrics go to a new MLflow run", file=sys.stderr)  # fmt: skip
 
     def call(self, method: Any, *args: Any) -> None:
@@ -260,8 +261,8 @@ class MLflowRun:
         if self.failure is not None and not self.warned:
             self.warned = True
             print(
-                f"warning: MLflow stopped answering ({self.failure}); training goes on, {self.directory} keeps "
-                "the complete records, and the run's end sends MLflow what it missed",
+                f"warning: MLflow stopped answering ({self.failure}); training goes on, {redact_path(self.directory)} "
+                "keeps the complete records, and the run's end sends MLflow what it missed",
                 file=sys.stderr,
                 flush=True,
             )
@@ -316,15 +317,15 @@ class MLflowRun:
         return f"MLflow: {self.problem}" if self.problem else None
 
     def describe(self) -> dict[str, Any]:
-        found = {"tracking_uri": redact_text(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id,
+        found = {"tracking_uri": redact_path(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id,
                  "complete": self.failure is None and self.problem is None}  # fmt: skip
         return found | ({"model_uri": self.model_uri} if self.model_uri else {})
 
     def how_to_open(self) -> str:
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
         if self.uri.startswith("sqlite:"):
-            return f"mlflow ui --backend-store-uri {shlex.quote(redact_text(self.uri))}   then open http://127.0.0.1:5000/{page}"
-        return f"{redact_text(self.uri).rstrip('/')}/{page}"
+            return f"mlflow ui --backend-store-uri {shlex.quote(redact_path(self.uri))}   then open http://127.0.0.1:5000/{page}"
+        return f"{redact_path(self.uri).rstrip('/')}/{page}"
 
 
 def mlflow_logger(run: MLflowRun, **options: Any) -> Any:
@@ -469,7 +470,9 @@ def wandb_logger(directory: Path, experiment: str, tags: dict[str, str], previou
     from lightning.pytorch.loggers import WandbLogger
 
     run_id = (previous or {}).get("id")
-    # W&B honours WANDB_MODE=offline (files under <run>/wandb; `wandb sync` uploads them later).
+    # W&B honours WANDB_MODE=offline (files under <run>/wandb; `wandb sync` uploads them later). Its own lines name the
+    # run's paths unredacted; the summary says where the run is (the user's own setting wins).
+    os.environ.setdefault("WANDB_SILENT", "true")
     labels = [f"{k}={v}"[:64] for k, v in tags.items()]  # W&B tags are short labels
     logger = WandbLogger(project=experiment, name=directory.name, save_dir=str(directory), id=run_id,
                          resume="allow" if run_id else None, tags=labels)  # fmt: skip
