@@ -168,7 +168,7 @@ def refuse_changes(parser: Parser, args: argparse.Namespace, saved: dict[str, An
         fixed = [key for key in saved if key in FIXED_ON_TEST]
         why = "a run's checkpoint is tested on its own test split"
     # config.yaml holds values redacted: a --data-dir .../password=X given again is the same as the one it names
-    changed = [f"{parser.flags[key]} {getattr(args, key)} (the run's: {saved[key]})"
+    changed = [f"{parser.flags[key]} {redact(getattr(args, key), key)} (the run's: {saved[key]})"
                for key in fixed if redact(getattr(args, key), key) != saved[key]]  # fmt: skip
     if changed:
         parser.error(f"{', '.join(changed)}: {why} ({run / runs.CONFIG}); start a new run to change that")

@@ -488,8 +488,11 @@ def test_a_secret_in_a_path_is_printed_nowhere(tmp_path: Path) -> None:
     resumed = run_cli("--exp-dir", str(exp_dir), *QUICK, "--max-epochs", "2", "--resume", "--logger", "tensorboard")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert SECRET not in resumed.stdout + resumed.stderr and "tensorboard --logdir" in resumed.stdout
-    texts = [path for path in run_dir.rglob("*") if path.suffix in (".json", ".yaml", ".csv", ".txt")]
-    assert len(texts) >= 5 and not [path.name for path in texts if SECRET in path.read_text()]
+    tested = run_cli("--exp-dir", str(exp_dir), *QUICK, "--only-test", "--logger", "csv")  # every summary line
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert SECRET not in tested.stdout + tested.stderr and "metrics.csv (no tracker)" in tested.stdout
+    texts = [path for path in exp_dir.rglob("*") if path.suffix in (".json", ".yaml", ".csv", ".txt")]
+    assert len(texts) >= 10 and not [path.name for path in texts if SECRET in path.read_text()]
 
 
 def test_a_run_on_data_in_a_secret_folder_resumes_when_given_the_folder_again(tmp_path: Path) -> None:

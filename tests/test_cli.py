@@ -373,16 +373,12 @@ def test_a_config_from_a_pipe_is_read_and_one_nothing_writes_to_is_one_line(tmp_
     assert "a pipe that nothing writes to" in capsys.readouterr().err
 
 
-def test_debug_shows_the_traceback_that_a_mistake_otherwise_hides(tmp_path, capsys):
+def test_debug_shows_the_traceback_that_a_mistake_otherwise_hides(tmp_path):
     """A mistake is one line and exit 2; with --debug its exception goes up, traceback and all."""
-    from project.infra.errors import UserError
-    from project.run import main
-
-    argv = ["--dataset", "image-folder", "--data-dir", str(tmp_path / "absent"), "--exp-dir", str(tmp_path / "runs")]
-    assert main(argv) == 2
-    assert capsys.readouterr().err.count("\n") == 1
-    with pytest.raises(UserError, match="absent"):
-        main([*argv, "--debug"])
+    argv = ("--dataset", "diabetes", "--monitor", "val/acc", "--exp-dir", str(tmp_path / "runs"), "--logger", "csv")
+    plain, debug = run_cli(*argv), run_cli(*argv, "--debug")
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr, plain.stderr
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError: --monitor val/acc" in debug.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -148,7 +148,7 @@ def test_a_plain_folder_lists_exactly_what_torchvisions_image_folder_lists(tmp_p
     assert len(expected) == 18
 
 
-def test_the_record_of_checked_headers_names_the_images_only_within_their_folder(tmp_path):
+def test_the_record_of_checked_headers_names_the_images_only_within_their_folder(tmp_path, monkeypatch):
     """The record (a cache beside the user's others) names no folder above the images: a folder's name may hold a
     secret. A second start reads no header that the record vouches for."""
     import json
@@ -159,6 +159,10 @@ def test_the_record_of_checked_headers_names_the_images_only_within_their_folder
     assert images.check_headers(paths, root) == []
     (record,) = (tmp_path / "cache").rglob("*.json")
     assert sorted(json.loads(record.read_text())) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    read = []
+    with monkeypatch.context() as patched:
+        patched.setattr(images, "header_problem", lambda path: read.append(path))
+        assert images.check_headers(paths, root) == [] and read == []  # vouched for: none read again
     (root / "cat" / "0.png").write_bytes(b"not an image")  # changed: read again, and named
     assert [problem for problem in images.check_headers(paths, root) if "cat/0.png" in problem]
     assert "Hunter2secret" not in record.read_text()

@@ -390,3 +390,21 @@ def test_secrets_inside_values_are_written_and_printed_nowhere(tmp_path):
     for secret in planted.values():
         assert not any(secret.encode() in path.read_bytes() for path in everything), secret
         assert secret not in result.stdout + result.stderr, secret
+
+
+def test_a_moved_runs_checkpoint_states_follow_it_and_another_runs_stay_as_they_are():
+    from project.infra.records import follow_moved_run
+
+    def state(folder: str) -> dict:
+        best = f"{folder}/best-epoch001.ckpt"
+        return {"monitor": "val/loss", "dirpath": folder, "best_model_path": best, "kth_best_model_path": best,
+                "last_model_path": f"{folder}2/last.ckpt", "best_k_models": {best: 0.5}}  # fmt: skip
+
+    here = "/new/place/run-1/checkpoints"
+    moved = {"callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": state("/old/exp/run-1/checkpoints"), "R": {}}}
+    follow_moved_run(moved, here)
+    expected = {**state(here), "last_model_path": "/old/exp/run-1/checkpoints2/last.ckpt"}  # another folder's: kept
+    assert moved["callbacks"] == {"ModelCheckpoint{'monitor': 'val/loss'}": expected, "R": {}}
+    foreign = {"callbacks": {"M": state("/old/exp/run-2/checkpoints")}}  # another run's checkpoint, copied in
+    follow_moved_run(foreign, here)
+    assert foreign["callbacks"]["M"] == state("/old/exp/run-2/checkpoints")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env, file_digests, free_port, only_run_dir, run_cli, wait_for
 
+from project.infra import runs
 from project.infra.redact import REDACTED, redact, redact_argv, redact_path, redact_text
 
 # Batch 16: 90 steps an epoch, so the per-step loss (written every 50 steps) shows up in 2 epochs.
@@ -219,7 +220,10 @@ def test_redaction_by_name_by_value_and_in_urls(monkeypatch):
     assert redact({"wandb_api_key": None}) == {"wandb_api_key": None}  # nothing to hide
 
 
-@pytest.mark.parametrize("value", ["db_password=abc {}", "api_key=x,{}", "my_token=a&{}", "token: a;{}"])
+@pytest.mark.parametrize(
+    "value", ["db_password=abc {}", "api_key=x,{}", "my_token=a&{}", "token: a;{}", "db_password=,{}", "api_key='{}",
+              "x_token:{}"]
+)  # fmt: skip
 def test_a_secret_value_of_one_argument_or_one_folder_is_hidden_whole(value):
     """One argument, or one folder's name, is one value: a secret-named one is hidden to its end, whatever it holds
     (in running text a value ends at a space or a comma)."""
@@ -230,7 +234,10 @@ def test_a_secret_value_of_one_argument_or_one_folder_is_hidden_whole(value):
 
 
 def test_a_url_password_with_a_slash_and_a_path_redacted_already_stay_as_they_should():
-    assert redact_text("postgresql://u:Hunter2/secret@127.0.0.1:1/db") == f"postgresql://u:{REDACTED}@127.0.0.1:1/db"
+    for password in ("Hunter2/secret", "p@ssHunter2secret"):  # as SQLAlchemy and requests read it: to the last '@'
+        assert redact_text(f"postgresql://u:{password}@127.0.0.1:1/db") == f"postgresql://u:{REDACTED}@127.0.0.1:1/db"
+    store = runs.sqlite_url(Path("/runs/x_token:Hunter2secret/mlflow.db"))  # SQLAlchemy escapes ':' as %3A
+    assert "Hunter2secret" not in redact_path(store) and redact_path(store).endswith(f"{REDACTED}/mlflow.db")
     once = redact_path("/x/password=Hunter2secret/debug/run-1")
     assert once == f"/x/password={REDACTED}/debug/run-1" and redact_text(f"Run directory: {once}") == (
         f"Run directory: {once}"

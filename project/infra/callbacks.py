@@ -22,9 +22,10 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from torch.optim.swa_utils import update_bn
 
-from project.infra import checkpoints, runs
+from project.infra import checkpoints
 from project.infra.console import ProgressBar
 from project.infra.errors import STOP_SIGNALS, RunStopped, StopSignals, UserError
+from project.infra.redact import redact_path
 
 
 def for_run(last_checkpoint: Path, args: argparse.Namespace) -> list[Callback]:
@@ -81,27 +82,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 os.close(folder)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = checkpoints.read(Path(path), self.flag)  # weights_only=True, whatever the caller asked
-        return follow_moved_run(checkpoint, Path(path)) if runs.run_of(Path(path)) else checkpoint
-
-
-def follow_moved_run(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The checkpoint callbacks' states of a run moved since `checkpoint` was saved (its folder, or --exp-dir renamed)
-    name their files where they are now. From a state saved in another folder Lightning restores only
-    best_model_path: the resumed run would keep its first new epoch as the best, however bad, and test it."""
-    here = os.path.realpath(path.parent)  # as ModelCheckpoint keeps its dirpath
-    for state in checkpoint.get("callbacks", {}).values():
-        then = state.get("dirpath") if isinstance(state, dict) else None
-        if not isinstance(then, str) or then == here:
-            continue
-
-        def moved(value: Any, then: str = then) -> Any:
-            return here + value[len(then) :] if isinstance(value, str) and value.startswith(then + os.sep) else value
-
-        state.update({key: moved(value) for key, value in state.items()}, dirpath=here)
-        if isinstance(state.get("best_k_models"), dict):
-            state["best_k_models"] = {moved(key): value for key, value in state["best_k_models"].items()}
-    return checkpoint
+        return checkpoints.read(Path(path), self.flag)  # weights_only=True, whatever the caller asked
 
 
 class RandomState(Callback):
@@ -191,8 +172,9 @@ class FiniteLoss(Callback):
             if finite:
                 return
             what, step = "the weights", trainer.global_step
-        kept = (f"the last good checkpoint is kept: {self.last_checkpoint}" if self.last_checkpoint.is_file()
-                else "no checkpoint was written before it")  # fmt: skip
+        kept = "no checkpoint was written before it"
+        if self.last_checkpoint.is_file():
+            kept = f"the last good checkpoint is kept: {redact_path(self.last_checkpoint)}"
         raise RunStopped(
             f"training diverged: {what} became NaN or infinite at step {step} (epoch {trainer.current_epoch}); "
             f"stopped without saving the broken weights, {kept}. Try a lower --learning-rate.",
@@ -245,5 +227,6 @@ class GracefulStop(Callback):
             return RunStopped(f"stopped by {name} {when} (rank {trainer.global_rank}: rank 0 says how to resume)",
                               128 + signum)  # fmt: skip
         return RunStopped(
-            f"stopped by {name}: saved {self.last_checkpoint} {when}\nresume with: {resume}", 128 + signum
+            f"stopped by {name}: saved {redact_path(self.last_checkpoint)} {when}\nresume with: {redact_path(resume)}",
+            128 + signum,
         )

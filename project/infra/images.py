@@ -78,7 +78,7 @@ def check_headers(paths: list[str], root: Path) -> list[str]:
     except (OSError, ValueError):
         known = {}
     seen = {path: [(stat := os.stat(path)).st_size, stat.st_mtime_ns] for path in paths}
-    named = {path: os.path.relpath(path, root) for path in paths}  # the file is root's: no folder above it is named
+    named = {path: path.removeprefix(f"{root}{os.sep}") for path in paths}  # no folder above root is named
     unchecked = [path for path in paths if known.get(named[path]) != seen[path]]
     with ThreadPoolExecutor() as pool:  # reading headers mostly waits for the disk
         problems = dict(zip(unchecked, pool.map(header_problem, unchecked), strict=True))

@@ -126,6 +126,11 @@ class Run(pl.Callback):
                 ModelCheckpoint(dirpath=last.parent, filename=last.stem, enable_version_counter=False),
             ]  # fmt: skip
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # before any callback loads its state (resume, and the test of a checkpoint)
+        if trainer.checkpoint_callbacks:  # one folder for all, rank 0's on every process
+            follow_moved_run(checkpoint, trainer.checkpoint_callbacks[0].dirpath)
+
     @property
     def loggers(self) -> list[Any]:
         return self.trackers.loggers
@@ -301,16 +306,36 @@ class Run(pl.Callback):
     def summary(self, report: Any, tested: Path | None, best: float | None, problems: list[str]) -> str:
         lines = ["", f"Run directory: {redact_path(self.directory)}"]
         if tested is not None and report is not None:
-            where = tested.relative_to(self.directory) if tested.is_relative_to(self.directory) else tested
+            where = tested.relative_to(self.directory) if tested.is_relative_to(self.directory) else redact_path(tested)
             value = f" ({self.args.monitor} {best:.4f})" if best is not None and not self.args.only_test else ""
             lines.append(f"Best epoch:    {self.test_record['checkpoint_epoch']}{value}, tested from {where}")
         if report is not None:
             scores = "  ".join(f"{name} {value:.4f}" for name, value in report.scores.items())
             lines.append(f"Test scores:   {scores}   (details: {', '.join([runs.REPORT, *report.figures])})")
-        for i, line in enumerate(self.trackers.how_to_open() or [f"{self.directory / runs.METRICS} (no tracker)"]):
+        for i, line in enumerate(
+            self.trackers.how_to_open() or [f"{redact_path(self.directory / runs.METRICS)} (no tracker)"]
+        ):
             lines.append(f"{'Tracker:' if i == 0 else '':<15}{line}")
         # a path may hold a secret too (--exp-dir .../password=X): printed lines are redacted like every record
         return redact_text("\n".join([*lines, *(f"warning: {problem}" for problem in problems)]))
+
+
+def follow_moved_run(checkpoint: dict[str, Any], here: str) -> None:
+    """The checkpoint callbacks' states of a run moved since `checkpoint` was saved (its folder, or --exp-dir renamed)
+    name their files in `here`, where the run's checkpoint callbacks keep them now. From a state saved in another
+    folder Lightning restores only best_model_path: the resumed run would keep its first new epoch as the best,
+    however bad, and test it. A state of another run (its id names the folder above) is left as it is."""
+    for state in checkpoint.get("callbacks", {}).values():
+        then = state.get("dirpath") if isinstance(state, dict) else None
+        if not isinstance(then, str) or then == here or Path(then).parent.name != Path(here).parent.name:
+            continue
+
+        def moved(value: Any, then: str = then) -> Any:
+            return here + value[len(then) :] if isinstance(value, str) and value.startswith(then + os.sep) else value
+
+        state.update({key: moved(value) for key, value in state.items()}, dirpath=here)
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {moved(key): value for key, value in state["best_k_models"].items()}
 
 
 class RunLock:

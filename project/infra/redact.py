@@ -13,17 +13,16 @@ from typing import Any
 
 REDACTED = "[redacted]"
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL", re.IGNORECASE)
-# NAME=value, NAME = value, NAME: value, NAME='a b', anywhere in a text; a value ends at a space, quote, ',', ';', '&'.
-# In a store's URL, a path's '=' is escaped as %3D. A value redacted already (a folder: `password=[redacted]/run`) is
-# left as it is, and the rest of the path with it.
+# NAME=value, NAME = value, NAME: value (in a store's URL '=' and ':' are escaped as %3D and %3A).
+SECRET_ASSIGNED = re.compile(rf"[\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|%3D|%3A|:)\s*", re.IGNORECASE)
+# Anywhere in a text: NAME='a b', or a value that ends at a space, quote, ',', ';', '&' (those it starts with are its
+# own). A value redacted already (a folder: `password=[redacted]/run`) is left as it is, and the rest of the path too.
 ASSIGNMENT = re.compile(
-    rf"([\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|%3D|:)\s*)(?!\[redacted\](?:/|\s|$))"
-    rf"('[^']*'|\"[^\"]*\"|[^\s'\",;&]+)",
-    re.IGNORECASE,
+    rf"({SECRET_ASSIGNED.pattern})(?!\[redacted\](?:/|\s|$))('[^']*'|\"[^\"]*\"|['\",;&]*[^\s'\",;&]+)", re.IGNORECASE
 )
-# scheme://user:password@host, the user possibly empty (sqlite+pysqlcipher://:password@/runs.db); SQLAlchemy takes a
-# password with a '/' in it as written.
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]+@")
+# scheme://user:password@host, the user possibly empty (sqlite+pysqlcipher://:password@/runs.db); the password runs to
+# the last '@' (SQLAlchemy and requests read it so; a '/' or an '@' in it as written).
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)\S*@")
 # Shorter environment values ("1", "true") are not secrets, and scrubbing them would mangle ordinary text.
 MIN_SECRET_LENGTH = 6
 
@@ -49,8 +48,8 @@ def redact_path(path: str | os.PathLike) -> str:
 
 def redact_whole(value: str) -> str:
     """`value` (one name, or one argument of a command line) with a secret-named assignment hidden to its end."""
-    found = ASSIGNMENT.search(value)
-    return value[: found.end(1)] + REDACTED if found else value
+    found = SECRET_ASSIGNED.search(value)
+    return value[: found.end()] + REDACTED if found and value[found.end() :] not in ("", REDACTED) else value
 
 
 def redact(value: Any, name: str = "") -> Any:

@@ -199,7 +199,8 @@ class Trackers:
         """One line per tracker: the command or address that shows this run."""
         lines = [self.mlflow.how_to_open()] if self.mlflow is not None else []
         if self.offline:
-            lines.append(f"MLflow offline ({OFFLINE}=offline): python -m project.sync {self.directory} puts it there")
+            sync = f"python -m project.sync {redact_path(self.directory)}"
+            lines.append(f"MLflow offline ({OFFLINE}=offline): {sync} puts it there")
         if self.tensorboard is not None:
             lines.append(f"tensorboard --logdir {shlex.quote(redact_path(self.tensorboard.log_dir))}")
         if self.wandb is not None:
@@ -312,7 +313,7 @@ class MLflowRun:
         except Exception as error:
             self.fail(reason(error))
             what = "still does not answer" if unreachable(error) else f"did not take the records ({reason(error)})"
-            return f"MLflow {what}; to complete its record: python -m project.sync {self.directory}"
+            return f"MLflow {what}; to complete its record: python -m project.sync {redact_path(self.directory)}"
         self.failure, self.problem, self.model_uri = None, problem or self.problem, model_uri or self.model_uri
         return f"MLflow: {self.problem}" if self.problem else None
 
