@@ -245,6 +245,11 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     run = records.Run(args, config_of(args), trackers, checkpoint if args.resume else None, task)
     with run:  # however this block ends, the run's records say how (finished, interrupted, failed)
         trainer = build_trainer(args, run, callbacks)
+        saved_by = getattr(datamodule, "mid_epoch_processes", None)  # Lightning would end that epoch at once
+        if args.resume and saved_by not in (None, trainer.world_size):
+            raise UserError(f"--resume: {checkpoint.name} was saved mid-epoch by a run of --devices x --num-nodes = "
+                            f"{saved_by}, and the rest of that epoch is in its processes' shards: continue with "
+                            f"{saved_by} at least to the epoch's end, then change them")  # fmt: skip
         run.open(trainer)
 
         # 4. Train, then test the best checkpoint (never the last epoch's weights by accident). With --only-test the

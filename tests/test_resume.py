@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import only_run_dir, run_cli, write_cifar10_like
+from conftest import file_digests, only_run_dir, run_cli, write_cifar10_like
 
 from project.infra import checkpoints
 from project.infra.batches import Batches, EpochBatches
@@ -130,6 +130,21 @@ def test_run_killed_then_resumed_ends_bit_identical(point: str, digits_reference
     fault, resumes_from_step = KILLS[point]
     run_dir = killed_then_resumed(DIGITS, fault, resumes_from_step, exp_dir)
     assert_same_run(digits_reference, run_dir)
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_resumes_only_with_as_many_processes(exp_dir: Path) -> None:
+    """Resumed mid-epoch by another number of processes, Lightning would end that epoch at once: the rest of its
+    batches and its validation lost, silently. It is one line, and the run stays as it was."""
+    fault, resumes_from_step = KILLS["mid-epoch"]
+    killed = run_cli(*fault, "--", *DIGITS, "--exp-dir", str(exp_dir), module="tests.fault_driver")
+    assert killed.returncode == -signal.SIGKILL and last_step(only_run_dir(exp_dir)) == resumes_from_step
+    before = file_digests(exp_dir)
+    two = ("--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")
+    refused = run_cli(*DIGITS, "--exp-dir", str(exp_dir), "--resume", *two)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert "saved mid-epoch by a run of --devices x --num-nodes = 1" in refused.stderr
+    assert file_digests(exp_dir) == before
 
 
 @pytest.mark.slow
