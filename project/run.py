@@ -127,6 +127,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except UserError as error:
             parser.error(str(error))
         continued = runs.run_of(checkpoint)
+        if continued and args.resume and checkpoint.name != runs.LAST:  # it would train over the run's later epochs
+            parser.error(
+                f"--resume: {checkpoint.name} is not its run's {runs.LAST}: a run goes on from where it "
+                "stopped; to train on from this one, copy it out of the run and resume the copy (a new run)"
+            )
         if continued and args.config:
             parser.error(f"--config: {'--resume' if args.resume else '--only-test'} uses the run's own config.yaml")
     source = args.config or (continued / runs.CONFIG if continued else None)
@@ -245,11 +250,13 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
     run = records.Run(args, config_of(args), trackers, checkpoint if args.resume else None, task)
     with run:  # however this block ends, the run's records say how (finished, interrupted, failed)
         trainer = build_trainer(args, run, callbacks)
-        saved_by = getattr(datamodule, "mid_epoch_processes", None)  # Lightning would end that epoch at once
-        if args.resume and saved_by not in (None, trainer.world_size):
-            raise UserError(f"--resume: {checkpoint.name} was saved mid-epoch by a run of --devices x --num-nodes = "
-                            f"{saved_by}, and the rest of that epoch is in its processes' shards: continue with "
-                            f"{saved_by} at least to the epoch's end, then change them")  # fmt: skip
+        # Lightning resumes an epoch at its count of batches: with other shards it would end the epoch at once, or skip
+        # samples it never trained on
+        saved = getattr(datamodule, "mid_epoch", None) or {}
+        if args.resume and saved and saved != {"processes": trainer.world_size, "batch_size": args.batch_size}:
+            raise UserError(f"--resume: {checkpoint.name} was saved mid-epoch by a run of {saved['processes']} "
+                            f"processes (--devices x --num-nodes) with --batch-size {saved['batch_size']}: continue "
+                            "with the same at least to the epoch's end, then change them")  # fmt: skip
         run.open(trainer)
 
         # 4. Train, then test the best checkpoint (never the last epoch's weights by accident). With --only-test the

@@ -127,6 +127,27 @@ def test_a_run_moved_since_continues_where_it_is_now(tmp_path, monkeypatch, caps
     assert "its folder 'my runs' is not an experiment name" in capsys.readouterr().err
 
 
+def test_a_run_goes_on_from_its_last_checkpoint_and_is_tested_on_the_one_it_tested(tmp_path, capsys):
+    """--resume of another checkpoint of the run would train over its later epochs; --only-test's `best` is the
+    checkpoint the run tested (a resumed run's `-v1` beside a file its killed session left), by name before that."""
+    import json
+
+    from project.infra import runs
+
+    run = fake_run(tmp_path)
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(run / "checkpoints" / "best-epoch003.ckpt")])
+    assert "best-epoch003.ckpt is not its run's last.ckpt" in capsys.readouterr().err
+    for name in ("best-epoch003-v1.ckpt", "best-epoch002.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"weights")
+    assert runs.best_checkpoint(run).name == "best-epoch003-v1.ckpt"
+    tested = {"run_id": run.name, "test": {"checkpoint": "/x/password=[redacted]/checkpoints/best-epoch002.ckpt"}}
+    (run / "manifest.json").write_text(json.dumps(tested))
+    assert parse_args(["--only-test", "--exp-dir", str(tmp_path / "experiments")]).checkpoint == str(
+        run / "checkpoints" / "best-epoch002.ckpt"
+    )
+
+
 def test_what_may_change_is_a_subset_of_the_options():
     options = set(config_of(parse_args([])))
     assert options >= MAY_CHANGE_ON_RESUME and options >= FIXED_ON_TEST

@@ -143,8 +143,32 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_as_many_processes(exp_dir: Pat
     two = ("--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")
     refused = run_cli(*DIGITS, "--exp-dir", str(exp_dir), "--resume", *two)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
-    assert "saved mid-epoch by a run of --devices x --num-nodes = 1" in refused.stderr
-    assert file_digests(exp_dir) == before
+    assert "saved mid-epoch by a run of 1 processes (--devices x --num-nodes) with --batch-size 64" in refused.stderr
+    # A copy of the checkpoint outside its run (no config.yaml to keep its batch size) with another --batch-size
+    copy = exp_dir.parent / "mid-epoch.ckpt"
+    copy.write_bytes((only_run_dir(exp_dir) / "checkpoints" / "last.ckpt").read_bytes())
+    smaller = [*DIGITS[:5], "32", *DIGITS[6:]]
+    assert DIGITS[4:6] == ("--batch-size", "64")
+    elsewhere = run_cli(*smaller, "--exp-dir", str(exp_dir.parent / "other"), "--resume", str(copy))
+    assert elsewhere.returncode == 2 and "with --batch-size 64" in elsewhere.stderr, elsewhere.stderr[-2000:]
+    assert file_digests(exp_dir) == before and not (exp_dir.parent / "other").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_metrics_csv_logs_each_step_once(digits_reference: Path, exp_dir: Path) -> None:
+    """Killed at the first step of an epoch, after its learning rate was logged and the epoch-end checkpoint before it
+    written: resumed, metrics.csv does not log that rate twice (nor any row the killed process logged after the
+    checkpoint), and its validation and learning-rate rows are the uninterrupted run's."""
+    import csv
+
+    run_dir = killed_then_resumed(DIGITS, ("kill-train", "1", "0"), 23, exp_dir)
+
+    def logged(run: Path, column: str) -> list[tuple[str, str]]:
+        with open(run / "metrics.csv", newline="") as file:
+            return [(row["step"], row[column]) for row in csv.DictReader(file) if row.get(column)]
+
+    for column in ("lr", "val/loss", "val/acc", "train/loss_step"):
+        assert logged(run_dir, column) == logged(digits_reference, column), column
 
 
 @pytest.mark.slow

@@ -327,6 +327,7 @@ def test_a_copied_run_resumes_into_records_of_its_own_and_keeps_its_tracker_link
                     *TINY)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert json.loads((copy / "manifest.json").read_text())["trackers"]["mlflow"]["run_id"] == copy_id
+    assert f"warning: MLflow run {copy_id} has this run only in part; python -m project.sync {copy}" in again.stdout
     assert file_digests(original) == files
 
 

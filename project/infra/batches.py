@@ -174,7 +174,7 @@ class DataModule(pl.LightningDataModule):
         self.val_fraction, self.data_on_device = val_fraction, data_on_device
         self.statistics_source: Batches | None = None
         self.opened: list[Batches] = []
-        self.mid_epoch_processes: int | None = None  # of the checkpoint resumed (load_state_dict)
+        self.mid_epoch: dict[str, int] | None = None  # of the checkpoint resumed (load_state_dict)
 
     def batches(self, split: str, shuffle: bool) -> Batches:
         raise NotImplementedError  # `self.loader(tensors or dataset, shuffle)`
@@ -182,15 +182,15 @@ class DataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """In every checkpoint: what picks the split, so that a checkpoint kept outside its run (no config.yaml to
         continue from) is resumed and tested on its own split; another would mix its test and training samples. Saved
-        mid-epoch: how many processes shared the epoch (the rest of it is in their shards)."""
+        mid-epoch: the processes and batch size that split the epoch (the rest of it is where their batches end)."""
         state: dict[str, Any] = {"split": {"seed": self.seed, "val_fraction": self.val_fraction}}
         train = next((batches for batches in self.opened if batches.plan.shuffle), None)
         if train is not None and 0 < train.yielded < len(train):
-            state["mid_epoch_processes"] = train.plan.world_size
+            state["mid_epoch"] = {"processes": train.plan.world_size, "batch_size": train.plan.batch_size}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mid_epoch_processes = state.get("mid_epoch_processes")  # run.py checks it against the new Trainer's
+        self.mid_epoch = state.get("mid_epoch")  # run.py checks it against the new Trainer's
         then, now = state.get("split", {}), self.state_dict()["split"]  # (older checkpoints recorded none)
         differ = [f"--{key.replace('_', '-')} {then[key]} (not {value})" for key, value in now.items()
                   if key in then and then[key] != value]  # fmt: skip

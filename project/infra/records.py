@@ -198,6 +198,8 @@ class Run(pl.Callback):
         self.lock.note(f"pid {session['pid']} on {session['host']} since {session['start_time']} ({self.command})\n")
         write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
         self.write_manifest()
+        if self.previous and self.previous.get("exit_status") != "finished":  # killed: it may have logged beyond
+            self.trackers.rewind(checkpoints.read(Path(self.args.resume))["global_step"])
         self.trackers.start({**self.config, "user": session["user"], "command": self.command})
 
     def best_checkpoint(self, trainer: pl.Trainer) -> Path | None:
@@ -312,10 +314,13 @@ class Run(pl.Callback):
         if report is not None:
             scores = "  ".join(f"{name} {value:.4f}" for name, value in report.scores.items())
             lines.append(f"Test scores:   {scores}   (details: {', '.join([runs.REPORT, *report.figures])})")
-        for i, line in enumerate(
-            self.trackers.how_to_open() or [f"{redact_path(self.directory / runs.METRICS)} (no tracker)"]
-        ):
+        opened = self.trackers.how_to_open() or [f"{redact_path(self.directory / runs.METRICS)} (no tracker)"]
+        for i, line in enumerate(opened):
             lines.append(f"{'Tracker:' if i == 0 else '':<15}{line}")
+        earlier = self.manifest.get("trackers", {}).get("mlflow") or {}  # a run resumed with another --logger
+        if self.trackers.mlflow is None and not self.trackers.offline and earlier.get("complete") is False:
+            problems = [*problems, f"MLflow run {earlier.get('run_id')} has this run only in part; python -m "
+                        f"project.sync {redact_path(self.directory)} completes it"]  # fmt: skip
         # a path may hold a secret too (--exp-dir .../password=X): printed lines are redacted like every record
         return redact_text("\n".join([*lines, *(f"warning: {problem}" for problem in problems)]))
 

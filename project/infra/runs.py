@@ -5,6 +5,8 @@ random suffix."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -78,7 +80,14 @@ def latest_run(experiment: Path) -> Path | None:
 
 
 def best_checkpoint(run: Path) -> Path | None:
-    found = sorted((run / CHECKPOINT_DIR).glob(BEST_GLOB))
+    """The checkpoint the run tested (its manifest names it); before its test, the best of its latest epoch (a version
+    `-v1` a resumed run wrote beside a file left by its killed session is the newer)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        tested = run / CHECKPOINT_DIR / Path(json.loads((run / MANIFEST).read_text())["test"]["checkpoint"]).name
+        if tested.is_file():
+            return tested
+    found = sorted((run / CHECKPOINT_DIR).glob(BEST_GLOB),
+                   key=lambda path: (path.stem.split("-v")[0], int(path.stem.partition("-v")[2] or 0)))  # fmt: skip
     return found[-1] if found else None
 
 

@@ -149,6 +149,10 @@ class Trackers:
             self.wandb = wandb_logger(directory, args.exp_name, tags, previous.get("wandb"))
             self.loggers.append(self.wandb)
 
+    def rewind(self, step: int) -> None:
+        """metrics.csv without what a killed process logged after the checkpoint its run resumes from (at `step`)."""
+        self.loggers[0].rewind(step)
+
     def start(self, params: dict[str, Any]) -> None:
         """The run's configuration, user and command line as every tracker's hyperparameters (already redacted)."""
         if self.mlflow is not None and self.mlflow.reopened:
@@ -448,21 +452,35 @@ def csv_logger(path: Path) -> Any:
         def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
             row = {"step": step, **{k: v if isinstance(v, (int, float)) else float(v) for k, v in metrics.items()},
                    "timestamp": int(time.time() * 1000)}  # as MLflow keeps it: project.sync sends it  # fmt: skip
-            if set(row) - set(self.columns):  # a new column: rewrite the file with the wider header, atomically
-                from project.infra.files import write_text
-
-                rows = []
-                with contextlib.suppress(OSError), open(self.path, newline="") as file:
-                    rows = list(csv.DictReader(file))
+            if set(row) - set(self.columns):  # a new column: rewrite the file with the wider header
                 self.columns = ["step", *sorted((set(self.columns) | set(row)) - {"step"})]
-                text = io.StringIO()
-                writer = csv.DictWriter(text, fieldnames=self.columns)
-                writer.writeheader()
-                writer.writerows([*rows, row])
-                write_text(self.path, text.getvalue())
+                self.write([*self.rows(), row])
                 return
             with open(self.path, "a", newline="") as file:  # flushed at every call: a crash loses no logged value
                 csv.DictWriter(file, fieldnames=self.columns).writerow(row)
+
+        def rewind(self, step: int) -> None:
+            """Only the rows of the steps before `step`: a killed process logged the others after the checkpoint its
+            run resumes from, and they are logged again."""
+            rows = self.rows()
+            with contextlib.suppress(ValueError):  # a step that is not a number: a file edited by hand, left as it is
+                kept = [row for row in rows if int(float(row.get("step") or 0)) < step]
+                if len(kept) < len(rows):
+                    self.write(kept)
+
+        def rows(self) -> list[dict[str, str]]:
+            with contextlib.suppress(OSError), open(self.path, newline="") as file:
+                return list(csv.DictReader(file))
+            return []
+
+        def write(self, rows: list[dict[str, Any]]) -> None:
+            from project.infra.files import write_text
+
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+            write_text(self.path, text.getvalue())  # atomically
 
     return AppendingCsvLogger()
 
