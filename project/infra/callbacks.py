@@ -21,6 +21,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from torch.optim.swa_utils import update_bn
+from torchmetrics import Metric
 
 from project.infra import checkpoints
 from project.infra.console import ProgressBar
@@ -30,7 +31,13 @@ from project.infra.redact import redact_path
 
 def for_run(last_checkpoint: Path, args: argparse.Namespace) -> list[Callback]:
     """The callbacks every run gets, beside the records' checkpoint callbacks."""
-    found = [RandomState(), PreciseBatchNorm(), ProgressBar(), LearningRateMonitor(logging_interval="epoch")]
+    found = [
+        RandomState(),
+        MetricStates(),
+        PreciseBatchNorm(),
+        ProgressBar(),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
     if not args.only_test:
         resume = shlex.join([sys.executable, "-m", "project.run", "--resume", str(last_checkpoint.resolve())])
         found += [FiniteLoss(last_checkpoint), GracefulStop(last_checkpoint, resume)]
@@ -104,6 +111,32 @@ class RandomState(Callback):
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class MetricStates(Callback):
+    """The metrics' partial sums in every checkpoint (Lightning saves none), summed over the processes (a checkpoint
+    is saved by all of them together), so that an epoch resumed mid-way reports train/* over all of its batches.
+    Global rank 0 takes them back; the other processes start from zero."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        saved = {}
+        for name, metric in pl_module.named_modules():
+            if isinstance(metric, Metric) and metric.metric_state:
+                with metric.sync_context(should_sync=trainer.world_size > 1):
+                    saved[name] = {key: value.clone() if isinstance(value, torch.Tensor) else [v.clone() for v in value]
+                                   for key, value in metric.metric_state.items()}  # fmt: skip
+        checkpoint["metric_states"] = saved
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        metrics = dict(pl_module.named_modules())
+        for name, states in checkpoint.get("metric_states", {}).items() if trainer.is_global_zero else []:
+            for key, value in states.items() if isinstance(metrics.get(name), Metric) else []:
+                device = getattr(getattr(metrics[name], key), "device", None)  # a tensor state's, not a list's
+                setattr(
+                    metrics[name],
+                    key,
+                    value.to(device) if device is not None else [v.to(pl_module.device) for v in value],
+                )
 
 
 class MidEpochCheckpoint(ModelCheckpoint):
