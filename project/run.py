@@ -256,7 +256,8 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         if args.resume and saved and saved != {"processes": trainer.world_size, "batch_size": args.batch_size}:
             raise UserError(f"--resume: {checkpoint.name} was saved mid-epoch by a run of {saved['processes']} "
                             f"processes (--devices x --num-nodes) with --batch-size {saved['batch_size']}: continue "
-                            "with the same at least to the epoch's end, then change them")  # fmt: skip
+                            "with the same; the last.ckpt of the next epoch's start resumes with any (a SIGTERM "
+                            "during an epoch's validation stops the run there)")  # fmt: skip
         run.open(trainer)
 
         # 4. Train, then test the best checkpoint (never the last epoch's weights by accident). With --only-test the

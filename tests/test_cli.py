@@ -138,7 +138,7 @@ def test_a_run_goes_on_from_its_last_checkpoint_and_is_tested_on_the_one_it_test
     with pytest.raises(SystemExit):
         parse_args(["--resume", str(run / "checkpoints" / "best-epoch003.ckpt")])
     assert "best-epoch003.ckpt is not its run's last.ckpt" in capsys.readouterr().err
-    for name in ("best-epoch003-v1.ckpt", "best-epoch002.ckpt"):
+    for name in ("best-epoch003-v1.ckpt", "best-epoch002.ckpt", "best-epoch001-very-good.ckpt"):
         (run / "checkpoints" / name).write_bytes(b"weights")
     assert runs.best_checkpoint(run).name == "best-epoch003-v1.ckpt"
     tested = {"run_id": run.name, "test": {"checkpoint": "/x/password=[redacted]/checkpoints/best-epoch002.ckpt"}}

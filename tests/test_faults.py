@@ -343,6 +343,15 @@ def test_a_rank_killed_mid_epoch_stops_the_other_with_one_line_and_the_run_resum
     resumed = run_cli(*DIGITS, *ddp, "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((only_run_dir(exp_dir) / "manifest.json").read_text())["exit_status"] == "finished"
+    if victim == "0":  # the epoch resumed mid-way reports every batch of both processes: as a run never killed
+        reference = exp_dir.parent / "reference"
+        assert run_cli(*DIGITS, *ddp, "--exp-dir", str(reference), timeout=300).returncode == 0
+
+        def rows(run: Path) -> list[dict[str, str]]:
+            with open(run / "metrics.csv", newline="") as file:
+                return [{k: v for k, v in row.items() if k != "timestamp"} for row in csv.DictReader(file)]
+
+        assert rows(only_run_dir(exp_dir)) == rows(only_run_dir(reference))
 
 
 @pytest.mark.slow

@@ -578,3 +578,17 @@ def test_a_wait_for_the_local_store_says_whom_it_waits_for(tmp_path, capsys):
     with store_lock(local_store(tmp_path)):
         pass
     assert f"waiting for another process that holds {tmp_path / 'mlflow.db.lock'}" in capsys.readouterr().err
+
+
+def test_metrics_csv_of_a_resumed_run_loses_only_what_the_ended_session_logged_after_its_checkpoint(tmp_path):
+    """A finished run extended, then killed before its first new checkpoint (step 69): the rows its killed session
+    logged from that step on go (they are logged again); the first session's test rows at step 69 stay."""
+    from project.infra.tracking import csv_logger
+
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        "step,lr,test/acc,timestamp,val/loss\n68,,,1000,0.5\n69,,0.9,1000,\n69,0.001,,2500,\n75,,,2600,0.4\n"
+    )
+    csv_logger(path).rewind(69, since=2000)
+    with open(path, newline="") as file:
+        assert [(row["step"], row["timestamp"]) for row in csv.DictReader(file)] == [("68", "1000"), ("69", "1000")]

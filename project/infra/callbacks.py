@@ -114,29 +114,32 @@ class RandomState(Callback):
 
 
 class MetricStates(Callback):
-    """The metrics' partial sums in every checkpoint (Lightning saves none), summed over the processes (a checkpoint
-    is saved by all of them together), so that an epoch resumed mid-way reports train/* over all of its batches.
-    Global rank 0 takes them back; the other processes start from zero."""
+    """The metrics' partial states in every checkpoint (Lightning saves none), each process's own (a checkpoint is saved
+    by all of them together), so that an epoch resumed mid-way reports train/* over all of its batches. A run resumed
+    mid-epoch has as many processes (run.py): each takes its own back, whatever its metrics' reductions."""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        saved = {}
-        for name, metric in pl_module.named_modules():
-            if isinstance(metric, Metric) and metric.metric_state:
-                with metric.sync_context(should_sync=trainer.world_size > 1):
-                    saved[name] = {key: value.clone() if isinstance(value, torch.Tensor) else [v.clone() for v in value]
-                                   for key, value in metric.metric_state.items()}  # fmt: skip
-        checkpoint["metric_states"] = saved
+        own = {name: {key: on(value, "cpu") for key, value in metric.metric_state.items()}
+               for name, metric in pl_module.named_modules() if isinstance(metric, Metric)}  # fmt: skip
+        every = [own]
+        if trainer.world_size > 1:
+            every = [None] * trainer.world_size
+            torch.distributed.all_gather_object(every, own)
+        checkpoint["metric_states"] = every
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        every = checkpoint.get("metric_states")
+        if not isinstance(every, list) or len(every) != trainer.world_size:  # at an epoch's end they are empty anyway
+            return
         metrics = dict(pl_module.named_modules())
-        for name, states in checkpoint.get("metric_states", {}).items() if trainer.is_global_zero else []:
+        for name, states in every[trainer.global_rank].items():
             for key, value in states.items() if isinstance(metrics.get(name), Metric) else []:
-                device = getattr(getattr(metrics[name], key), "device", None)  # a tensor state's, not a list's
-                setattr(
-                    metrics[name],
-                    key,
-                    value.to(device) if device is not None else [v.to(pl_module.device) for v in value],
-                )
+                setattr(metrics[name], key, on(value, pl_module.device))
+
+
+def on(state: torch.Tensor | list[torch.Tensor], device: torch.device | str) -> torch.Tensor | list[torch.Tensor]:
+    """A metric's state (a tensor, or a list of them) on `device`, detached."""
+    return state.detach().to(device) if isinstance(state, torch.Tensor) else [v.detach().to(device) for v in state]
 
 
 class MidEpochCheckpoint(ModelCheckpoint):

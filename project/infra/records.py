@@ -199,7 +199,10 @@ class Run(pl.Callback):
         write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
         self.write_manifest()
         if self.previous and self.previous.get("exit_status") != "finished":  # killed: it may have logged beyond
-            self.trackers.rewind(checkpoints.read(Path(self.args.resume))["global_step"])
+            began, since = [self.previous, *self.previous.get("resumed", [])][-1].get("start_time"), 0
+            with contextlib.suppress(TypeError, ValueError):  # no time recorded: all it has from the checkpoint on
+                since = int(datetime.datetime.fromisoformat(began).timestamp() * 1000)
+            self.trackers.rewind(checkpoints.read(Path(self.args.resume))["global_step"], since)
         self.trackers.start({**self.config, "user": session["user"], "command": self.command})
 
     def best_checkpoint(self, trainer: pl.Trainer) -> Path | None:

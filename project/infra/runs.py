@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 from project.infra.errors import UserError
@@ -86,8 +87,8 @@ def best_checkpoint(run: Path) -> Path | None:
         tested = run / CHECKPOINT_DIR / Path(json.loads((run / MANIFEST).read_text())["test"]["checkpoint"]).name
         if tested.is_file():
             return tested
-    found = sorted((run / CHECKPOINT_DIR).glob(BEST_GLOB),
-                   key=lambda path: (path.stem.split("-v")[0], int(path.stem.partition("-v")[2] or 0)))  # fmt: skip
+    versions = {path: re.fullmatch(r"(.*?)(?:-v(\d+))?", path.stem) for path in (run / CHECKPOINT_DIR).glob(BEST_GLOB)}
+    found = sorted(versions, key=lambda path: (versions[path][1], int(versions[path][2] or 0)))
     return found[-1] if found else None
 
 

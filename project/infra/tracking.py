@@ -149,9 +149,10 @@ class Trackers:
             self.wandb = wandb_logger(directory, args.exp_name, tags, previous.get("wandb"))
             self.loggers.append(self.wandb)
 
-    def rewind(self, step: int) -> None:
-        """metrics.csv without what a killed process logged after the checkpoint its run resumes from (at `step`)."""
-        self.loggers[0].rewind(step)
+    def rewind(self, step: int, since: int) -> None:
+        """metrics.csv without what the session that began at `since` (ms) logged after the checkpoint its run
+        resumes from (at `step`)."""
+        self.loggers[0].rewind(step, since)
 
     def start(self, params: dict[str, Any]) -> None:
         """The run's configuration, user and command line as every tracker's hyperparameters (already redacted)."""
@@ -459,12 +460,13 @@ def csv_logger(path: Path) -> Any:
             with open(self.path, "a", newline="") as file:  # flushed at every call: a crash loses no logged value
                 csv.DictWriter(file, fieldnames=self.columns).writerow(row)
 
-        def rewind(self, step: int) -> None:
-            """Only the rows of the steps before `step`: a killed process logged the others after the checkpoint its
-            run resumes from, and they are logged again."""
+        def rewind(self, step: int, since: int) -> None:
+            """Without the rows logged from `since` (ms) at `step` or later: the process that ended logged them after
+            the checkpoint its run resumes from, and they are logged again (an earlier session's test rows stay)."""
             rows = self.rows()
-            with contextlib.suppress(ValueError):  # a step that is not a number: a file edited by hand, left as it is
-                kept = [row for row in rows if int(float(row.get("step") or 0)) < step]
+            with contextlib.suppress(ValueError):  # not numbers: a file edited by hand, left as it is
+                kept = [row for row in rows if int(float(row.get("step") or 0)) < step
+                        or int(float(row.get("timestamp") or 0)) < since]  # fmt: skip
                 if len(kept) < len(rows):
                     self.write(kept)
 
