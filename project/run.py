@@ -252,12 +252,12 @@ def train_and_test(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> R
         trainer = build_trainer(args, run, callbacks)
         # Lightning resumes an epoch at its count of batches: with other shards it would end the epoch at once, or skip
         # samples it never trained on
-        saved = getattr(datamodule, "mid_epoch", None) or {}
-        if args.resume and saved and saved != {"processes": trainer.world_size, "batch_size": args.batch_size}:
-            raise UserError(f"--resume: {checkpoint.name} was saved mid-epoch by a run of {saved['processes']} "
-                            f"processes (--devices x --num-nodes) with --batch-size {saved['batch_size']}: continue "
-                            "with the same; the last.ckpt of the next epoch's start resumes with any (a SIGTERM "
-                            "during an epoch's validation stops the run there)")  # fmt: skip
+        mid_epoch = getattr(datamodule, "mid_epoch", None) or {}
+        if args.resume and mid_epoch and mid_epoch != {"processes": trainer.world_size, "batch_size": args.batch_size}:
+            raise UserError(f"--resume: {checkpoint.name} was saved mid-epoch by a run of {mid_epoch['processes']} "
+                            f"processes (--devices x --num-nodes) with --batch-size {mid_epoch['batch_size']}: "
+                            "continue with the same; from the next epoch on, its last.ckpt resumes with any (a "
+                            "SIGTERM during an epoch's validation stops the run at that epoch's end)")  # fmt: skip
         run.open(trainer)
 
         # 4. Train, then test the best checkpoint (never the last epoch's weights by accident). With --only-test the

@@ -119,7 +119,7 @@ class MetricStates(Callback):
     mid-epoch has as many processes (run.py): each takes its own back, whatever its metrics' reductions."""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        own = {name: {key: on(value, "cpu") for key, value in metric.metric_state.items()}
+        own = {name: {key: state_on(value, "cpu") for key, value in metric.metric_state.items()}
                for name, metric in pl_module.named_modules() if isinstance(metric, Metric)}  # fmt: skip
         every = [own]
         if trainer.world_size > 1:
@@ -134,10 +134,10 @@ class MetricStates(Callback):
         metrics = dict(pl_module.named_modules())
         for name, states in every[trainer.global_rank].items():
             for key, value in states.items() if isinstance(metrics.get(name), Metric) else []:
-                setattr(metrics[name], key, on(value, pl_module.device))
+                setattr(metrics[name], key, state_on(value, pl_module.device))
 
 
-def on(state: torch.Tensor | list[torch.Tensor], device: torch.device | str) -> torch.Tensor | list[torch.Tensor]:
+def state_on(state: torch.Tensor | list[torch.Tensor], device: torch.device | str) -> torch.Tensor | list[torch.Tensor]:
     """A metric's state (a tensor, or a list of them) on `device`, detached."""
     return state.detach().to(device) if isinstance(state, torch.Tensor) else [v.detach().to(device) for v in state]
 
