@@ -238,9 +238,8 @@ def objective(
         if isinstance(error, RunStopped) and error.exit_code > 128:
             trial.set_user_attr("stopped", True)
             raise RunStopped(f"trial {trial.number} {str(error).splitlines()[0]}", error.exit_code) from error
-        print(
-            redact_text(f"trial {trial.number} pruned: {error}"), flush=True
-        )  # pruned, or diverged: a finished, hopeless trial
+        # pruned, or diverged: a finished, hopeless trial (its reason may name the run's paths)
+        print(redact_text(f"trial {trial.number} pruned: {error}"), flush=True)
         raise optuna.TrialPruned(str(error)) from error
     for name, value in result.test_metrics.items():
         trial.set_user_attr(name, value)  # one column each in the table

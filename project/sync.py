@@ -77,12 +77,8 @@ def sync(run_dirs: list[Path]) -> None:
                     with contextlib.suppress(Exception):  # a server gone: the same command finds it and goes on
                         client.delete_run(run.info.run_id)
                 raise UserError(f"{run_dir}: not synced ({tracking.reason(error)}){later}") from error
-            print(
-                redact_text(
-                    f"{redact_path(run_dir)}: MLflow run {run_id} at {redact_path(uri)}"
-                    + (f" ({problem})" if problem else "")
-                )
-            )
+            note = f" ({redact_text(problem)})" if problem else ""
+            print(f"{redact_path(run_dir)}: MLflow run {run_id} at {redact_path(uri)}{note}")
     finally:
         for lock in locks:
             lock.release()

@@ -17,7 +17,7 @@ IRRELEVANT_WARNINGS = (  # each says nothing to a user of this template, for the
     r".*Checkpoint directory .* exists and is not empty.*",  # a resumed run writes into its own checkpoints/
     r".*The number of training batches .* is smaller than the logging interval.*",  # digits: 12 steps an epoch
     r".*`weights_only` was not set.*",  # our checkpoints hold only tensors and plain values
-    # A checkpoint resumed outside its run starts a new run (a moved run's are followed: callbacks.follow_moved_run)
+    # A checkpoint resumed outside its run starts a new run (a moved run's are followed: records.follow_moved_run)
     r".*The dirpath has changed from.*",
 )
 
