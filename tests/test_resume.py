@@ -118,18 +118,36 @@ def killed_then_resumed(
 
 # point: (fault, the step of the last.ckpt the resumed run starts from)
 KILLS = {
+    "first-step-of-an-epoch": (("kill-train", "1", "0"), 23),
     "mid-epoch": (("kill-train", "1", "12"), 35),
     "right-after-epoch-end-checkpoint": (("kill-after-save", "5"), 23),
     "during-validation": (("kill-val", "1"), 45),
 }
+# Killed between the epoch-end checkpoint and Lightning's logging of the epoch's train/* values: the resumed run
+# starts after that epoch, and its train/* row is not in metrics.csv (Lightning does not run the epoch's end again).
+LOSES_A_ROW = {"right-after-epoch-end-checkpoint"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", KILLS)
 def test_run_killed_then_resumed_ends_bit_identical(point: str, digits_reference: Path, exp_dir: Path) -> None:
+    """The same weights, optimiser and test scores as the uninterrupted run; and metrics.csv holds its rows, value for
+    value, each once: the learning rate logged after an epoch-end checkpoint is not there twice, and a resumed
+    epoch's train/* averages every batch of it (the metrics' partial sums are in the checkpoint)."""
+    import csv
+
     fault, resumes_from_step = KILLS[point]
     run_dir = killed_then_resumed(DIGITS, fault, resumes_from_step, exp_dir)
     assert_same_run(digits_reference, run_dir)
+
+    def rows(run: Path) -> list[dict[str, str]]:
+        with open(run / "metrics.csv", newline="") as file:
+            return [{k: v for k, v in row.items() if k != "timestamp"} for row in csv.DictReader(file)]
+
+    expected = rows(digits_reference)
+    if point in LOSES_A_ROW:  # the killed epoch's (the first) train/* row, and only that
+        expected = [row for row in expected if not (row["epoch"] == "0" and row["train/loss"])]
+    assert rows(run_dir) == expected
 
 
 @pytest.mark.slow
@@ -152,25 +170,6 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_as_many_processes(exp_dir: Pat
     elsewhere = run_cli(*smaller, "--exp-dir", str(exp_dir.parent / "other"), "--resume", str(copy))
     assert elsewhere.returncode == 2 and "with --batch-size 64" in elsewhere.stderr, elsewhere.stderr[-2000:]
     assert file_digests(exp_dir) == before and not (exp_dir.parent / "other").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fault, resumes_from_step", [(("kill-train", "1", "0"), 23), KILLS["mid-epoch"]])
-def test_a_resumed_runs_metrics_csv_is_the_uninterrupted_runs(
-    fault: tuple[str, ...], resumes_from_step: int, digits_reference: Path, exp_dir: Path
-) -> None:
-    """Killed at an epoch's first step (its learning rate logged after the epoch-end checkpoint) or mid-epoch, then
-    resumed: metrics.csv holds the uninterrupted run's rows, value for value, each once; the resumed epoch's train/*
-    averages every batch of it (the metrics' partial sums are in the checkpoint)."""
-    import csv
-
-    run_dir = killed_then_resumed(DIGITS, fault, resumes_from_step, exp_dir)
-
-    def rows(run: Path) -> list[dict[str, str]]:
-        with open(run / "metrics.csv", newline="") as file:
-            return [{k: v for k, v in row.items() if k != "timestamp"} for row in csv.DictReader(file)]
-
-    assert rows(run_dir) == rows(digits_reference)
 
 
 @pytest.mark.slow
