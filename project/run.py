@@ -105,7 +105,8 @@ def build_parser() -> Parser:
         help="--only-test: a checkpoint file, or best/last of the latest run of --exp-name")
     add("--resume", nargs="?", const="last", command_only=True,
         help="continue a run to --max-epochs: the latest run's last.ckpt, or a checkpoint path")
-    add("--checkpoint-every-n-steps", type=positive_int, help="also save last.ckpt every N training steps")
+    add("--checkpoint-every-n-steps", type=non_negative_int,
+        help="also save last.ckpt every N training steps (0: only at each epoch's end, e.g. to resume without)")
     add("--debug", action="store_true", command_only=True, help="show tracebacks instead of one-line errors")
     # fmt: on
     return parser

@@ -77,6 +77,10 @@ def test_resume_takes_the_runs_own_configuration(tmp_path):
     )  # fmt: skip
     args = parse_args(["--resume", str(run / "checkpoints" / "last.ckpt"), "--devices", "1", "--logger", "mlflow"])
     assert (args.model, args.logger) == ("mlp", ["mlflow"])  # a path finds its run's config.yaml too
+    (run / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
+                                                     "checkpoint_every_n_steps": 5}))  # fmt: skip
+    args = parse_args(["--resume", "--exp-dir", str(tmp_path / "experiments"), "--checkpoint-every-n-steps", "0"])
+    assert args.checkpoint_every_n_steps == 0  # a run saving mid-epoch resumed without (callbacks.for_run: none)
 
 
 @pytest.mark.parametrize(
