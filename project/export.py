@@ -57,6 +57,9 @@ def export(args: argparse.Namespace) -> None:
     differences = []
 
     def write(path: Path) -> None:  # the file appears under its name only once it answers as the network does
+        if (output.suffix.lower() == ".onnx") != (args.format == "onnx"):  # predict tells ONNX files by their name
+            named = "an ONNX file is named" if args.format == "onnx" else "a TorchScript file is not named"
+            raise UserError(f"--output: {output}: {named} *.onnx (predict tells the formats apart by it)")
         if args.format == "onnx":
             batch = {0: torch.export.Dim("batch")}
             program = torch.onnx.export(network, (example,), input_names=["inputs"], output_names=["outputs"],
@@ -73,7 +76,7 @@ def export(args: argparse.Namespace) -> None:
     output = (args.output or checkpoint.with_suffix(FORMATS[args.format])).expanduser()
     if in_place(output):
         raise UserError(f"--output: {output} is not a regular file; the export is written, then read back to check it")
-    write_file(output, write, flag="--output: ")
+    write_file(output, write, flag="--output: ", reads=[checkpoint])
     sizes = ", ".join(map(str, PARITY_BATCH_SIZES))
     wrote = f"Wrote {output}; checked against PyTorch on batches of {sizes}: max difference {differences[0]:.1e}"
     print(redact_text(wrote))  # a path may hold a secret too
@@ -100,7 +103,7 @@ def parity(network: Any, exported: Path, spec: dict[str, Any]) -> float:
     relative to the outputs' scale (their largest magnitude, at least 1)."""
     import torch
 
-    run, _ = load_model(str(exported))
+    run, _, _ = load_model(str(exported))
     worst = 0.0
     for seed, batch_size in enumerate(PARITY_BATCH_SIZES):
         inputs = example_input(spec, batch_size, seed=seed)

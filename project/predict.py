@@ -13,7 +13,6 @@ import itertools
 import json
 import sys
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from project.infra.redact import redact_text
 # PyTorch deprecates TorchScript (export's --help says so); a user who chose it gets no two lines on each save and load.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 KEY = "project"  # where the spec is: ONNX metadata `project`, TorchScript extra file `project.json`, MLflow metadata
+FAR = 100.0  # standard deviations from the training mean beyond which a feature value is named in a warning
 
 
 def build_parser() -> Parser:
@@ -48,9 +48,13 @@ def predict(args: argparse.Namespace) -> None:
 
     from project.tasks import build_task
 
-    run, spec = load_model(args.checkpoint, args.exp_dir, args.exp_name)
-    task = build_task(spec["task"], spec["output_names"], spec.get("task_options"))
-    sources = [source for text in args.inputs for source in find_inputs(Path(text).expanduser(), spec)]
+    run, spec, where = load_model(args.checkpoint, args.exp_dir, args.exp_name)
+    try:
+        task = build_task(spec["task"], spec["output_names"], spec.get("task_options"))
+    except (TypeError, ValueError) as error:  # metadata edited by hand, or of another release
+        raise UserError(f"--checkpoint: {where or args.checkpoint}: its '{KEY}' metadata does not fit this project's "
+                        f"tasks ({str(error).splitlines()[0]})") from None  # fmt: skip
+    sources = [source for text in args.inputs for source in find_inputs(text, spec)]
 
     def write(file: Any) -> None:
         writer = csv.writer(file)
@@ -60,6 +64,8 @@ def predict(args: argparse.Namespace) -> None:
             names, inputs = zip(*chunk, strict=True)
             with torch.inference_mode():
                 served = torch.as_tensor(run(torch.stack(inputs))).float()
+            # a file name that is not UTF-8 (bytes kept as surrogates) is written with those bytes escaped
+            names = [n.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for n in names]
             writer.writerows([n, *row] for n, row in zip(names, task.prediction_rows(served), strict=True))
 
     def write_to(path: Path) -> None:
@@ -72,18 +78,23 @@ def predict(args: argparse.Namespace) -> None:
         sys.stdout.write(text.getvalue())
         sys.stdout.flush()  # before the note below: a reader that went away stops the command here
     else:
-        write_file(Path(args.output).expanduser(), write_to, flag="--output: ")
+        reads = [path for path, _ in sources] + ([where] if where else [])  # never written over
+        write_file(Path(args.output).expanduser(), write_to, flag="--output: ", reads=reads)
     count = sum(1 if array is None else len(array) for _, array in sources)
     wrote = redact_text(f"Wrote {count} predictions to {args.output}")  # a path may hold a secret too
     print(wrote, file=sys.stderr if args.output == "-" else sys.stdout)
 
 
-def load_model(source: str, exp_dir: str = "", exp_name: str = "") -> tuple[Any, dict[str, Any]]:
-    """(float32 raw inputs (N, *input_shape) -> served outputs, the spec saved with the model)."""
+def load_model(source: str, exp_dir: str = "", exp_name: str = "") -> tuple[Any, dict[str, Any], Path | None]:
+    """(float32 raw inputs (N, *input_shape) -> served outputs, the spec saved with the model, the file or folder it
+    was read from here)."""
     import torch
 
+    from project.infra.checkpoints import is_torchscript, read_model
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")) or Path(source, "MLmodel").is_file():
+    folder = Path(source) if Path(source, "MLmodel").is_file() else None
+    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")) or folder is not None:
         import mlflow
 
         from project.infra import tracking
@@ -96,10 +107,19 @@ def load_model(source: str, exp_dir: str = "", exp_name: str = "") -> tuple[Any,
                             "the run was logged, or --exp-dir to the folder of its mlflow.db")  # fmt: skip
         with tracking.keep_environment("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri(uri)
+            # Its description first: another kind of model (a pickled python_model, code of its own) could run code
+            # as it loads; MLflow checks that this kind's archive holds no pickled objects (tracking.MLFLOW_DEFAULTS).
+            info = loaded(source, lambda: mlflow.models.Model.load(source))  # its MLmodel file only
+            if info.flavors.get("python_function", {}).get("loader_module") != "mlflow.pytorch" or info.flavors.get(
+                "pytorch", {}
+            ).get("code"):
+                raise UserError(f"--checkpoint: {source} is not a PyTorch model that this project logged; not loaded "
+                                "(loading another kind of MLflow model could run its code)")  # fmt: skip
+            spec = spec_of(info.metadata or {}, source)
             model = loaded(source, lambda: mlflow.pyfunc.load_model(source))
-        return (lambda inputs: model.predict(inputs.numpy())), spec_of(model.metadata.metadata or {}, source)
+        return (lambda inputs: model.predict(inputs.numpy())), spec, folder
     path = runs.find_checkpoint(source, exp_dir, exp_name, "--checkpoint")
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         from project.export import require_export_extra
 
         require_export_extra()
@@ -109,16 +129,14 @@ def load_model(source: str, exp_dir: str = "", exp_name: str = "") -> tuple[Any,
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in found]
         session = loaded(path, lambda: onnxruntime.InferenceSession(str(path), providers=providers))
         name, metadata = session.get_inputs()[0].name, session.get_modelmeta().custom_metadata_map
-        return (lambda inputs: session.run(None, {name: inputs.numpy()})[0]), spec_of(metadata, path)
+        return (lambda inputs: session.run(None, {name: inputs.numpy()})[0]), spec_of(metadata, path), path
     if is_torchscript(path):
         extra = {f"{KEY}.json": ""}  # torch.jit.load fills it in
         module = loaded(path, lambda: torch.jit.load(str(path), map_location=device, _extra_files=extra))
-        return (lambda inputs: module(inputs.to(device)).cpu()), spec_of({KEY: extra[f"{KEY}.json"]}, path)
-    from project.infra.checkpoints import read_model
-
+        return (lambda inputs: module(inputs.to(device)).cpu()), spec_of({KEY: extra[f"{KEY}.json"]}, path), path
     network, spec = read_model(path)
     network.to(device)
-    return (lambda inputs: network(inputs.to(device)).cpu()), spec
+    return (lambda inputs: network(inputs.to(device)).cpu()), spec, path
 
 
 def loaded(source: Any, load: Any) -> Any:
@@ -129,28 +147,31 @@ def loaded(source: Any, load: Any) -> Any:
         raise UserError(f"--checkpoint: cannot load {source} ({reason})") from error
 
 
-def is_torchscript(path: Path) -> bool:
-    """A TorchScript archive holds compiled code (`<name>/code/...`); a checkpoint, only data."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
-
-
 def spec_of(metadata: dict[str, Any], source: Any) -> dict[str, Any]:
-    """The spec in a model's metadata: a dict (MLflow) or its JSON (ONNX: str; TorchScript: bytes)."""
+    """The spec in a model's metadata: a dict (MLflow) or its JSON (ONNX: str; TorchScript: bytes), checked."""
+    from project.infra.checkpoints import input_spec
+
     if not metadata.get(KEY):
         raise UserError(f"--checkpoint: {source} was not written by this project (no '{KEY}' metadata)")
-    return metadata[KEY] if isinstance(metadata[KEY], dict) else json.loads(metadata[KEY])
+    try:
+        found = metadata[KEY] if isinstance(metadata[KEY], dict) else json.loads(metadata[KEY])
+        return input_spec(found)  # every part there, of its type
+    except (TypeError, KeyError, ValueError, AttributeError) as error:  # a JSONDecodeError is a ValueError
+        why = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+        raise UserError(f"--checkpoint: {source}: its '{KEY}' metadata is not this project's spec ({why})") from None
 
 
-def find_inputs(path: Path, spec: dict[str, Any]) -> list[tuple[Path, Any]]:
+def find_inputs(text: str, spec: dict[str, Any]) -> list[tuple[Path, Any]]:
     """(path, None) for an image, (path, array) for a .npy, checked; folders: images sorted, hidden ones skipped."""
     import numpy as np
 
     from project.infra.images import IMG_EXTENSIONS
 
-    images = spec["pixel_max"] is not None  # only a model of images reads image files
+    if not text:  # Path("") is the current folder
+        raise UserError("INPUT: an empty name; give a file or a folder")
+    path, images = Path(text).expanduser(), spec["pixel_max"] is not None  # only a model of images reads images
+    if not images and path.is_dir():
+        raise UserError(f"{path} is a folder; this model reads .npy arrays of feature vectors")
     if images and path.is_dir():
         found = [(p, None) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
                  and not any(part.startswith(".") for part in p.relative_to(path).parts)]  # fmt: skip
@@ -165,8 +186,9 @@ def find_inputs(path: Path, spec: dict[str, Any]) -> list[tuple[Path, Any]]:
         raise UserError(f"{path}: not {'an image, a folder of images or ' if images else ''}a .npy array")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickled: it could run code
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"{path}: not a readable .npy array ({str(error).splitlines()[0]})") from error
+    except (ValueError, OSError, EOFError) as error:  # numpy suggests allow_pickle for anything it cannot parse
+        why = "it holds Python objects, or is not a .npy file" if "pickle" in str(error) else str(error).splitlines()[0]
+        raise UserError(f"{path}: not a readable .npy array ({why})") from error
     shape = tuple(spec["input_shape"])
     if array.dtype.kind not in "uif":
         raise UserError(f"{path}: holds {array.dtype} values; expected raw input values (integers or floats)")
@@ -183,18 +205,44 @@ def find_inputs(path: Path, spec: dict[str, Any]) -> list[tuple[Path, Any]]:
     bad = np.flatnonzero(~finite.all(axis=1))
     if len(bad):  # a NaN would come out as a prediction of NaN, or as a confident one
         raise UserError(f"{path}: row {bad[0]} (and {len(bad) - 1} more) holds NaN or infinite values (in float32)")
+    check_scale(path, values, spec)
     return [(path, array)]
+
+
+def check_scale(path: Path, values: Any, spec: dict[str, Any]) -> None:
+    """Raw inputs on the scale the model was trained on: pixels beyond 0..pixel_max are refused; pixels all in 0..1
+    for a model of 0..16 or 0..255, or values hundreds of standard deviations from the training data's mean, are
+    named in a warning (scaled twice, or not as the dataset gives them?), since they give confident nonsense."""
+    import numpy as np
+
+    low, high, pixel_max = float(values.min()), float(values.max()), spec["pixel_max"]
+    if pixel_max is not None and (low < 0 or high > pixel_max * (1 + 1e-6)):
+        raise UserError(f"{path}: values run {low:g}..{high:g}, but this model reads raw pixels 0..{pixel_max:g}")
+    if pixel_max is not None and pixel_max > 1 and high <= 1:
+        print(f"warning: {path}: every value is at most 1, but this model reads raw pixels 0..{pixel_max:g} "
+              "(scaled already?)", file=sys.stderr)  # fmt: skip
+        return
+    mean, std = np.asarray(spec["mean"], dtype=np.float64), np.asarray(spec["std"], dtype=np.float64)
+    if pixel_max is None and values.shape[1] == len(mean):  # feature vectors: a mean and deviation each
+        furthest = float(np.max(np.abs((values - mean) / np.where(std > 0, std, 1))))
+        if furthest > FAR:
+            print(f"warning: {path}: values lie up to {furthest:.3g} standard deviations from the training data's "
+                  "mean: are they the raw values, as the dataset gives them?", file=sys.stderr)  # fmt: skip
 
 
 def read_inputs(sources: list[tuple[Path, Any]], spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(name, float32 raw input (*input_shape)) for each input, in order."""
+    import numpy as np
     import torch
 
     from project.infra.images import read_image, unreadable
 
     for path, array in sources:
         if array is not None:
-            yield from ((f"{path}[{i}]", torch.tensor(row, dtype=torch.float32)) for i, row in enumerate(array))
+            # float32 in this machine's byte order, whatever the file's (big-endian, long double)
+            yield from (
+                (f"{path}[{i}]", torch.from_numpy(np.array(row, dtype=np.float32))) for i, row in enumerate(array)
+            )
             continue
         try:
             image = read_image(path, tuple(spec["input_shape"]))

@@ -1,6 +1,7 @@
 """The command line: every original flag, one declaration read from flags and YAML alike (flags win), --resume and
 --only-test taking the run's own configuration, and mistakes that are short and name the fix."""
 
+import os
 import subprocess
 import sys
 
@@ -419,3 +420,16 @@ def test_a_mistake_is_redacted_by_every_entry_point(module, argv, capsys):
         importlib.import_module(module).main(argv)
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "error:" in err and "Hunter2secret" not in err, err
+
+
+def test_a_name_that_is_not_utf8_is_named_itself_not_the_option_before_it(capsys):
+    from project.predict import build_parser
+
+    bad = os.fsdecode(b"bad\xff.png")  # a file name in another encoding, as the file system hands it over
+    for argv, named in [(["--checkpoint", "m.ckpt", bad], "'bad\\udcff.png': not text"),
+                        (["--debug", bad], "'bad\\udcff.png': not text"),
+                        (["--checkpoint", bad, "x.npy"], "--checkpoint: not text")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        error = capsys.readouterr().err
+        assert named in error and "m.ckpt" not in error, error

@@ -298,7 +298,7 @@ def test_files_that_are_not_images_are_one_line_naming_the_first_and_counting_th
     bad = root / "cat" / "a.png"
     bad.write_bytes(b"not a png at all")
     message = one_line_error(lambda: open_folder(root))
-    formats = "BMP, GIF, JPEG, PNG, PPM, TIFF, WEBP"
+    formats = "BMP, JPEG, PNG, PPM, TIFF, WEBP"
     assert message == f"image-folder: cannot read image {bad} (not a {formats} image); remove or replace it"
     (root / "dog" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     (root / "dog" / "c.tif").write_bytes(b"")
@@ -325,8 +325,8 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 
 BAD_FILES = {  # name: (how to write it, when it is found, what the line says)
     "corrupt.jpg": (corrupt_jpeg, "first read", "(OSError: broken data stream when reading image file)"),
     "truncated.png": (truncated_png, "first read", "(OSError: image file is truncated"),
-    "text.png": (lambda path: path.write_text("a note, not a picture\n"), "before training", "(not a BMP, GIF"),
-    "postscript.png": (lambda path: path.write_bytes(EPS), "before training", "(not a BMP, GIF"),
+    "text.png": (lambda path: path.write_text("a note, not a picture\n"), "before training", "(not a BMP, JPEG"),
+    "postscript.png": (lambda path: path.write_bytes(EPS), "before training", "(not a BMP, JPEG"),
 }
 
 

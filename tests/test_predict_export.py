@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -267,6 +268,7 @@ def bad_inputs(tmp: Path) -> dict[str, str]:
     nan[1, 0, 2, 2], inf[2, 0, 0] = np.nan, -np.inf
     (tmp / "empty.npy").write_bytes(b"")
     (tmp / "pickle.npy").write_bytes(pickle.dumps({"not": "an array"}))
+    (tmp / "text.npy").write_text("1,2,3\n")
     (tmp / "notes.txt").write_text("hello")
     (tmp / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp / "text.jpg").write_text("a text file with an image's name")
@@ -288,6 +290,12 @@ def bad_inputs(tmp: Path) -> dict[str, str]:
         npy("objects.npy", np.array([None, 1], dtype=object), allow_pickle=True): "not a readable .npy array",
         str(tmp / "empty.npy"): "not a readable .npy array",
         str(tmp / "pickle.npy"): "not a readable .npy array",
+        str(tmp / "text.npy"): "not a readable .npy array (it holds Python objects, or is not a .npy file)",
+        npy(
+            "0-255.npy", np.full((2, 1, 8, 8), 255, np.uint8)
+        ): "values run 255..255, but this model reads raw pixels 0..16",
+        npy("negative.npy", np.full((2, 8, 8), -0.5, np.float32)): "values run -0.5..-0.5",
+        "": "INPUT: an empty name",
         str(tmp / "notes.txt"): "not an image, a folder of images or a .npy array",
         str(tmp / "broken.png"): "cannot read image",
         str(tmp / "text.jpg"): "cannot read image",
@@ -313,7 +321,7 @@ def test_bad_inputs_get_one_line_and_no_csv(digits_run: dict, tmp_path: Path, ca
 
 
 @pytest.mark.slow
-def test_bad_models_get_one_line(digits_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_models_get_one_line(digits_run: dict, onnx_file: Path, tmp_path: Path, capsys) -> None:
     from project import predict
 
     (tmp_path / "garbage.onnx").write_bytes(b"not a protobuf")
@@ -321,16 +329,137 @@ def test_bad_models_get_one_line(digits_run: dict, tmp_path: Path, capsys: pytes
     torch.jit.save(scripted, str(tmp_path / "plain.pt"))  # TorchScript, but not written by project.export
     (tmp_path / "mlflow-model").mkdir()
     (tmp_path / "mlflow-model" / "MLmodel").write_text("not: [an MLmodel")
+    pickled_model(tmp_path / "pickled-mlflow-model", marker=tmp_path / "code-ran")
+    capsys.readouterr()  # MLflow's own warnings as it saved that
     cases = {
         "garbage.onnx": "cannot load",
         "plain.pt": "was not written by this project",
         "mlflow-model": "cannot load",
+        "pickled-mlflow-model": "is not a PyTorch model that this project logged; not loaded",
         "nowhere.ckpt": "does not exist",
     }
+    # An exported file whose spec was edited: each part checked, one line (never a KeyError or TypeError)
+    import onnx
+
+    exported = onnx.load(str(onnx_file))
+    spec = json.loads(next(p.value for p in exported.metadata_props if p.key == "project"))
+    edited = {
+        "not-json": "{task",
+        "a-string": json.dumps("classification"),
+        "no-task": json.dumps({k: v for k, v in spec.items() if k != "task"}),
+        "bad-shape": json.dumps({**spec, "input_shape": "8x8"}),
+        "other-task-options": json.dumps({**spec, "task_options": {"target_mean": 1.0}}),
+    }
+    for name, value in edited.items():
+        next(p for p in exported.metadata_props if p.key == "project").value = value
+        onnx.save(exported, str(tmp_path / f"{name}.onnx"))
+        cases[f"{name}.onnx"] = "metadata"
     for model, message in cases.items():
         assert predict.main(["--checkpoint", str(tmp_path / model), str(digits_run["npy"]), "--output", "-"]) == 2
         stderr = capsys.readouterr().err
-        assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, (model, stderr)
+    assert not (tmp_path / "code-ran").exists()
+
+
+def pickled_model(path: Path, marker: Path) -> None:
+    """An MLflow model whose pickle runs code when it is loaded (it would create `marker`)."""
+    import mlflow.pyfunc
+
+    class Trap:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    class Model(mlflow.pyfunc.PythonModel):
+        def __init__(self) -> None:
+            self.trap = Trap()
+
+        def predict(self, context, model_input):
+            return model_input
+
+    mlflow.pyfunc.save_model(str(path), python_model=Model())
+    marker.unlink(missing_ok=True)  # MLflow loaded it back as it saved it
+
+
+@pytest.mark.slow
+def test_what_a_command_reads_is_never_written_over(digits_run: dict, tmp_path: Path, capsys) -> None:
+    """predict's --output on its input or its checkpoint, export's output on its checkpoint (a .pt checkpoint's
+    default output is itself), a folder or no name: one line each, every file byte for byte as it was."""
+    from project import export, predict
+
+    inputs, checkpoint = tmp_path / "inputs.npy", tmp_path / "model.pt"
+    inputs.write_bytes(digits_run["npy"].read_bytes())
+    checkpoint.write_bytes(digits_run["checkpoint"].read_bytes())
+    before = {path: path.read_bytes() for path in (inputs, checkpoint)}
+    (tmp_path / "link.ckpt").symlink_to(checkpoint.name)
+    commands = {
+        "predict over its input": (predict, [str(inputs), "--output", str(inputs)], "is what this command reads"),
+        "predict over its checkpoint": (predict, [str(inputs), "--output", str(checkpoint)], "what this command reads"),
+        "predict over a link to it": (predict, [str(inputs), "--output", str(tmp_path / "link.ckpt")], "reads"),
+        "export beside itself": (export, ["--format", "torchscript"], "is what this command reads"),
+        "export over its checkpoint": (export, ["--output", str(checkpoint)], "is what this command reads"),
+        "predict into no name": (predict, [str(inputs), "--output", ""], "is a folder; name the file to write"),
+        "predict into the root": (predict, [str(inputs), "--output", "/"], "is a folder"),
+        "export into this folder": (export, ["--output", "."], "is a folder"),
+        "ONNX without its suffix": (export, ["--output", str(tmp_path / "model")], "an ONNX file is named *.onnx"),
+        "TorchScript named .onnx": (export, ["--format", "torchscript", "--output", str(tmp_path / "m.onnx")],
+                                    "a TorchScript file is not named *.onnx"),
+    }  # fmt: skip
+    for what, (module, argv, message) in commands.items():
+        assert module.main(["--checkpoint", str(checkpoint), *argv]) == 2, what
+        stderr = capsys.readouterr().err
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, (what, stderr)
+        assert {path: path.read_bytes() for path in before} == before, what
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["inputs.npy", "link.ckpt", "model.pt"]
+    # An exported file is not a checkpoint to export again
+    assert (
+        export.main(["--checkpoint", str(checkpoint), "--format", "torchscript", "--output", str(tmp_path / "m.pt")])
+        == 0
+    )
+    assert export.main(["--checkpoint", str(tmp_path / "m.pt")]) == 2
+    assert "is an exported model, not a checkpoint; give the run's .ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_any_float_layout_and_any_file_name_is_read(digits_run: dict, tmp_path: Path) -> None:
+    """Big-endian and long-double arrays predict as the native array does; a file name that is not UTF-8 is in the
+    CSV with its bytes escaped."""
+    from PIL import Image
+
+    from project import predict
+
+    images = digits_run["images"][:4].numpy()
+    for name, dtype in {"native": np.float32, "big-endian": ">f8", "long-double": np.longdouble}.items():
+        np.save(tmp_path / f"{name}.npy", images.astype(dtype))
+    argv = ["--checkpoint", str(digits_run["checkpoint"]), "--output"]
+    for name in ("native", "big-endian", "long-double"):
+        assert predict.main([*argv, str(tmp_path / f"{name}.csv"), str(tmp_path / f"{name}.npy")]) == 0
+    found = [probabilities(read_csv(tmp_path / f"{name}.csv")[1], digits_run["class_names"])
+             for name in ("native", "big-endian", "long-double")]  # fmt: skip
+    np.testing.assert_array_equal(found[0], found[1])
+    np.testing.assert_array_equal(found[0], found[2])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(images[0, 0] * 15).save(os.fsdecode(bytes(folder) + b"/bad\xff.png"), format="PNG")
+    assert predict.main([*argv, str(tmp_path / "names.csv"), str(folder)]) == 0
+    assert [row["input"] for row in read_csv(tmp_path / "names.csv")[1]] == [f"{folder}/bad\\xff.png"]
+
+
+def test_inputs_on_another_scale_are_refused_or_named(capsys) -> None:
+    """Pixels beyond the model's range: refused; pixels all in 0..1 for a 0..16 model, and feature values far beyond
+    the training data's spread (raw where the dataset gives them scaled): a warning, since they predict nonsense."""
+    from project.infra.errors import UserError
+    from project.predict import check_scale
+
+    images = {"pixel_max": 16.0, "mean": [4.9], "std": [6.0]}
+    features = {"pixel_max": None, "mean": [0.0, 10.0], "std": [0.05, 2.0]}
+    with pytest.raises(UserError, match=r"values run 0\.\.255, but this model reads raw pixels 0\.\.16"):
+        check_scale(Path("a.npy"), np.array([[0, 255]]), images)
+    for values, spec in [(np.array([[0.0, 1.0]]), images), (np.array([[30.0, 10.0]]), features)]:
+        check_scale(Path("a.npy"), values, spec)
+        assert capsys.readouterr().err.startswith("warning: a.npy: ")
+    for values, spec in [(np.array([[0, 16]]), images), (np.array([[0.3, -20.0]]), features)]:  # in range: silent
+        check_scale(Path("a.npy"), values, spec)
+        assert capsys.readouterr().err == ""
 
 
 def test_missing_export_extra_is_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -392,7 +521,7 @@ def test_two_commands_writing_one_file_at_once_each_leave_it_whole(digits_run: d
     served_rows = np.tile(digits_run["served"], (len(np.load(npy)) // len(images), 1))
     assert [row["input"] for row in rows] == [f"{npy}[{i}]" for i in range(len(served_rows))]
     np.testing.assert_allclose(probabilities(rows, digits_run["class_names"]), served_rows, atol=1e-6)
-    run, _ = load_model(str(model))
+    run, _, _ = load_model(str(model))
     np.testing.assert_allclose(run(digits_run["images"].float()), digits_run["served"], atol=1e-5)
     assert sorted(p.name for p in output.parent.iterdir()) == ["m.onnx", "p.csv"]
 

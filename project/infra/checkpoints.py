@@ -27,6 +27,8 @@ def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
         raise UserError(f"{flag}: {path} {'is not a file' if path.exists() else 'does not exist'}")
     if path.stat().st_size == 0:
         raise UserError(f"{flag}: {path} is empty")
+    if path.suffix.lower() == ".onnx" or is_torchscript(path):
+        raise UserError(f"{flag}: {path} is an exported model, not a checkpoint; give the run's .ckpt")
     if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated archive lacks its directory at the end
         raise UserError(f"{flag}: {path} is not a valid checkpoint (truncated, or not a file torch.save wrote)")
     try:
@@ -49,6 +51,15 @@ def read(path: Path, flag: str = "--checkpoint") -> dict[str, Any]:
     ):
         raise UserError(f"{flag}: {path} is not a checkpoint of this project (no model, task or state_dict)")
     return checkpoint
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive holds compiled code (`<name>/code/...`); a checkpoint, only data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):  # not an archive (read() says what it is)
+        return False
 
 
 def storable(settings: dict[str, Any]) -> dict[str, Any]:

@@ -116,11 +116,17 @@ class Parser(argparse.ArgumentParser):
             try:
                 arg.encode(encoding)
             except UnicodeEncodeError:
-                option = (arg if arg.startswith("-") else previous).partition("=")[0]
+                # the option, or the one whose value it is; a name given on its own (project.predict's inputs)
+                takes_value = previous.startswith("-") and "=" not in previous and not self.is_switch(previous)
+                option = arg.partition("=")[0] if arg.startswith("-") else previous if takes_value else ascii(arg)
                 utf8 = encoding.lower().replace("-", "") == "utf8"  # then it is a name in another encoding
                 advice = "rename it in UTF-8" if utf8 else "use a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
                 self.error(f"{option}: not text in this locale's encoding ({encoding}); {advice}")
         return super().parse_known_args(args, namespace)
+
+    def is_switch(self, flag: str) -> bool:
+        dest = flag.removeprefix("--no-").removeprefix("--").replace("-", "_")
+        return dest in self.switches or flag in ("-h", "--help")
 
     def error(self, message: str) -> NoReturn:
         unknown = re.match(r"unrecognized arguments: (-[^\s=]+)", message)

@@ -33,7 +33,7 @@ from torchvision.datasets.utils import check_integrity
 
 from project.infra.errors import UserError
 
-FORMATS = ("BMP", "GIF", "JPEG", "PNG", "PPM", "TIFF", "WEBP")  # the decoders Pillow may run
+FORMATS = ("BMP", "JPEG", "PNG", "PPM", "TIFF", "WEBP")  # the decoders Pillow may run: torchvision's IMG_EXTENSIONS
 SPLITS = ("train", "val", "test")
 
 

@@ -43,9 +43,12 @@ LOCAL_STORE = "mlflow.db"
 # MLflow's asynchronous logging, unbuffered, polls its queue every second: the run's end (a flush) and the
 # interpreter's exit each wait for that poll. Buffered, it waits on an event that the flush sets, and sends what a
 # second gathered in one batch. MLflow prints a run's address, password included; the summary prints it redacted.
+# A model is loaded without unpickling (its torch.export archive is checked to hold only tensors and plain values):
+# a model from anyone runs no code. Downloads draw no progress bars over our lines.
 MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1",
-                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # fmt: skip
+                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+                   "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
 LOCK_SECONDS = 300.0  # how long a run waits for another that is creating the same local store
 OFFLINE = "PROJECT_TRACKING"  # =offline: no MLflow run; project.sync puts the run there later
 ASYNC_LOGGER = "mlflow.utils.async_logging.async_logging_queue"  # where MLflow reports a batch it could not log
