@@ -27,7 +27,10 @@ if TYPE_CHECKING:  # imported where used: `--help` and mistakes answer without l
     import optuna
 
 MAX_RETRIES = 2  # a trial that keeps crashing (it kills the machine?) is not queued forever; a signal is no crash
-STUDY_OPTIONS = ("monitor", "model", "dataset")  # trials of one study compare only when these are the same
+# Trials of one study compare only when these are the same: what is scored, on which data and split, how long. An
+# option search_space() samples differs by design.
+STUDY_OPTIONS = ("monitor", "model", "dataset", "data_dir", "image_size", "seed", "val_fraction", "max_epochs",
+                 "batch_size")  # fmt: skip
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 60, 300  # seconds: a trial (of any worker) silent that long is queued again
 
 
@@ -103,12 +106,16 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
                     raise UserError(f"--storage {url} holds tables of another application ({', '.join(others[:3])}"
                                     ", ...) and no Optuna study: name a database of its own")  # fmt: skip
                 storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                                     heartbeat_stale_trial_callback=retry_unless_crashing)  # fmt: skip
+                                     heartbeat_stale_trial_callback=retry_unless_crashing,
+                                     engine_kwargs=runs.engine_options(url))  # fmt: skip
                 study = optuna.create_study(storage=storage, study_name=args.study, direction=direction,
                                             pruner=pruner, load_if_exists=True)  # fmt: skip
-                for key in STUDY_OPTIONS:  # what every trial of the study must share (a study from before: as now)
-                    if key not in study.user_attrs:
-                        study.set_user_attr(key, getattr(base, key))
+                # What every trial of the study must share; a study none of whose trials finished (its first command
+                # refused a trial's options) takes the options of now.
+                begun = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                for key in STUDY_OPTIONS:
+                    if key not in study.user_attrs or not begun:
+                        study.set_user_attr(key, study_value(base, key))
             break
         except UserError:
             raise
@@ -127,9 +134,9 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
             raise UserError(f"study {args.study} is being run by another sweep (parallel workers need a server "
                             "--storage, e.g. postgresql://...)") from None  # fmt: skip
         monitor = study.user_attrs["monitor"]
-        changed = [
-            f"--{key} {study.user_attrs[key]}" for key in STUDY_OPTIONS if study.user_attrs[key] != getattr(base, key)
-        ]
+        sampled = {name for trial in study.get_trials(deepcopy=False) for name in trial.params}
+        changed = [f"{parser_flag(key)} {study.user_attrs[key]}" for key in STUDY_OPTIONS
+                   if key not in sampled and study.user_attrs[key] != study_value(base, key)]  # fmt: skip
         if changed or study.direction.name.lower() != direction:
             raise UserError(f"study {args.study} is of {' '.join(changed) or f'--monitor {monitor}'}: continue it "
                             "with the same, or start another --study")  # fmt: skip
@@ -148,8 +155,30 @@ def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespac
             raise  # a value search_space() chose that project.run refuses: it would fail again
         except BaseException:  # a signal (or a bug): the trial reruns from scratch when the sweep is run again
             requeue(study, started[-1:])
+            if not sqlite:  # a trial Optuna's ask() had just made, before its heartbeat started, would run for good
+                with contextlib.suppress(Exception):  # a server gone: what stopped the sweep is what it says
+                    keep_alive_once(study, storage)
             raise
     report(study, monitor, Path(base.exp_dir).expanduser() / args.study / "sweep")
+
+
+def study_value(args: argparse.Namespace, key: str) -> Any:
+    return redact(getattr(args, key), key)  # as records keep it: a path may hold a secret
+
+
+def parser_flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def keep_alive_once(study: optuna.Study, storage: Any) -> None:
+    """A heartbeat now for every running trial: one of a live worker keeps its own fresh, and one no worker runs (a
+    trial ask() made as a signal came, which Optuna never ends: it has no heartbeat) goes stale after GRACE_PERIOD and
+    is queued again."""
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
 
 
 def requeue(study: optuna.Study, numbers: list[int]) -> None:

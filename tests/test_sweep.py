@@ -341,19 +341,41 @@ def test_a_second_sweep_of_the_same_study_is_one_line(tmp_path: Path, capsys) ->
     assert "study s is being run by another sweep" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_study_continues_only_with_its_monitor_model_and_dataset(tmp_path: Path, capsys) -> None:
-    import optuna
+def test_a_study_continues_only_with_what_its_trials_are_compared_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Its monitor, model, data, split, epochs and batch size; not an option its trials sample. A study none of whose
+    trials finished (its first command failed) takes the options of now."""
+    from types import SimpleNamespace
 
-    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    for key, value in {"monitor": "val/loss", "model": "mlp", "dataset": "digits"}.items():
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweep_s = ["--study", "s", "--n-trials", "1", "--exp-dir", str(tmp_path), "--model", "mlp", "--logger", "csv"]
+    study = optuna.create_study(study_name="s", storage=storage)
+    for key, value in {"monitor": "val/acc", "model": "cnn", "dataset": "diabetes"}.items():  # as a first command
         study.set_user_attr(key, value)
-    sweep_s = ["--study", "s", "--n-trials", "1", "--exp-dir", str(tmp_path), "--model", "mlp"]
-    capsys.readouterr()  # Optuna's line about the new study
-    for changed, recorded in [(["--monitor", "val/acc"], "--monitor val/loss"), (["--model", "cnn"], "--model mlp"),
-                              (["--dataset", "diabetes"], "--dataset digits")]:  # fmt: skip
+    # whose trial was refused (--dataset diabetes --model cnn) left it; no trial finished: it takes the options of now
+    monkeypatch.setattr(run, "train_and_test", lambda args, callbacks: SimpleNamespace(test_metrics={}, best_score=0.5))
+    assert sweep.main(sweep_s) == 0
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert (study.user_attrs["monitor"], study.user_attrs["model"]) == ("val/loss", "mlp")
+    capsys.readouterr()
+    changes = [(["--monitor", "val/acc"], "--monitor val/loss"), (["--model", "cnn"], "--model mlp"),
+               (["--dataset", "diabetes"], "--dataset digits"), (["--seed", "1"], "--seed 0"),
+               (["--val-fraction", "0.3"], "--val-fraction 0.1"), (["--max-epochs", "3"], "--max-epochs 20"),
+               (["--batch-size", "32"], "--batch-size 128"), (["--data-dir", "other"], "--data-dir data")]  # fmt: skip
+    for changed, recorded in changes:
         assert sweep.main([*sweep_s, *changed]) == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert f"study s is of {recorded}: continue it with the same" in line, line
+    # A trial that sampled --batch-size: the study's value of it is no longer what its trials share
+    sampled = {
+        "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
+        "batch_size": CategoricalDistribution([32, 64]),
+    }
+    study.add_trial(optuna.trial.create_trial(params={"learning_rate": 1e-3, "batch_size": 64}, value=0.5,
+                                              distributions=sampled))  # fmt: skip
+    assert sweep.main([*sweep_s, "--batch-size", "32"]) == 0, capsys.readouterr().err
 
 
 def postgres_bin() -> Path | None:
@@ -502,15 +524,42 @@ SECRET = "Hunter2secret"
 @pytest.mark.parametrize(
     "storage",
     [f"postgresql+psycopg://bob:{SECRET}@127.0.0.1:1/db", f"postgresql://bob@127.0.0.1:1/db?password={SECRET}",
-     f"mysql://bob:{SECRET}@127.0.0.1:1/db", f"bogus:/x?token={SECRET}", f"postgresql://127.0.0.1:1/{SECRET}"],
-    ids=["url-password", "query-password", "no-driver", "not-a-url", "environment"],
+     f"mysql://bob:{SECRET}@127.0.0.1:1/db", f"bogus:/x?token={SECRET}", f"postgresql://127.0.0.1:1/{SECRET}",
+     f"postgresql+psycopg://bob:a {SECRET}@127.0.0.1:1/db", f"postgresql+psycopg://bob:{SECRET}@x@127.0.0.1:1/db"],
+    ids=["url-password", "query-password", "no-driver", "not-a-url", "environment", "a-space-in-it", "an-at-in-it"],
 )  # fmt: skip
 def test_a_storage_that_cannot_be_opened_is_one_line_without_its_secret(storage, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DB_PASSWORD", SECRET)  # the last case: a secret the environment names, typed in plain
-    assert sweep.main(["--study", "s", "--n-trials", "1", "--storage", storage, "--exp-dir", str(tmp_path)]) == 2
+    """Also where the driver's own message quotes a part of the password (an '@' in it, unescaped), and in --debug's
+    traceback."""
+    from project.infra.errors import UserError
+
+    monkeypatch.setenv("DB_PASSWORD", SECRET)  # the environment case: a secret the environment names, typed in plain
+    argv = ["--study", "s", "--n-trials", "1", "--storage", storage, "--exp-dir", str(tmp_path)]
+    assert sweep.main(argv) == 2
     out, err = capsys.readouterr()
     assert err.startswith("error: cannot open --storage ") and len(err.strip().splitlines()) == 1, err
-    assert SECRET not in out + err
+    assert SECRET not in out + err and "Hunter2" not in out + err
+    with pytest.raises(UserError) as raised:
+        sweep.main([*argv, "--debug"])
+    assert "cannot open --storage" in str(raised.value) and "Hunter2" not in str(raised.value)
+
+
+def test_a_database_server_that_never_answers_is_one_line_within_seconds(tmp_path, monkeypatch, capsys) -> None:
+    """A host that takes the connection and says nothing (a firewall, a hung server): drivers wait for good."""
+    import socket
+
+    from project.infra import runs
+
+    monkeypatch.setattr(runs, "CONNECT_TIMEOUT", 2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes each handshake; nothing ever answers
+        storage = f"postgresql+psycopg://bob:pw@127.0.0.1:{silent.getsockname()[1]}/db"
+        started = time.monotonic()
+        assert sweep.main(["--study", "s", "--n-trials", "1", "--storage", storage, "--exp-dir", str(tmp_path)]) == 2
+        assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open --storage ") and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_sweep_prints_and_writes_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -553,3 +602,23 @@ def test_a_trial_stopped_on_purpose_is_always_queued_again_and_one_that_keeps_cr
     assert all(attempt(stopped=True) for _ in range(5))
     assert [attempt(stopped=False) for _ in range(sweep.MAX_RETRIES + 1)] == [True] * sweep.MAX_RETRIES + [False]
     assert not study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_a_trial_made_as_a_signal_came_goes_stale_and_runs_again(tmp_path: Path) -> None:
+    """A signal inside Optuna's ask() leaves a RUNNING trial with no heartbeat, which Optuna never fails: on a server
+    storage every other worker would wait for it for good. The sweep's last act gives it one, so it goes stale."""
+    import optuna
+    from optuna.storages import RDBStorage, fail_stale_trials
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=1,
+                         heartbeat_stale_trial_callback=sweep.retry_unless_crashing)  # fmt: skip
+    study = optuna.create_study(storage=storage, study_name="s")
+    orphan = study.ask()  # made; the signal came before its worker's heartbeat began
+    time.sleep(2.5)
+    fail_stale_trials(study)
+    assert study.trials[orphan.number].state.name == "RUNNING"  # for good, without the sweep's heartbeat
+    sweep.keep_alive_once(study, storage)
+    time.sleep(2.5)
+    fail_stale_trials(study)
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert retried_number(study.trials[1]) == orphan.number

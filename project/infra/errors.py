@@ -104,7 +104,8 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except UserError as error:
-        if debug:
+        if debug:  # the traceback, and the line as it would be (a URL's password, a secret path) in it
+            error.args = (redact_text(str(error)),)
             raise
         print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 2

@@ -21,8 +21,9 @@ ASSIGNMENT = re.compile(
     rf"({SECRET_ASSIGNED.pattern})(?!\[redacted\](?:/|\s|$))('[^']*'|\"[^\"]*\"|['\",;&]*[^\s'\",;&]+)", re.IGNORECASE
 )
 # scheme://user:password@host, the user possibly empty (sqlite+pysqlcipher://:password@/runs.db); the password runs to
-# the last '@' (SQLAlchemy and requests read it so; a '/' or an '@' in it as written).
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)\S*@")
+# the line's last '@' (SQLAlchemy and requests read it to the last; a '/', an '@' or a space in it as written, and a
+# driver's message that quotes part of it after the URL).
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^\n]*@")
 # Shorter environment values ("1", "true") are not secrets, and scrubbing them would mangle ordinary text.
 MIN_SECRET_LENGTH = 6
 

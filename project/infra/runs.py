@@ -10,6 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from project.infra.errors import UserError
 from project.infra.redact import redact_text
@@ -24,6 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 BEST_GLOB = "best-*.ckpt"
 LOCK = ".lock"  # held while a process runs the run (records.RunLock)
+CONNECT_TIMEOUT = 10  # seconds: a database server that does not answer
 
 
 def sqlite_url(database: Path) -> str:
@@ -61,11 +63,18 @@ def table_names(url: str) -> list[str]:
     retry a database that cannot be reached for minutes."""
     from sqlalchemy import create_engine, inspect
 
-    engine = create_engine(url)
+    engine = create_engine(url, **engine_options(url))
     try:
         return sorted(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def engine_options(url: str) -> dict[str, Any]:
+    """SQLAlchemy's engine options for a database server: a host that takes the connection and never answers is an
+    error after CONNECT_TIMEOUT seconds (drivers wait for good by default)."""
+    server = url.split(":", 1)[0].split("+")[0] in ("postgresql", "mysql", "mariadb")
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}} if server else {}
 
 
 def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:
