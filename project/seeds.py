@@ -26,7 +26,7 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
-seed_list.__name__ = "list of two or more distinct seeds, like 0,1,2"  # argparse names it in errors
+seed_list.__name__ = "list of two or more distinct seeds (integers from 0), like 0,1,2"  # argparse names it in errors
 
 
 def main(argv: list[str] | None = None) -> int:

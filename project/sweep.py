@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep(args: argparse.Namespace, run_argv: list[str], base: argparse.Namespace) -> None:
-    if base.exp_name not in ("debug", args.study):
+    typed = any(arg.split("=", 1)[0] == "--exp-name" for arg in run_argv)  # a --config's own is replaced
+    if typed and base.exp_name not in ("debug", args.study):
         raise UserError(f"--exp-name: a sweep's trials are grouped under --study {args.study}; drop --exp-name")
     cli.require_one_device(base, "project.sweep", "for more, run one sweep per GPU with a --storage")
     if base.fast_dev_run:  # Lightning logs no metric in a fast dev run: every trial would end pruned, for good

@@ -622,3 +622,18 @@ def test_a_trial_made_as_a_signal_came_goes_stale_and_runs_again(tmp_path: Path)
     fail_stale_trials(study)
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
     assert retried_number(study.trials[1]) == orphan.number
+
+
+def test_a_sweep_from_a_config_file_groups_its_trials_under_its_study(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run's config.yaml (or a study's best.yaml) names its own experiment: the sweep's trials go under --study, and
+    only an --exp-name typed on the command line is refused."""
+    from types import SimpleNamespace
+
+    seen = []
+    monkeypatch.setattr(run, "train_and_test", lambda args, callbacks: seen.append(args.exp_name)
+                        or SimpleNamespace(test_metrics={}, best_score=0.5))  # fmt: skip
+    (tmp_path / "best.yaml").write_text("exp_name: r1\nlearning_rate: 0.01\nmodel: mlp\n")
+    argv = ["--study", "refine", "--n-trials", "1", "--config", str(tmp_path / "best.yaml"), "--exp-dir", str(tmp_path)]
+    assert sweep.main([*argv, "--logger", "csv"]) == 0 and seen == ["refine"]
+    assert sweep.main([*argv, "--exp-name=r1"]) == 2
+    assert "grouped under --study refine; drop --exp-name" in capsys.readouterr().err

@@ -216,7 +216,10 @@ class Run(pl.Callback):
         return None if not found or found[0] is None else float(found[0])
 
     def test_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        """The test scores as test_metrics.json holds them (Lightning keeps logged values in float32)."""
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        written = {f"test/{k}": v for k, v in (self.test_record or {}).items() if isinstance(v, float)}
+        return logged | {k: v for k, v in written.items() if k in logged}
 
     def log_model(self, checkpoint: Path | None) -> None:
         if self.zero and checkpoint is not None:
