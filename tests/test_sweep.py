@@ -604,6 +604,7 @@ def test_a_trial_stopped_on_purpose_is_always_queued_again_and_one_that_keeps_cr
     assert not study.get_trials(states=(TrialState.WAITING,))
 
 
+@pytest.mark.filterwarnings("ignore")  # Optuna's heartbeats are "experimental", and "meant for Study.optimize"
 def test_a_trial_made_as_a_signal_came_goes_stale_and_runs_again(tmp_path: Path) -> None:
     """A signal inside Optuna's ask() leaves a RUNNING trial with no heartbeat, which Optuna never fails: on a server
     storage every other worker would wait for it for good. The sweep's last act gives it one, so it goes stale."""
