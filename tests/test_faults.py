@@ -400,6 +400,33 @@ def test_a_signal_while_a_store_is_made_waits_for_it_then_stops_the_command(caps
     assert errors.StopSignals.received is None  # a Trainer built next in this process does not stop at its first step
 
 
+def test_a_signal_that_comes_inside_a_finalizer_still_stops_the_command(capsys) -> None:
+    """The handler raises in whatever code runs when a signal comes: in a finalizer or a garbage collector's callback
+    Python would print "Exception ignored" with a traceback and drop the signal."""
+    from project.infra import errors
+
+    done = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, as it lands in a finalizer
+            time.sleep(0.2)
+
+    def work() -> None:
+        Finalized()  # gone at once: its finalizer runs here
+        for _ in range(100):
+            time.sleep(0.01)
+        done.append("went on")
+
+    assert errors.run_command(work) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert (
+        not done
+        and "Exception ignored" not in err
+        and err.strip() == ("stopped by SIGINT outside a training step: nothing new to save")
+    )
+
+
 class DiesInItsWorker(torch.utils.data.Dataset):
     """A DataLoader worker killed as the OS's out-of-memory killer kills one."""
 

@@ -92,6 +92,7 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
     previous = {signum: signal.signal(signum, StopSignals.handle) for signum in STOP_SIGNALS} if on_main_thread else {}
     StopSignals.received, StopSignals.deferred, StopSignals.taken = None, False, 0
     watcher = watch_signals() if on_main_thread else None
+    unraisable, sys.unraisablehook = sys.unraisablehook, redeliver(sys.unraisablehook)
     try:
         action()
         sys.stdout.flush()  # a reader that went away (`| head`) is found here, not in Python's flush at exit
@@ -139,11 +140,31 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
               "Checkpoints are whole: continue with --resume", file=sys.stderr)  # fmt: skip
         return 1
     finally:
+        sys.unraisablehook = unraisable
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         StopSignals.received, StopSignals.deferred = None, False  # a next command in this process starts clean
         if watcher is not None:
             watcher()
+
+
+def redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Python's hook for an exception that cannot propagate, sending a signal's Interrupted on: the handler raises it
+    in whatever code runs when the signal comes, a garbage collector's callback or a finalizer among them, where
+    Python would print it as "Exception ignored" with a traceback and drop the signal. Sent again a moment later
+    (from another thread: sent now, it would be raised in this hook), it stops the command where it can."""
+
+    def handle(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Interrupted):
+            threading.Timer(0.05, send, (unraisable.exc_value.signum,)).start()
+        else:
+            hook(unraisable)
+
+    def send(signum: int) -> None:
+        if sys.unraisablehook is handle:  # the command is still running (its end puts the previous hook back)
+            os.kill(os.getpid(), signum)
+
+    return handle
 
 
 def exit_process(code: int) -> NoReturn:
@@ -180,6 +201,7 @@ def watch_signals() -> Callable[[], None]:
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    ended = threading.Event()  # the command ended: a next one in this process counts its signals anew
 
     def watch() -> None:
         arrived = 0
@@ -188,15 +210,16 @@ def watch_signals() -> Callable[[], None]:
                 stops = [n for n in numbers if n in STOP_SIGNALS]
                 arrived += len(stops)
                 deadline = time.monotonic() + STUCK_AFTER_S
-                while stops and StopSignals.taken < arrived and time.monotonic() < deadline:
+                while stops and StopSignals.taken < arrived and time.monotonic() < deadline and not ended.is_set():
                     time.sleep(0.1)
-                if stops and StopSignals.taken < arrived:
+                if stops and StopSignals.taken < arrived and not ended.is_set():
                     name = signal.Signals(stops[-1]).name
                     os.write(2, f"stopped by {name} while waiting for the other processes of the run: any checkpoint "
                              "written is whole, continue with --resume\n".encode())  # fmt: skip
                     os._exit(128 + stops[-1])
 
     def stop() -> None:
+        ended.set()
         signal.set_wakeup_fd(previous)
         writer.close()  # the reader sees the end and the thread ends
 
