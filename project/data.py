@@ -266,7 +266,10 @@ class ImageFolderData(DataModule):
         listed = hashlib.sha256()
         for name, folder in self.folders.items():
             for path, label in folder.samples:
-                listed.update(f"{name}/{Path(path).relative_to(folder.data_root)}/{label}\n".encode(errors="replace"))
+                # a name that is not UTF-8 as its bytes (two such names would be one with errors="replace")
+                listed.update(
+                    f"{name}/{Path(path).relative_to(folder.data_root)}/{label}\n".encode(errors="surrogateescape")
+                )
         self.listed = {"images": sum(map(len, self.folders.values())), "sha256": listed.hexdigest()}
 
     @property

@@ -427,6 +427,23 @@ def test_a_signal_that_comes_inside_a_finalizer_still_stops_the_command(capsys) 
     )
 
 
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 25769803776 bytes. Error code 12 (Cannot allocate memory)"),
+     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB"), MemoryError()],
+)  # fmt: skip
+def test_out_of_memory_is_one_line_that_says_what_needs_less(error, capsys) -> None:
+    from project.infra import errors
+
+    def allocate() -> None:
+        raise error
+
+    assert errors.run_command(allocate) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: out of memory (") and "a smaller --batch-size, --image-size or model" in line
+
+
 class DiesInItsWorker(torch.utils.data.Dataset):
     """A DataLoader worker killed as the OS's out-of-memory killer kills one."""
 

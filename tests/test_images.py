@@ -215,8 +215,10 @@ def test_a_link_never_puts_a_training_image_in_test(tmp_path):
     write_image_folder(root / "train", per_class=6)
     write_image_folder(root / "test", per_class=2)
     (root / "test" / "cat" / "leak.png").symlink_to(root / "train" / "cat" / "0.png")
+    os.link(root / "train" / "dog" / "1.png", root / "test" / "dog" / "hard-leak.png")  # one file, two names
+    os.link(root / "train" / "dog" / "2.png", root / "train" / "cat" / "twice.png")  # and within a split
     datamodule = open_folder(root, val_fraction=0.25)
-    assert len(datamodule.folders["test"]) == 4
+    assert len(datamodule.folders["test"]) == 4 and len(datamodule.folders["train"]) == 12
     train = {os.path.realpath(p) for p, _ in datamodule.folders["train"].samples}
     assert not train & {os.path.realpath(p) for p, _ in datamodule.folders["test"].samples}
 
@@ -386,7 +388,7 @@ def test_a_class_folder_named_in_bytes_that_are_not_utf8_is_one_line(tmp_path):
     except (OSError, UnicodeError):
         pytest.skip("this file system takes only UTF-8 names")
     message = one_line_error(lambda: open_folder(root))
-    assert "class folder 'd\\udcf6g'" in message and "is not named in UTF-8; rename it" in message
+    assert "class folder 'd\\udcf6g'" in message and "not named in printable UTF-8" in message
     message.encode("utf-8")  # printable as it stands
 
 
@@ -507,3 +509,74 @@ def test_a_folder_changed_before_a_resume_or_a_test_is_refused_in_one_line(tmp_p
     added.unlink()
     resumed = run_cli("--resume", str(last), "--max-epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("garbage", ["[]", "null", '"x"', "[" * 100_000, "{not json"])
+def test_a_damaged_record_of_checked_headers_is_read_anew(tmp_path, garbage):
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=2)
+    paths = sorted(str(path) for path in root.rglob("*.png"))
+    assert images.check_headers(paths, root) == []
+    (record,) = (tmp_path / "cache").rglob("*.json")
+    record.write_text(garbage)
+    assert images.check_headers(paths, root) == [] and record.read_text().startswith("{")
+    record.unlink()
+    record.mkdir()  # a folder where the record goes: never written, and no temporary file left beside it
+    assert images.check_headers(paths, root) == [] and sorted(p.name for p in record.parent.iterdir()) == [record.name]
+
+
+def test_16_bit_images_are_scaled_and_32_bit_or_float_ones_named(tmp_path):
+    """16-bit PNG and PGM: their full range becomes 0..255; 32-bit integer or floating-point pixels, whose range
+    nothing says, are one line (clipped, they were black)."""
+    from PIL import Image
+
+    full = np.full((8, 8), 65535, np.uint16)
+    for name in ("16.png", "16.pgm", "16.tif"):
+        Image.fromarray(full).save(tmp_path / name)
+        assert images.read_image(tmp_path / name, (1, 8, 8)).max() == 255, name
+    Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "32.tif")
+    Image.fromarray(np.full((8, 8), 0.8, np.float32)).save(tmp_path / "float.tif")
+    for name in ("32.tif", "float.tif"):
+        with pytest.raises(ValueError, match="32-bit integer or floating-point pixels"):
+            images.read_image(tmp_path / name, (1, 8, 8))
+
+
+def test_class_names_are_drawn_as_written_and_a_control_character_in_one_is_named(tmp_path):
+    from project.tasks import build_task
+
+    task = build_task("classification", ["cost$^$x", "$5_to_$10", "dog"])
+    task.draw_confusion(np.eye(3, dtype=int), tmp_path / "confusion.png")  # matplotlib would parse $...$ as maths
+    assert (tmp_path / "confusion.png").stat().st_size > 0
+    write_image_folder(tmp_path / "pets", classes=("do\ng", "cat"), per_class=2)
+    message = one_line_error(lambda: open_folder(tmp_path / "pets"))
+    assert "class folder 'do\\ng'" in message and "not named in printable UTF-8" in message
+
+
+def test_a_rename_between_two_names_that_are_not_utf8_changes_what_the_run_records(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=4)
+    try:
+        os.rename(root / "cat" / "0.png", os.fsencode(root / "cat") + b"/\xff\xfe.png")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    before = open_folder(root).listed
+    os.rename(os.fsencode(root / "cat") + b"/\xff\xfe.png", os.fsencode(root / "cat") + b"/\xfd\xfc.png")
+    assert open_folder(root).listed != before  # a resume or --only-test says the folder changed
+
+
+def test_deterministic_runs_keep_torchs_threads_whether_or_not_workers_read(monkeypatch):
+    """Some operations' results depend on the number of threads: an epoch read from memory must compute as one
+    decoded by workers did, or a resumed run differs from the uninterrupted one."""
+    import torch
+
+    from project.infra import batches
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.use_deterministic_algorithms(True)
+        batches.cores_beside(2)
+        assert torch.get_num_threads() == batches.DEFAULT_THREADS
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)

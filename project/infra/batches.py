@@ -58,9 +58,11 @@ def cores_beside(num_workers: int) -> None:
     """Torch's threads in this process: its default (a thread per core) less the DataLoader workers reading a split,
     at least one. Those threads spin after each operation: beside workers decoding on the same cores they took the
     workers' time (a 16,000-image folder's first epoch, 2 cores, 2 workers: 8.1 s with 2 threads, 5.5 s with 1).
-    OMP_NUM_THREADS, when set, decides."""
+    OMP_NUM_THREADS, when set, decides. With --deterministic, always the default: some operations' results depend on
+    the number of threads, and an epoch read from memory (no workers) must compute as one decoded by workers did."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, DEFAULT_THREADS - num_workers))
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(DEFAULT_THREADS if deterministic else max(1, DEFAULT_THREADS - num_workers))
 
 
 def ignore_stop_signals(worker_id: int) -> None:

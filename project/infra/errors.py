@@ -124,8 +124,14 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
         return 128 + signum
     except Exception as error:
         killed = WORKER_KILLED.match(str(error))
-        if debug or not (lost_peer(error) or killed or NOT_SHARDABLE in str(error)):
+        if debug or not (lost_peer(error) or killed or NOT_SHARDABLE in str(error) or out_of_memory(error)):
             raise
+        if out_of_memory(error):  # a batch that does not fit: the host's memory, or the GPU's
+            what = (str(error).strip() or type(error).__name__).splitlines()[0][:160]
+            print(f"error: out of memory ({what}): a smaller --batch-size, "
+                  "--image-size or model needs less. Checkpoints are whole: continue with --resume",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         if NOT_SHARDABLE in str(error):
             print("error: Lightning cannot split this DataLoader across the processes: its batch sampler does not "
                   "subclass torch's BatchSampler (README: Your own data and model)", file=sys.stderr)  # fmt: skip
@@ -146,6 +152,12 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
         StopSignals.received, StopSignals.deferred = None, False  # a next command in this process starts clean
         if watcher is not None:
             watcher()
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """torch's allocators' errors (CPU: a RuntimeError; CUDA: torch.OutOfMemoryError), or Python's MemoryError."""
+    text = str(error)
+    return type(error).__name__ in ("OutOfMemoryError", "MemoryError") or "can't allocate memory" in text
 
 
 def redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -46,8 +46,11 @@ def read_image(path: str | Path, input_shape: tuple[int, int, int]) -> torch.Ten
     channels, height, width = input_shape
     with Image.open(path, formats=FORMATS) as image:
         upright = ImageOps.exif_transpose(image)  # as a viewer shows a photo taken sideways
-        if upright.mode == "I" or upright.mode.startswith("I;16"):  # 16-bit pixels: convert() would clip at 255
-            upright = upright.convert("I").point(lambda value: value / 256)
+        if upright.mode.startswith("I;16") or upright.mode == "I" and image.format == "PPM":  # 16-bit pixels
+            upright = upright.convert("I").point(lambda value: value / 256)  # convert() would clip them at 255
+        elif upright.mode in ("I", "F"):  # convert() would clip them, most often to black
+            raise ValueError("32-bit integer or floating-point pixels, whose range is not known; save it with 8 or 16 "
+                             "bits a channel")  # fmt: skip
         converted = upright.convert("RGB" if channels == 3 else "L")
     return TF.pil_to_tensor(TF.resize(converted, [height, width]))
 
@@ -75,19 +78,23 @@ def check_headers(paths: list[str], root: Path) -> list[str]:
     record = cache / "image-headers" / f"{hashlib.sha256(os.fsencode(root)).hexdigest()[:32]}.json"
     try:
         known = json.loads(record.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a cache only: one that cannot be read is read anew
         known = {}
+    known = known if isinstance(known, dict) else {}
     seen = {path: [(stat := os.stat(path)).st_size, stat.st_mtime_ns] for path in paths}
     named = {path: path.removeprefix(f"{root}{os.sep}") for path in paths}  # no folder above root is named
     unchecked = [path for path in paths if known.get(named[path]) != seen[path]]
     with ThreadPoolExecutor() as pool:  # reading headers mostly waits for the disk
         problems = dict(zip(unchecked, pool.map(header_problem, unchecked), strict=True))
-    with contextlib.suppress(OSError):  # a cache only: where it cannot be written, every start checks every header
+    temporary = record.with_name(f".{record.name}.{os.getpid()}")
+    try:  # a cache only: where it cannot be written, every start checks every header
         if unchecked:
             record.parent.mkdir(parents=True, exist_ok=True)
-            temporary = record.with_name(f".{record.name}.{os.getpid()}")
             temporary.write_text(json.dumps({named[path]: seen[path] for path in paths if not problems.get(path)}))
             os.replace(temporary, record)  # whole or absent, whatever stops the process
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
     return [*filter(None, problems.values())]
 
 
@@ -107,15 +114,19 @@ def is_folder(path: Path) -> bool:
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """<root>/<split> (<root> itself for split ""); `linked`: the files read through links, shared by all splits."""
+    """<root>/<split> (<root> itself for split ""); `linked`: the files read through links (symbolic: their
+    targets; hard: their identities), shared by all splits, which are listed train, val, test: test never gets a
+    training image."""
 
-    def __init__(self, root: Path, split: str, input_shape: tuple[int, int, int], linked: set[Path]) -> None:
+    def __init__(self, root: Path, split: str, input_shape: tuple[int, int, int], linked: set[Any]) -> None:
         self.data_root, self.presplit, self.linked = root, bool(split), linked
         super().__init__(str(root / split), loader=functools.partial(read_image, input_shape=input_shape))
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         try:
             return super().__getitem__(index)
+        except MemoryError:  # not the image's fault (run_command says what is)
+            raise
         except Exception as error:
             raise UnreadableImage(f"image-folder: {unreadable(self.samples[index][0], error)}") from error
 
@@ -123,7 +134,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         classes = sorted(name for name in os.listdir(directory) if is_folder(Path(directory, name)))
         if not all(name.isprintable() for name in classes):  # bytes that are not UTF-8 come as lone surrogates
             bad = ", ".join(ascii(name) for name in classes if not name.isprintable())
-            raise UserError(f"image-folder: class folder {bad} in {directory} is not named in UTF-8; rename it")
+            raise UserError(f"image-folder: class folder {bad} in {directory} is not named in printable UTF-8 (a "
+                            "byte that is not UTF-8, a newline or another control character); rename it")  # fmt: skip
         return classes, {name: index for index, name in enumerate(classes)}
 
     def make_dataset(self, directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
@@ -131,8 +143,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         for name, index in class_to_idx.items():
             found = []
             for folder, folders, files in os.walk(Path(directory, name)):  # a link to a folder is listed, not entered
-                folders[:] = [child for child in folders if is_folder(Path(folder, child))]
-                found += [path for file in files if (path := self.image(Path(folder, file)))]
+                folders[:] = sorted(child for child in folders if is_folder(Path(folder, child)))
+                found += [path for file in sorted(files) if (path := self.image(Path(folder, file)))]
             if not found:
                 raise UserError(
                     f"image-folder: class folder {Path(directory, name)} has no images: no file whose name ends in "
@@ -152,6 +164,11 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         if not target.is_relative_to(self.data_root):
             raise UserError(f"image-folder: {path} links to {target}, outside --data-dir {self.data_root}; copy it in")
         if target == path:
+            info = path.stat()  # a hard link: one image under two names counts once, where it is listed first
+            if info.st_nlink > 1:
+                if (info.st_dev, info.st_ino) in self.linked:
+                    return None
+                self.linked.add((info.st_dev, info.st_ino))
             return path
         # A link counts when its file is not listed in its own place (hidden, or outside the class folders) and no
         # earlier link counted it: splits are listed train, val, test, so test never gets a training image.

@@ -49,7 +49,8 @@ class Classification(Task):
         figure = Figure(figsize=(size, size), layout="constrained")
         ax = figure.subplots()
         longest = max((len(name) for name in self.output_names), default=1)
-        ConfusionMatrixDisplay(confusion_matrix=confusion, display_labels=self.output_names).plot(
+        labels = [name.replace("$", r"\$") for name in self.output_names]  # text between two $ is maths to matplotlib
+        ConfusionMatrixDisplay(confusion_matrix=confusion, display_labels=labels).plot(
             ax=ax, cmap="Blues", colorbar=False, include_values=n <= MAX_ANNOTATED_CLASSES,
             xticks_rotation="vertical" if longest > 3 else "horizontal",
         )  # fmt: skip
