@@ -110,9 +110,8 @@ def load_model(source: str, exp_dir: str = "", exp_name: str = "") -> tuple[Any,
             # Its description first: another kind of model (a pickled python_model, code of its own) could run code
             # as it loads; MLflow checks that this kind's archive holds no pickled objects (tracking.MLFLOW_DEFAULTS).
             info = loaded(source, lambda: mlflow.models.Model.load(source))  # its MLmodel file only
-            if info.flavors.get("python_function", {}).get("loader_module") != "mlflow.pytorch" or info.flavors.get(
-                "pytorch", {}
-            ).get("code"):
+            loader = info.flavors.get("python_function", {}).get("loader_module")
+            if loader != "mlflow.pytorch" or info.flavors.get("pytorch", {}).get("code"):
                 raise UserError(f"--checkpoint: {source} is not a PyTorch model that this project logged; not loaded "
                                 "(loading another kind of MLflow model could run its code)")  # fmt: skip
             spec = spec_of(info.metadata or {}, source)
