@@ -248,7 +248,7 @@ def objective(
     trial.set_user_attr("run_dir", None)  # a retried trial inherits the interrupted one's until its run starts
     trial.set_user_attr("stopped", False)  # and whether that one was stopped on purpose
     given = {arg.split("=", 1)[0] for arg in run_argv}  # --hidden-dim 16 or --hidden-dim=16
-    replaced = [flag for flag in (f"--{name.replace('_', '-')}" for name in params) if flag in given]
+    replaced = [flag for flag in map(parser_flag, params) if flag in given]
     replacing = f" (sampled: replaces the {' '.join(replaced)} given)" if replaced else ""
     print(f"\n--- study {study}, trial {trial.number}: {params}{replacing}", flush=True)
     callbacks = [
@@ -280,7 +280,7 @@ def objective(
 
 def trial_argv(run_argv: list[str], study: str, params: dict[str, Any]) -> list[str]:
     """A trial's project.run command line: the sweep's options, the sampled values (which win), its study's name."""
-    sampled = [item for name, value in params.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    sampled = [item for name, value in params.items() for item in (parser_flag(name), str(value))]
     return [*run_argv, *sampled, "--exp-name", study, "--tag", f"study={study}"]
 
 

@@ -156,8 +156,7 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
 
 def out_of_memory(error: BaseException) -> bool:
     """torch's allocators' errors (CPU: a RuntimeError; CUDA: torch.OutOfMemoryError), or Python's MemoryError."""
-    text = str(error)
-    return type(error).__name__ in ("OutOfMemoryError", "MemoryError") or "can't allocate memory" in text
+    return type(error).__name__ in ("OutOfMemoryError", "MemoryError") or "can't allocate memory" in str(error)
 
 
 def redeliver(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
