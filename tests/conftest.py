@@ -43,6 +43,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    # The slow tests run two at a time on the cores there are: a process's threads beyond its share spin on the
+    # other's cores (the README's two tests side by side: 135 and 112 s with torch's default threads, 101 and 61 s
+    # with one). A test of the thread count itself sets or removes it.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
 
