@@ -153,6 +153,24 @@ def test_a_run_goes_on_from_its_last_checkpoint_and_is_tested_on_the_one_it_test
     )
 
 
+def test_the_latest_run_is_the_one_continued_even_before_its_first_checkpoint(tmp_path, capsys):
+    """A newer run killed before its first checkpoint is not skipped for an older, finished one (SLURM's requeue
+    with --resume would otherwise train on in the older run); a folder that is no run (the sweep's report) is."""
+    older = fake_run(tmp_path)
+    newer = older.parent / "20260102-000000-abcdef"
+    (newer / "checkpoints").mkdir(parents=True)
+    (newer / "config.yaml").write_text((older / "config.yaml").read_text())
+    (older.parent / "sweep").mkdir()
+    for flags in (["--resume"], ["--only-test"], ["--only-test", "--checkpoint", "last"]):
+        with pytest.raises(SystemExit):
+            parse_args([*flags, "--exp-dir", str(tmp_path / "experiments")])
+        assert f"{newer / 'checkpoints'} has no" in capsys.readouterr().err
+    (newer / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    assert parse_args(["--resume", "--exp-dir", str(tmp_path / "experiments")]).resume == str(
+        newer / "checkpoints" / "last.ckpt"
+    )
+
+
 def test_what_may_change_is_a_subset_of_the_options():
     options = set(config_of(parse_args([])))
     assert options >= MAY_CHANGE_ON_RESUME and options >= FIXED_ON_TEST

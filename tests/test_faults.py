@@ -314,17 +314,49 @@ def test_a_second_process_cannot_resume_a_run_that_is_running(exp_dir) -> None:
          "world size (1)"),  # torchrun --nnodes 1
         (False, ("--devices", "2", "--strategy", "ddp_spawn"), "error: --strategy ddp_spawn: not supported"),
         (False, ("--devices", "2", "--strategy", "ddp_fork"), "error: --strategy ddp_fork: not supported"),
+        (False, ("NODE_RANK=1",), "error: NODE_RANK=1 in the environment makes this process one that keeps no record"),
+        (False, ("LOCAL_RANK=1", "RANK=1"), "error: RANK=1 LOCAL_RANK=1 in the environment makes this process one"),
     ],
 )  # fmt: skip
 def test_a_launch_that_cannot_start_is_one_line_before_anything_is_written(tmp_path, exp_dir, torchrun, flags, line):
-    """Before: --num-nodes 2 with no launcher waited for the other node forever, deaf to SIGTERM and Ctrl-C."""
+    """Before: --num-nodes 2 with no launcher waited for the other node forever, deaf to SIGTERM and Ctrl-C; a rank
+    left in the environment (NODE_RANK=1 from another launch) made a one-process run keep no records, with exit 0."""
+    env = cli_env(**dict(flag.split("=") for flag in flags if "=" in flag))
+    flags = tuple(flag for flag in flags if "=" not in flag)
     launcher = ("torch.distributed.run", "--nnodes", "1", "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m")
     command = [sys.executable, "-m", *(launcher if torchrun else ()), "project.run", *DIGITS, "--accelerator", "cpu",
                *flags, "--exp-dir", str(exp_dir)]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     stderr = next((tmp_path / "logs").glob("**/stderr.log")).read_text() if torchrun else done.stderr
     assert done.returncode != 0 and len(stderr.strip().splitlines()) == 1 and stderr.startswith(line), stderr[-2000:]
     assert not exp_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [("signal-train", "SIGTERM", "0", "11"), ("signal-val", "SIGINT", "0")],
+                         ids=["last-step", "validation"])  # fmt: skip
+def test_a_signal_to_one_rank_at_an_epochs_end_stops_every_rank_as_one(exp_dir, fault) -> None:
+    """Before: the rank that got it stopped alone, and rank 0 trained on, then failed ("another process ... ended")."""
+    ddp = (
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--max-epochs",
+        "2",
+        "--exp-dir",
+        str(exp_dir),
+    )
+    stopped = run_cli(*fault, "--", *DIGITS, *ddp, module="tests.fault_driver", env=cli_env(FAULT_RANK="1"),
+                      timeout=120)  # fmt: skip
+    code = 128 + signal.Signals[fault[1]]
+    assert stopped.returncode == code and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    assert "another process" not in stopped.stderr and "resume with: " in stopped.stderr, stopped.stderr[-2000:]
+    run_dir = only_run_dir(exp_dir)
+    assert json.loads((run_dir / "manifest.json").read_text())["exit_status"] == "interrupted"
+    assert checkpoints.read(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 12  # the epoch's end
 
 
 @pytest.mark.slow
@@ -482,5 +514,5 @@ def test_a_rank_other_than_zero_stopped_by_a_signal_names_no_checkpoint_of_its_o
     from types import SimpleNamespace
 
     stop = callbacks.GracefulStop(Path("/runs/rank-0/checkpoints/last.ckpt"), "python -m project.run --resume X")
-    message = str(stop.stopped(SimpleNamespace(is_global_zero=False, global_rank=1), "after step 3"))
+    message = str(stop.stopped(SimpleNamespace(is_global_zero=False, global_rank=1, world_size=1), "after step 3"))
     assert message == "stopped by SIGTERM after step 3 (rank 1: rank 0 says how to resume)"

@@ -243,12 +243,14 @@ class GracefulStop(Callback):
         raise self.stopped(trainer, f"after step {trainer.global_step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if StopSignals.received is not None:
+        # Any process's signal stops them all: one that reached a single rank in the epoch's last step or its
+        # validation would otherwise stop that rank alone (Lightning's should_stop is rank 0's).
+        if trainer.strategy.reduce_boolean_decision(StopSignals.received is not None, all=False):
             trainer.should_stop = True  # let the epoch-end last.ckpt be written, then stop in on_train_end
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         StopSignals.deferred = False
-        if StopSignals.received is not None:
+        if trainer.strategy.reduce_boolean_decision(StopSignals.received is not None, all=False):
             raise self.stopped(trainer, f"at the end of the epoch, after step {trainer.global_step}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -257,7 +259,12 @@ class GracefulStop(Callback):
             print(flush=True)  # end the progress bar's line, so that our message starts on its own
 
     def stopped(self, trainer: pl.Trainer, when: str) -> RunStopped:
-        signum = StopSignals.received or signal.SIGTERM  # a process that did not get the signal itself
+        """What every process says and exits with: the signal one of them received (all of them call this at once)."""
+        signum = StopSignals.received or 0
+        if trainer.world_size > 1:
+            own = torch.tensor(signum, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(own, reduce_op="max"))
+        signum = signum or signal.SIGTERM
         name, resume = signal.Signals(signum).name, self.resume_command
         if not trainer.is_global_zero:  # under torchrun, only rank 0 knows the run directory's name
             return RunStopped(f"stopped by {name} {when} (rank {trainer.global_rank}: rank 0 says how to resume)",

@@ -19,6 +19,8 @@ from project.infra.errors import UserError
 SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 # What may differ between the processes of a run: only global rank 0 writes, and each node has its own cores.
 LOCAL_OPTIONS = {"num_workers", "data_dir", "exp_dir", "exp_name", "logger"}
+# What launchers set to tell a process its place in the run (Lightning reads them; SLURM's only inside its jobs).
+RANKS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,6 +57,12 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     except (ValueError, TypeError, ImportError, MisconfigurationException) as error:
         reason = (str(error) or type(error).__name__).split(". ")[0].splitlines()[0]
         raise UserError(f"{flags}: {reason}") from error
+    stray = [f"{name}={os.environ[name]}" for name in RANKS if os.environ.get(name, "0") != "0"]
+    if trainer.world_size == 1 and stray:  # Lightning would train on, and every record is rank 0's to write
+        raise UserError(
+            f"{' '.join(stray)} in the environment makes this process one that keeps no records, but "
+            f"the run has one process ({flags}); unset it, or give the launch's --devices and --num-nodes"
+        )
     launched = {"MASTER_ADDR", "NODE_RANK"} <= os.environ.keys()
     if trainer.num_nodes > 1 and type(environment) is LightningEnvironment and not launched:
         raise UserError(f"--num-nodes {trainer.num_nodes}: nothing started the other nodes, so this process would wait "

@@ -82,11 +82,12 @@ def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:
 
 
 def latest_run(experiment: Path) -> Path | None:
-    """The newest run directory (by name: they start with a timestamp) that holds a checkpoint."""
+    """The newest run directory (by name: they start with a timestamp), with a checkpoint or not: an older run is
+    never continued for a newer one that died before its first checkpoint."""
     if not experiment.is_dir():
         return None
     runs = sorted((p for p in experiment.iterdir() if p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
-    return next((run for run in reversed(runs) if any((run / CHECKPOINT_DIR).glob("*.ckpt"))), None)
+    return next((run for run in reversed(runs) if (run / MANIFEST).is_file() or (run / CONFIG).is_file()), None)
 
 
 def best_checkpoint(run: Path) -> Path | None:
@@ -116,7 +117,10 @@ def find_checkpoint(spec: str, exp_dir: str | Path, exp_name: str, flag: str) ->
         )
     path = best_checkpoint(run) if spec == "best" else run / CHECKPOINT_DIR / LAST
     if path is None or not path.is_file():
-        raise UserError(f"{flag} {spec}: {run / CHECKPOINT_DIR} has no {spec} checkpoint")
+        raise UserError(
+            f"{flag} {spec}: {run / CHECKPOINT_DIR} has no {spec} checkpoint (the latest run of "
+            f"--exp-name {exp_name} ended before it saved one): train again, or pass {flag} PATH"
+        )
     return path
 
 
