@@ -9,6 +9,7 @@ Faults (epochs and batches count from 0; N counts writes of last.ckpt from 1):
     kill-mid-write N             SIGKILL halfway through writing the N-th last.ckpt
     kill-test                    SIGKILL in the second test batch (after training, before any report)
     kill-plot                    SIGKILL while curves.png is drawn (the test records are written by then)
+    kill-rewind                  SIGKILL as a resumed run starts to rewind metrics.csv (for --resume)
     signal-train NAME EPOCH BATCH   send SIGTERM/SIGINT to itself inside that training step
     signal-val NAME EPOCH        send it inside the second validation batch of that epoch
     enospc N                     the N-th last.ckpt write fails halfway with "No space left on device"
@@ -167,6 +168,10 @@ def main() -> int:
             _at_validation(*numbers, send)
     elif fault == "kill-test":
         _at_test(_kill)
+    elif fault == "kill-rewind":
+        from project.infra import tracking
+
+        tracking.Trackers.rewind = lambda *args: _kill()
     elif fault == "kill-plot":
         from project.infra import plots
 

@@ -12,6 +12,7 @@ import random
 import re
 import shlex
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +104,19 @@ def cifar_reference(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -
 
 
 def killed_then_resumed(
-    options: tuple[str, ...], fault: tuple[str, ...], resumes_from_step: int, exp_dir: Path
+    options: tuple[str, ...], fault: tuple[str, ...], resumes_from_step: int, exp_dir: Path, again: bool = False
 ) -> Path:
-    """Run `options` with `fault` (SIGKILL), check where last.ckpt stands, resume; the run directory, continued."""
+    """Run `options` with `fault` (SIGKILL), check where last.ckpt stands, resume (`again`: killed once more as the
+    resumed run rewinds metrics.csv, then resumed again); the run directory, continued."""
     killed = run_cli(*fault, "--", *options, "--exp-dir", str(exp_dir), module="tests.fault_driver")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = only_run_dir(exp_dir)
     assert last_step(run_dir) == resumes_from_step
+    if again:
+        time.sleep(1)  # manifest.json's times are in seconds: the killed session's rows must be older than the next
+        killed = run_cli("kill-rewind", "--", *options, "--exp-dir", str(exp_dir), "--resume",
+                         module="tests.fault_driver")  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = run_cli(*options, "--exp-dir", str(exp_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert only_run_dir(exp_dir) == run_dir  # continued in place, not a new run
@@ -122,7 +129,10 @@ KILLS = {
     "mid-epoch": (("kill-train", "1", "12"), 35),
     "right-after-epoch-end-checkpoint": (("kill-after-save", "5"), 23),
     "during-validation": (("kill-val", "1"), 45),
+    "first-step-of-an-epoch-then-as-the-resume-starts": (("kill-train", "1", "0"), 23),
 }
+# Killed again as the resumed run starts: the next resume still drops each row logged after the checkpoint.
+KILLED_AGAIN = {"first-step-of-an-epoch-then-as-the-resume-starts"}
 # Killed between the epoch-end checkpoint and Lightning's logging of the epoch's train/* values: the resumed run
 # starts after that epoch, and its train/* row is not in metrics.csv (Lightning does not run the epoch's end again).
 LOSES_A_ROW = {"right-after-epoch-end-checkpoint"}
@@ -137,7 +147,7 @@ def test_run_killed_then_resumed_ends_bit_identical(point: str, digits_reference
     import csv
 
     fault, resumes_from_step = KILLS[point]
-    run_dir = killed_then_resumed(DIGITS, fault, resumes_from_step, exp_dir)
+    run_dir = killed_then_resumed(DIGITS, fault, resumes_from_step, exp_dir, again=point in KILLED_AGAIN)
     assert_same_run(digits_reference, run_dir)
 
     def rows(run: Path) -> list[dict[str, str]]:

@@ -196,13 +196,14 @@ class Run(pl.Callback):
         self.manifest["trackers"] = self.tracker_runs()
         self.started = True
         self.lock.note(f"pid {session['pid']} on {session['host']} since {session['start_time']} ({self.command})\n")
-        write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
-        self.write_manifest()
+        # Before this session is recorded: killed in between, the next one rewinds from the same session's start.
         if self.previous and self.previous.get("exit_status") != "finished":  # killed: it may have logged beyond
             began, since = [self.previous, *self.previous.get("resumed", [])][-1].get("start_time"), 0
             with contextlib.suppress(TypeError, ValueError):  # no time recorded: all it has from the checkpoint on
                 since = int(datetime.datetime.fromisoformat(began).timestamp() * 1000)
             self.trackers.rewind(checkpoints.read(Path(self.args.resume))["global_step"], since)
+        write_text(self.directory / runs.CONFIG, yaml.safe_dump(self.config, sort_keys=True))
+        self.write_manifest()
         self.trackers.start({**self.config, "user": session["user"], "command": self.command})
 
     def best_checkpoint(self, trainer: pl.Trainer) -> Path | None:
