@@ -15,7 +15,9 @@ import collections
 import contextlib
 import csv
 import datetime
+import hashlib
 import importlib.metadata
+import json
 import os
 import sys
 import time
@@ -28,6 +30,7 @@ from project.infra.errors import UserError, exit_process, run_command
 from project.infra.redact import redact_path, redact_text
 
 TAG = "project_run_id"  # names the run directory in any store
+FILES_TAG = "project_files"  # the digests of the run's files the MLflow run holds
 STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}  # any other end: FAILED
 FILES = (runs.CONFIG, runs.MANIFEST, runs.METRICS, runs.CURVES, runs.REPORT, runs.TEST_METRICS)
 EXAMPLE_BATCH = 2  # torch.export makes a batch of 1 a constant: the example batch keeps the axis dynamic
@@ -70,6 +73,7 @@ def sync(run_dirs: list[Path]) -> None:
                 run, reopened = find(client, uri, run_dir.resolve(), manifest, run_tags(manifest, run_dir))
                 made = not reopened
                 run_id, problem, model_uri = sync_run(client, uri, run_dir.resolve(), manifest, run.info.run_id)
+                made = False  # MLflow holds the whole run now: a manifest that cannot be rewritten leaves it there
                 record(client, uri, run_dir, manifest, run_id, problem, model_uri)
             except Exception as error:  # a server gone mid-way (--debug: the traceback)
                 later = "; the same command sends the rest once MLflow answers" if tracking.unreachable(error) else ""
@@ -90,12 +94,12 @@ def record(client: Any, uri: str, run_dir: Path, manifest: dict, run_id: str, pr
 
     before = manifest.get("trackers", {}).get("mlflow") or {}
     model_uri = model_uri or (before.get("model_uri") if before.get("run_id") == run_id else None)
-    experiment_id = client.get_run(run_id).info.experiment_id
-    entry = {"tracking_uri": redact_path(uri), "experiment_id": experiment_id, "run_id": run_id,
+    run = client.get_run(run_id)
+    entry = {"tracking_uri": redact_path(uri), "experiment_id": run.info.experiment_id, "run_id": run_id,
              "complete": problem is None} | ({"model_uri": model_uri} if model_uri else {})  # fmt: skip
     if entry != before:
         write_manifest(run_dir, {**manifest, "trackers": {**manifest.get("trackers", {}), "mlflow": entry}})
-        client.log_artifact(run_id, str(run_dir / runs.MANIFEST))
+        send_files(client, run, [run_dir / runs.MANIFEST])
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -121,13 +125,16 @@ def metric_points(run_dir: Path) -> dict[str, list]:
         return points
     try:
         with open(run_dir / runs.METRICS, newline="") as file:
-            for line, row in enumerate(csv.DictReader(file), start=2):  # noqa: B007 (the error names it)
+            reader = csv.DictReader(file)
+            for line, row in enumerate(reader, start=2):  # noqa: B007 (the error names it)
                 stamp, step = int(float(row.pop("timestamp", "") or now)), int(float(row.pop("step", "") or 0))
                 for key, value in row.items():
                     if value:
                         points[key].append(Metric(key, float(value), stamp, step))
-    except (TypeError, ValueError) as error:  # a UnicodeDecodeError is a ValueError
+    except (TypeError, ValueError, OverflowError, csv.Error) as error:  # a UnicodeDecodeError is a ValueError
         what = "not UTF-8 text" if isinstance(error, UnicodeError) else "not a number where one belongs"
+        if isinstance(error, csv.Error):  # raised while the next line is read
+            what, line = f"not a CSV line ({error})", reader.line_num + 1
         raise UserError(f"{run_dir / runs.METRICS}, line {line}: {what}; restore it") from None
     return points
 
@@ -157,11 +164,8 @@ def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], 
     for start in range(0, len(missing), BATCH):
         client.log_batch(run_id, metrics=missing[start : start + BATCH])
 
-    stored = {a.path: a.file_size for a in client.list_artifacts(run_id)}
     figures = sorted(path.name for path in run_dir.glob("*.png"))  # the curves and the task's own figures
-    for path in (run_dir / name for name in dict.fromkeys([*FILES, *figures])):
-        if path.is_file() and stored.get(path.name) != path.stat().st_size:
-            client.log_artifact(run_id, str(path))
+    send_files(client, run, [run_dir / name for name in dict.fromkeys([*FILES, *figures])])
 
     problem = model_uri = None
     checkpoint = tested_checkpoint(run_dir, manifest)
@@ -176,6 +180,23 @@ def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], 
     if client.get_run(run_id).info.status != status:
         client.set_terminated(run_id, status, milliseconds(manifest.get("end_time")) or now)
     return run_id, problem, model_uri
+
+
+def send_files(client: Any, run: Any, paths: list[Path]) -> None:
+    """Each file the MLflow run lacks or holds other bytes of (a resumed run rewrites config.yaml at the same size);
+    the tag FILES_TAG keeps what was sent. A link is no file of a run: what it points to is never sent."""
+    try:
+        sent = {str(k): str(v) for k, v in json.loads(run.data.tags.get(FILES_TAG) or "{}").items()}
+    except (ValueError, TypeError, AttributeError):  # a tag edited by hand: send everything again
+        sent = {}
+    now = dict(sent)
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            now[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            if sent.get(path.name) != now[path.name]:
+                client.log_artifact(run.info.run_id, str(path))
+    if now != sent:
+        client.set_tag(run.info.run_id, FILES_TAG, json.dumps(now, sort_keys=True))
 
 
 def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags: dict[str, str]) -> tuple[Any, bool]:

@@ -339,6 +339,28 @@ def test_other_ranks_create_and_write_nothing(tmp_path, monkeypatch):
     assert not exp_dir.exists()
 
 
+def test_a_stopped_or_failed_run_says_what_its_trackers_did_not_get(tmp_path, capsys):
+    """A finished run's summary names the sync command when MLflow did not take its records; a run stopped by a
+    signal or failed, which prints no summary, says it too."""
+    import signal
+
+    from project.infra import records
+    from project.infra.errors import Interrupted
+
+    for error in (Interrupted(signal.SIGTERM), RuntimeError("boom")):
+        args = parse_args(["--exp-dir", str(tmp_path / "experiments"), "--logger", "csv"])
+        run = records.open_run(args, config_of(args), records.Trackers([]), None, Classification)
+        run.start()  # what the Trainer's setup does
+        run.trackers.close = lambda *_: [
+            "MLflow still does not answer; to complete its record: python -m project.sync X"
+        ]
+        with pytest.raises(type(error)), run:
+            raise error
+        assert capsys.readouterr().err == (
+            "warning: MLflow still does not answer; to complete its record: python -m project.sync X\n"
+        )
+
+
 # Secrets inside values: each form hides the planted value X, wherever it is written or printed.
 SECRET_FORMS = [
     "host=db user=bob password={}", "token: {}", "api_key = {}", "password='{}' port=5432",

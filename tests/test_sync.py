@@ -189,6 +189,10 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
         (run / "manifest.json").write_text(json.dumps({**manifest, key: value}))
     not_a_number = fake_run(tmp_path, "20260101-000000-nan00000")
     (not_a_number / "metrics.csv").write_text("step,epoch,timestamp,val/loss\n0,0,1700000000000,oops\n")
+    infinite_step = fake_run(tmp_path, "20260101-000000-inf00000")
+    (infinite_step / "metrics.csv").write_text("step,epoch,timestamp,val/loss\ninf,0,1700000000000,0.5\n")
+    huge_field = fake_run(tmp_path, "20260101-000000-huge0000")
+    (huge_field / "metrics.csv").write_text("step,epoch,timestamp,val/loss\n0,0,1700000000000,0.5" + "0" * 140_000)
     not_utf8 = fake_run(tmp_path, "20260101-000000-latin100")
     (not_utf8 / "metrics.csv").write_bytes(b"\xff\xfe,\x00\n1,2\n")
     configs = {"a list": "- max_epochs: 3\n", "malformed": "max_epochs: [3\n", "with an alias": "a: &x 1\nb: *x\n"}
@@ -216,6 +220,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
         },  # fmt: skip
         "a metric that is not a number": ([not_a_number], "metrics.csv, line 2: not a number"),
         "metrics that are not UTF-8": ([not_utf8], "metrics.csv, line 1: not UTF-8 text; restore it"),
+        "an infinite step": ([infinite_step], "metrics.csv, line 2: not a number where one belongs"),
+        "a field over the csv module's limit": ([huge_field], "metrics.csv, line 2: not a CSV line (field larger"),
         **{f"config.yaml {what}": ([run], f"{run / 'config.yaml'}: ") for what, run in bad_configs.items()},
     }
     for what, (dirs, message) in cases.items():
@@ -302,6 +308,47 @@ def test_a_run_whose_process_died_ends_failed_in_its_own_local_store(tmp_path, m
     assert held["status"] == "FAILED" and held["metrics"] == csv_histories(run_dir / "metrics.csv")
     assert held["tags"]["project_run_id"] == run_dir.name and held["params"] == {"lr": "0.1"}
     assert sync.main([str(run_dir)]) == 0 and snapshot(client, run.info.run_id) == held
+
+
+def test_a_file_changed_at_the_same_size_is_sent_again_and_a_link_never(tmp_path, monkeypatch, capsys):
+    """A resumed run rewrites config.yaml (max_epochs: 2 -> 3) at the same size; a link in a run directory (one
+    received from someone else) would send what it points to."""
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+    (tmp_path / "private_key").write_text("-----BEGIN KEY-----")
+    (run_dir / "test_report.txt").symlink_to(tmp_path / "private_key")
+    assert sync.main([str(run_dir)]) == 0
+    (run_dir / "config.yaml").write_text("lr: 0.2\n")
+    assert sync.main([str(run_dir)]) == 0
+    client = mlflow.MlflowClient(local_store(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    stored = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "download")))
+    assert (stored / "config.yaml").read_text() == "lr: 0.2\n" and not (stored / "test_report.txt").exists()
+    held = snapshot(client, run.info.run_id, tmp_path / "mlflow-artifacts")
+    assert sync.main([str(run_dir)]) == 0 and snapshot(client, run.info.run_id, tmp_path / "mlflow-artifacts") == held
+
+
+def test_a_run_synced_whole_stays_when_its_manifest_cannot_be_rewritten(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sync, "record", full_disk)
+    assert sync.main([str(run_dir)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    client = mlflow.MlflowClient(local_store(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
 
 
 def test_a_store_that_refuses_the_files_leaves_no_running_run(tmp_path, monkeypatch, capsys):

@@ -330,6 +330,15 @@ def test_a_copied_run_resumes_into_records_of_its_own_and_keeps_its_tracker_link
     assert f"warning: MLflow run {copy_id} has this run only in part; python -m project.sync {copy}" in again.stdout
     assert file_digests(original) == files
 
+    # The original renamed, then resumed: the same MLflow run goes on (the manifest's run id names it, not the folder).
+    renamed = original.rename(original.parent / "renamed-1")
+    moved = run_cli("--resume", str(renamed / "checkpoints" / "last.ckpt"), "--max-epochs", "2", *TINY)
+    assert moved.returncode == 0 and "warning" not in moved.stderr, moved.stderr
+    assert json.loads((renamed / "manifest.json").read_text())["trackers"]["mlflow"]["run_id"] == original_id
+    assert len(history(client, original_id, "val/loss")) == 2
+    experiment = client.get_experiment_by_name("a").experiment_id
+    assert [run.info.run_id for run in client.search_runs([experiment])] == [original_id]
+
 
 # --- MLflow through Trackers, as records.py drives it, in this process ---------------------------------------------
 
@@ -372,7 +381,7 @@ def open_trackers(exp_dir: Path, name: str, previous: dict | None = None):
     directory = exp_dir / "exp" / name
     directory.mkdir(parents=True, exist_ok=True)
     trackers = Trackers(["mlflow"])
-    trackers.open(directory, mlflow_args(exp_dir), {"mlflow": previous} if previous else {}, TAGS)
+    trackers.open(directory, mlflow_args(exp_dir), {"trackers": {"mlflow": previous}} if previous else {}, TAGS)
     return trackers
 
 

@@ -150,7 +150,7 @@ class Run(pl.Callback):
             if self.zero:
                 self.lock.acquire()
             tags = self.tags(tracker=True) if self.zero else {}
-            self.trackers.open(self.directory, self.args, self.previous.get("trackers", {}), tags)
+            self.trackers.open(self.directory, self.args, self.previous, tags)
         except BaseException:
             self.abandon()
             raise
@@ -264,10 +264,11 @@ class Run(pl.Callback):
         )
         if not self.started:
             self.abandon()  # nothing was written: leave the run (or no trace of a new one) as it was
-        elif stopped or type(error).__name__ == "TrialPruned":  # a sweep stopped a hopeless trial (no Optuna import)
-            self.close("interrupted" if stopped else "pruned")
-        else:
-            self.close(f"failed: {type(error).__name__}")
+        else:  # a stopped or failed run says what its trackers did not get, as a finished one's summary does
+            pruned = type(error).__name__ == "TrialPruned"  # a sweep stopped a hopeless trial (no Optuna import)
+            status = "interrupted" if stopped else "pruned" if pruned else f"failed: {type(error).__name__}"
+            for problem in self.close(status):
+                print(redact_text(f"warning: {problem}"), file=sys.stderr, flush=True)
 
     def tracker_runs(self) -> dict[str, Any]:
         """Each tracker's run of this run directory: this session's, and those of earlier sessions that logged to

@@ -137,10 +137,11 @@ class Trackers:
         self, directory: Path, args: argparse.Namespace, previous: Mapping[str, Any], tags: dict[str, str]
     ) -> None:
         """Start (or, resuming, reopen) the tracker runs; a server that cannot be used is an error now, not later.
-        `previous`: the trackers' ids of the run being resumed (its manifest.json)."""
+        `previous`: the manifest.json of the run being resumed (its id, and its trackers' ids), or {}."""
         self.loggers, self.directory = [csv_logger(directory / runs.METRICS)], directory
+        run_id, previous = previous.get("run_id") or directory.name, previous.get("trackers", {})  # a renamed run's own
         if "mlflow" in self.names:  # first: it may refuse, and W&B, which writes files, comes last
-            self.mlflow = MLflowRun(directory, args, previous.get("mlflow"), tags)
+            self.mlflow = MLflowRun(directory, args, previous.get("mlflow"), tags, run_id)
             self.loggers.append(self.mlflow.logger)
         if "tensorboard" in self.names:
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -223,7 +224,9 @@ class MLflowRun:
     waits for the store), project.sync the model, and at the end the files, the status and what the store missed. The
     first call that fails stops live tracking (one warning, no waiting on a dead server); the end tries again."""
 
-    def __init__(self, directory: Path, args: argparse.Namespace, previous: Mapping | None, tags: dict) -> None:
+    def __init__(
+        self, directory: Path, args: argparse.Namespace, previous: Mapping | None, tags: dict, run_id: str
+    ) -> None:
         from project.sync import TAG, find
 
         logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)  # "Creating" the experiment
@@ -245,8 +248,8 @@ class MLflowRun:
         # Lightning's logger calls, exports its URI to the environment: a next run in this process would take it.
         try:
             with store_lock(self.uri), keep_environment("MLFLOW_TRACKING_URI"):
-                seen = {"run_id": directory.name, "experiment": args.exp_name, "trackers": {"mlflow": previous or {}}}
-                run, self.reopened = find(self.client, self.uri, directory, seen, {**tags, TAG: directory.name})
+                seen = {"run_id": run_id, "experiment": args.exp_name, "trackers": {"mlflow": previous or {}}}
+                run, self.reopened = find(self.client, self.uri, directory, seen, {**tags, TAG: run_id})
                 self.experiment_id, self.run_id = run.info.experiment_id, run.info.run_id
                 self.logger = mlflow_logger(self, tracking_uri=self.uri, run_id=self.run_id, synchronous=False)
                 _ = self.logger.experiment  # now, inside keep_environment
