@@ -110,14 +110,24 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / runs.MANIFEST).is_file() or not (run_dir / runs.CONFIG).is_file():
         raise UserError(f"{run_dir} is not a run directory (no {runs.MANIFEST} and {runs.CONFIG})")
     try:
-        load_config(run_dir / runs.CONFIG)
+        check_names(load_config(run_dir / runs.CONFIG) or {})
     except ValueError as error:
         raise UserError(f"{run_dir / runs.CONFIG}: {error}; restore it") from None
     return read_manifest(run_dir)
 
 
+def check_names(names: Any) -> None:
+    """Names MLflow takes for a parameter or a metric, checked before any run is changed (MLflow checks each call)."""
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, validate_param_and_metric_name
+
+    for name in map(str, names):
+        if not validate_param_and_metric_name(name) or path_not_unique(name) or len(name) > MAX_ENTITY_KEY_LENGTH:
+            raise ValueError(f"{name[:80]!r} is not a name MLflow takes (letters, digits, _ - . / : and spaces)")
+
+
 def metric_points(run_dir: Path) -> dict[str, list]:
-    """metrics.csv's points by metric: (value, time, step); a value that is not a number is one line."""
+    """metrics.csv's points by metric: (value, time, step); a value that is not a number, or a name MLflow refuses,
+    is one line."""
     from mlflow.entities import Metric
 
     points, now, line = collections.defaultdict(list), int(time.time() * 1000), 1
@@ -126,8 +136,11 @@ def metric_points(run_dir: Path) -> dict[str, list]:
     try:
         with open(run_dir / runs.METRICS, newline="") as file:
             reader = csv.DictReader(file)
+            names = [name for name in reader.fieldnames or [] if name not in ("step", "timestamp")]
             for line, row in enumerate(reader, start=2):  # noqa: B007 (the error names it)
                 stamp, step = int(float(row.pop("timestamp", "") or now)), int(float(row.pop("step", "") or 0))
+                if max(abs(stamp), abs(step)) >= 2**63:  # what a store keeps as an integer
+                    raise OverflowError
                 for key, value in row.items():
                     if value:
                         points[key].append(Metric(key, float(value), stamp, step))
@@ -136,6 +149,10 @@ def metric_points(run_dir: Path) -> dict[str, list]:
         if isinstance(error, csv.Error):  # raised while the next line is read
             what, line = f"not a CSV line ({error})", reader.line_num + 1
         raise UserError(f"{run_dir / runs.METRICS}, line {line}: {what}; restore it") from None
+    try:
+        check_names(names)
+    except ValueError as error:
+        raise UserError(f"{run_dir / runs.METRICS}, line 1: {error}; restore it") from None
     return points
 
 

@@ -182,6 +182,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
     (a_list / "manifest.json").write_text("[]")
     (no_id / "manifest.json").write_text('{"run_id": "x\' OR 1=1"}')
     odd = [("experiment", 5), ("trackers", {"mlflow": "abc"}), ("test", {"checkpoint": 5}), ("resumed", 5),
+           ("exit_status", ["x"]),
            ("trackers", {"mlflow": {"run_id": 5}}), ("trackers", []), ("resumed", [1]), ("run_id", None)]  # fmt: skip
     odd_runs = [fake_run(tmp_path, f"20260101-000000-odd{i}") for i in range(len(odd))]
     for (key, value), run in zip(odd, odd_runs, strict=True):
@@ -189,6 +190,12 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
         (run / "manifest.json").write_text(json.dumps({**manifest, key: value}))
     not_a_number = fake_run(tmp_path, "20260101-000000-nan00000")
     (not_a_number / "metrics.csv").write_text("step,epoch,timestamp,val/loss\n0,0,1700000000000,oops\n")
+    too_far = fake_run(tmp_path, "20260101-000000-far00000")
+    (too_far / "metrics.csv").write_text("step,epoch,timestamp,val/loss\n1e19,0,1700000000000,0.5\n")
+    odd_name = fake_run(tmp_path, "20260101-000000-name0000")
+    (odd_name / "metrics.csv").write_text("step,epoch,timestamp,lr!\n0,0,1700000000000,0.5\n")
+    odd_param = fake_run(tmp_path, "20260101-000000-param000")
+    (odd_param / "config.yaml").write_text("bad key!: 1\n")
     infinite_step = fake_run(tmp_path, "20260101-000000-inf00000")
     (infinite_step / "metrics.csv").write_text("step,epoch,timestamp,val/loss\ninf,0,1700000000000,0.5\n")
     huge_field = fake_run(tmp_path, "20260101-000000-huge0000")
@@ -221,6 +228,9 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys
         "a metric that is not a number": ([not_a_number], "metrics.csv, line 2: not a number"),
         "metrics that are not UTF-8": ([not_utf8], "metrics.csv, line 1: not UTF-8 text; restore it"),
         "an infinite step": ([infinite_step], "metrics.csv, line 2: not a number where one belongs"),
+        "a step no store keeps": ([too_far], "metrics.csv, line 2: not a number where one belongs"),
+        "a metric name MLflow refuses": ([odd_name], "metrics.csv, line 1: 'lr!' is not a name MLflow takes"),
+        "a parameter name MLflow refuses": ([odd_param], "config.yaml: 'bad key!' is not a name MLflow takes"),
         "a field over the csv module's limit": ([huge_field], "metrics.csv, line 2: not a CSV line (field larger"),
         **{f"config.yaml {what}": ([run], f"{run / 'config.yaml'}: ") for what, run in bad_configs.items()},
     }

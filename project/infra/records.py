@@ -435,7 +435,8 @@ def is_manifest(found: Any) -> bool:
     if not all(isinstance(part, dict) for part in parts) or not all(isinstance(v, dict) for v in parts[1].values()):
         return False
     mlflow, resumed = parts[1].get("mlflow", {}), found.get("resumed", [])
-    texts = [found.get("experiment"), parts[3].get("checkpoint"), *map(mlflow.get, ("run_id", "tracking_uri"))]
+    texts = [found.get("experiment"), found.get("exit_status"), parts[3].get("checkpoint"),
+             *map(mlflow.get, ("run_id", "tracking_uri"))]  # fmt: skip
     return (
         all(text is None or isinstance(text, str) for text in texts)
         and isinstance(resumed, list)
