@@ -128,6 +128,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except UserError as error:
             parser.error(str(error))
         continued = runs.run_of(checkpoint)
+        folder = checkpoint.parent.parent
+        if continued is None and checkpoint.parent.name == runs.CHECKPOINT_DIR and (folder / runs.MANIFEST).is_file():
+            parser.error(f"{folder}: its {runs.CONFIG} is missing; restore it (a run goes on with its own settings), "
+                         f"or copy {checkpoint.name} out of the run to start a new one from it")  # fmt: skip
         if continued and args.resume and checkpoint.name != runs.LAST:  # it would train over the run's later epochs
             parser.error(
                 f"--resume: {checkpoint.name} is not its run's {runs.LAST}: a run goes on from where it "

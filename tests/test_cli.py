@@ -171,6 +171,44 @@ def test_the_latest_run_is_the_one_continued_even_before_its_first_checkpoint(tm
     )
 
 
+def test_a_run_without_its_config_yaml_is_not_taken_for_a_copy(tmp_path, capsys):
+    """Before: --resume went on from its last.ckpt in a new run, with the default settings."""
+    run = fake_run(tmp_path)
+    (run / "config.yaml").unlink()
+    (run / "manifest.json").write_text('{"run_id": "20260101-000000-abcdef"}')
+    for flags in (
+        ["--resume", str(run / "checkpoints" / "last.ckpt")],
+        ["--only-test", "--exp-dir", str(run.parent.parent)],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+        assert f"{run}: its config.yaml is missing; restore it" in capsys.readouterr().err
+
+
+def test_a_checkpoint_kept_outside_its_run_is_refused_by_the_flags_that_differ(tmp_path):
+    """A copy of a checkpoint has no config.yaml to resume with: what differs is named as the flags to give, and
+    another dataset's checkpoint as data (task, inputs and outputs are no flags)."""
+    import torch
+
+    from project.infra import checkpoints
+    from project.infra.errors import UserError
+
+    trained = {"task": "regression", "model": "mlp", "model_options": {"hidden_dim": 128}, "input_shape": (10,),
+               "output_names": ["target"], "learning_rate": 1e-3}  # fmt: skip
+    torch.save({"hyper_parameters": trained, "state_dict": {}}, tmp_path / "copy.ckpt")
+    now = {**trained, "model_options": {"hidden_dim": 64}, "learning_rate": 0.01}
+    with pytest.raises(UserError) as refused:
+        checkpoints.check_resumable(tmp_path / "copy.ckpt", now, 20)
+    assert "was trained with --hidden-dim 128 (now 64), --learning-rate 0.001 (now 0.01);" in str(refused.value)
+    digits = {**trained, "task": "classification", "input_shape": (1, 8, 8), "output_names": list("0123456789")}
+    with pytest.raises(UserError) as refused:
+        checkpoints.check_resumable(tmp_path / "copy.ckpt", digits, 20)
+    assert "trained with data of task regression, inputs [10] and 1 outputs (now classification, [1, 8, 8], 10:" in (
+        str(refused.value)
+    )
+    assert "--task" not in str(refused.value) and "--dataset" in str(refused.value)
+
+
 def test_what_may_change_is_a_subset_of_the_options():
     options = set(config_of(parse_args([])))
     assert options >= MAY_CHANGE_ON_RESUME and options >= FIXED_ON_TEST

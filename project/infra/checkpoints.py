@@ -157,8 +157,18 @@ def check_resumable(path: Path, hparams: dict[str, Any], max_epochs: int) -> Non
     def plain(value: Any) -> Any:
         return list(value) if isinstance(value, tuple) else value
 
-    differing = [f"--{key.replace('_', '-')} {trained[key]} (now {hparams[key]})" for key in RESUME_MUST_MATCH
-                 if key in trained and key in hparams and plain(trained[key]) != plain(hparams[key])]  # fmt: skip
+    keys = [key for key in RESUME_MUST_MATCH
+            if key in trained and key in hparams and plain(trained[key]) != plain(hparams[key])]  # fmt: skip
+    pairs = {key: (trained[key], hparams[key]) for key in ("model", "learning_rate") if key in keys}
+    if "model_options" in keys:  # a backbone's options are flags of their own
+        old, now = ({**h["model_options"]} if isinstance(h["model_options"], dict) else {} for h in (trained, hparams))
+        pairs |= {k: (old.get(k), now.get(k)) for k in old.keys() | now.keys() if old.get(k) != now.get(k)}
+    differing = [f"--{key.replace('_', '-')} {was} (now {now})" for key, (was, now) in sorted(pairs.items())]
+    if {"task", "input_shape", "output_names"} & set(keys):  # no flag: the data (--dataset, --data-dir) differ
+        differing.append(f"data of task {trained.get('task')}, inputs {plain(trained.get('input_shape'))} and "
+                         f"{len(trained.get('output_names') or [])} outputs (now {hparams.get('task')}, "
+                         f"{plain(hparams.get('input_shape'))}, {len(hparams.get('output_names') or [])}: another "
+                         "--dataset or --data-dir)")  # fmt: skip
     if differing:
         raise UserError(f"--resume: {path} was trained with {', '.join(differing)}; resume with the run's own settings")
     # Lightning's loop state counts the epochs whose training finished; older files lack it.
