@@ -19,9 +19,10 @@ Faults (epochs and batches count from 0; N counts writes of last.ckpt from 1):
     none                         no fault: the CLI as is, with the setting below
 
 Environment: FAULT_RANK=R injects the fault in global rank R only (Lightning's DDP launcher and torchrun run this
-driver in every process). FAULT_CIFAR10_MD5=FILE names a JSON {file name: MD5} (the one tests/conftest.py's
-write_cifar10_like writes): torchvision's CIFAR10 then takes those checksums for the official ones, by
-its public class attributes train_list, test_list and meta, so tiny test files pass its checks.
+driver in every process). FAULT_SLOW_RECORDS=S makes rank 0 close its run's records S seconds later.
+FAULT_CIFAR10_MD5=FILE names a JSON {file name: MD5} (the one tests/conftest.py's write_cifar10_like writes):
+torchvision's CIFAR10 then takes those checksums for the official ones, by its public class attributes train_list,
+test_list and meta, so tiny test files pass its checks.
 
 A fault is injected by patching a method in this process only; project code has no test hooks.
 """
@@ -34,6 +35,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,16 @@ def main() -> int:
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK", "0")
     if os.environ.get("FAULT_RANK", rank) != rank:
         fault = "none"
+    if rank == "0" and os.environ.get("FAULT_SLOW_RECORDS"):  # rank 0 ends its records that many seconds later
+        from project.infra import records
+
+        close, seconds = records.Run.close, float(os.environ["FAULT_SLOW_RECORDS"])
+
+        def slow_close(self, *args, **kwargs):
+            time.sleep(seconds)
+            return close(self, *args, **kwargs)
+
+        records.Run.close = slow_close
     if os.environ.get(CIFAR10_MD5_ENV):
         import torchvision
 

@@ -360,6 +360,29 @@ def test_a_signal_to_one_rank_at_an_epochs_end_stops_every_rank_as_one(exp_dir, 
 
 
 @pytest.mark.slow
+def test_ranks_stopped_together_wait_for_rank_zeros_records(exp_dir) -> None:
+    """Lightning's launcher SIGKILLs rank 0 (its observer looks every 5 s) when another process has exited with a
+    non-zero code: rank 1, stopped by the signal, left at once, and rank 0, still writing its records (an MLflow
+    server's end of run takes seconds), died with manifest.json saying "running"."""
+    ddp = (
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--max-epochs",
+        "2",
+        "--exp-dir",
+        str(exp_dir),
+    )
+    stopped = run_cli("signal-train", "SIGTERM", "0", "5", "--", *DIGITS, *ddp, module="tests.fault_driver",
+                      env=cli_env(FAULT_RANK="1", FAULT_SLOW_RECORDS="7"), timeout=120)  # fmt: skip
+    assert stopped.returncode == 143 and "resume with: " in stopped.stderr, stopped.stderr[-2000:]
+    assert json.loads((only_run_dir(exp_dir) / "manifest.json").read_text())["exit_status"] == "interrupted"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["0", "1"])
 def test_a_rank_killed_mid_epoch_stops_the_other_with_one_line_and_the_run_resumes(exp_dir, victim) -> None:
     """Before: the survivor printed gloo's 100-line traceback."""

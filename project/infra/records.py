@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -269,6 +270,11 @@ class Run(pl.Callback):
             status = "interrupted" if stopped else "pruned" if pruned else f"failed: {type(error).__name__}"
             for problem in self.close(status):
                 print(redact_text(f"warning: {problem}"), file=sys.stderr, flush=True)
+        if isinstance(error, RunStopped) and error.exit_code > 128 and torch.distributed.is_initialized():
+            # Stopped together (callbacks.GracefulStop): each process leaves once rank 0's records are written, as
+            # Lightning's launcher kills rank 0 when another of its processes has exited first with a non-zero code.
+            with contextlib.suppress(Exception):  # one that died meanwhile: the others leave on their own
+                torch.distributed.barrier()
 
     def tracker_runs(self) -> dict[str, Any]:
         """Each tracker's run of this run directory: this session's, and those of earlier sessions that logged to
