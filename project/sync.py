@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from project.infra import cli, runs, tracking
-from project.infra.errors import UserError, exit_process, run_command
+from project.infra.errors import Interrupted, RunStopped, UserError, exit_process, run_command
 from project.infra.redact import redact_path, redact_text
 
 TAG = "project_run_id"  # names the run directory in any store
@@ -75,6 +76,9 @@ def sync(run_dirs: list[Path]) -> None:
                 run_id, problem, model_uri = sync_run(client, uri, run_dir.resolve(), manifest, run.info.run_id)
                 made = False  # MLflow holds the whole run now: a manifest that cannot be rewritten leaves it there
                 record(client, uri, run_dir, manifest, run_id, problem, model_uri)
+            except Interrupted as stop:  # SIGTERM, Ctrl-C: what MLflow holds is kept, and found again next time
+                raise RunStopped(f"stopped by {signal.Signals(stop.signum).name}: {run_dir} is in MLflow in part; "
+                                 "the same command sends the rest", 128 + stop.signum) from None  # fmt: skip
             except Exception as error:  # a server gone mid-way (--debug: the traceback)
                 later = "; the same command sends the rest once MLflow answers" if tracking.unreachable(error) else ""
                 if made:  # not a RUNNING run for good: the one this command made is deleted (MLflow can restore it)

@@ -361,6 +361,28 @@ def test_a_run_synced_whole_stays_when_its_manifest_cannot_be_rewritten(tmp_path
     assert run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
 
 
+def test_a_sync_stopped_by_a_signal_says_the_same_command_sends_the_rest(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from project.infra.errors import Interrupted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+
+    def stopped(*args):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(sync, "sync_run", stopped)
+    assert sync.main([str(run_dir)]) == 143
+    assert (
+        capsys.readouterr().err
+        == f"stopped by SIGTERM: {run_dir} is in MLflow in part; the same command sends the rest\n"
+    )
+    monkeypatch.undo()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert sync.main([str(run_dir)]) == 0  # and it does
+
+
 def test_a_store_that_refuses_the_files_leaves_no_running_run(tmp_path, monkeypatch, capsys):
     import mlflow
 
