@@ -170,9 +170,17 @@ def sync_run(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], 
     run = client.get_run(run_id)
     held = run.data
     tags = [RunTag(k, v) for k, v in run_tags(manifest, run_dir).items() if held.tags.get(k) != v]
-    config = load_config(run_dir / runs.CONFIG) if (run_dir / runs.CONFIG).is_file() else {}
+    config = (load_config(run_dir / runs.CONFIG) if (run_dir / runs.CONFIG).is_file() else {}) or {}
+    # As a live run logs them: the first session's values as parameters, what a resumed run went on with as tags.
+    sessions, first = manifest.get("resumed", []), dict(config)
+    for session in reversed(sessions):
+        changed = session.get("changed") if isinstance(session.get("changed"), dict) else {}
+        first |= {key: change[0] for key, change in changed.items() if isinstance(change, list) and len(change) == 2}
     who = {key: manifest[key] for key in ("user", "command") if manifest.get(key) is not None}
-    log_params(client, run_id, {**(config or {}), **who}, held.params, tags)
+    log_params(client, run_id, {**first, **who}, held.params, tags)
+    if sessions:
+        last = {key: sessions[-1][key] for key in ("user", "command") if sessions[-1].get(key) is not None}
+        log_params(client, run_id, {**config, **last}, client.get_run(run_id).data.params, [])
 
     wanted, now = metric_points(run_dir), int(time.time() * 1000)
     missing = []

@@ -361,6 +361,31 @@ def test_a_run_synced_whole_stays_when_its_manifest_cannot_be_rewritten(tmp_path
     assert run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
 
 
+def test_a_resumed_run_synced_has_the_parameters_and_tags_a_live_one_has(tmp_path, monkeypatch):
+    """A live run logs its first session's values as parameters (MLflow keeps a parameter as first logged) and what a
+    resumed session went on with as `resumed.<key>` tags."""
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+    (run_dir / "config.yaml").write_text("lr: 0.1\nmax_epochs: 9\n")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    sessions = [
+        {"command": "run --resume --max-epochs 6", "user": "ann", "changed": {"max_epochs": [3, 6]}},
+        {"command": "run --resume --max-epochs 9", "user": "ann", "changed": {"max_epochs": [6, 9]}},
+    ]
+    manifest |= {"command": "run --max-epochs 3", "user": "ann", "resumed": sessions}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert sync.main([str(run_dir)]) == 0
+    client = mlflow.MlflowClient(local_store(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.data.params == {"lr": "0.1", "max_epochs": "3", "command": "run --max-epochs 3", "user": "ann"}
+    resumed = {k: v for k, v in run.data.tags.items() if k.startswith("resumed.")}
+    assert resumed == {"resumed.max_epochs": "9", "resumed.command": "run --resume --max-epochs 9"}
+
+
 def test_a_sync_stopped_by_a_signal_says_the_same_command_sends_the_rest(tmp_path, monkeypatch, capsys):
     import signal
 
