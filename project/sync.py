@@ -235,6 +235,9 @@ def find(client: Any, uri: str, run_dir: Path, manifest: Mapping[str, Any], tags
 
     name = manifest.get("experiment") or run_dir.parent.name
     experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage != "active":
+        raise UserError(f"MLflow's experiment {name} is deleted: restore it (mlflow experiments restore "
+                        f"--experiment-id {experiment.experiment_id}), or remove it for good (mlflow gc)")  # fmt: skip
     if experiment is not None:
         found = client.search_runs([experiment.experiment_id], f"tags.{TAG} = '{manifest['run_id']}'")
         found = [run for run in found if not copied_from(run, run_dir)]

@@ -155,12 +155,22 @@ def test_a_run_goes_on_from_its_last_checkpoint_and_is_tested_on_the_one_it_test
 
 def test_the_latest_run_is_the_one_continued_even_before_its_first_checkpoint(tmp_path, capsys):
     """A newer run killed before its first checkpoint is not skipped for an older, finished one (SLURM's requeue
-    with --resume would otherwise train on in the older run); a folder that is no run (the sweep's report) is."""
+    with --resume would otherwise train on in the older run); a folder that is no run (the sweep's report), a
+    test-only run and a finished --fast-dev-run, which keep no checkpoint, are."""
+    import json
+
     older = fake_run(tmp_path)
-    newer = older.parent / "20260102-000000-abcdef"
+    for name, mode in (("20260102-000000-tested", "test"), ("20260103-000000-smoked", "train")):  # keep none
+        (older.parent / name).mkdir()
+        (older.parent / name / "manifest.json").write_text(json.dumps({"mode": mode, "exit_status": "finished"}))
+    (older.parent / "sweep").mkdir()
+    assert parse_args(["--resume", "--exp-dir", str(tmp_path / "experiments")]).resume == str(
+        older / "checkpoints" / "last.ckpt"
+    )
+    newer = older.parent / "20260104-000000-abcdef"
     (newer / "checkpoints").mkdir(parents=True)
     (newer / "config.yaml").write_text((older / "config.yaml").read_text())
-    (older.parent / "sweep").mkdir()
+    (newer / "manifest.json").write_text(json.dumps({"mode": "train", "exit_status": "running"}))  # killed
     for flags in (["--resume"], ["--only-test"], ["--only-test", "--checkpoint", "last"]):
         with pytest.raises(SystemExit):
             parse_args([*flags, "--exp-dir", str(tmp_path / "experiments")])

@@ -27,6 +27,7 @@ from project.infra import callbacks, checkpoints
 from project.infra.errors import UserError
 
 DIGITS = ("--model", "mlp", "--hidden-dim", "32", "--batch-size", "64", "--logger", "none")
+TWO_PROCESSES = ("--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--max-epochs", "2")
 
 
 def write_hostile_checkpoint(path: Path, marker: Path) -> None:
@@ -337,18 +338,7 @@ def test_a_launch_that_cannot_start_is_one_line_before_anything_is_written(tmp_p
                          ids=["last-step", "validation"])  # fmt: skip
 def test_a_signal_to_one_rank_at_an_epochs_end_stops_every_rank_as_one(exp_dir, fault) -> None:
     """Before: the rank that got it stopped alone, and rank 0 trained on, then failed ("another process ... ended")."""
-    ddp = (
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
-        "--max-epochs",
-        "2",
-        "--exp-dir",
-        str(exp_dir),
-    )
+    ddp = (*TWO_PROCESSES, "--exp-dir", str(exp_dir))
     stopped = run_cli(*fault, "--", *DIGITS, *ddp, module="tests.fault_driver", env=cli_env(FAULT_RANK="1"),
                       timeout=120)  # fmt: skip
     code = 128 + signal.Signals[fault[1]]
@@ -364,18 +354,7 @@ def test_ranks_stopped_together_wait_for_rank_zeros_records(exp_dir) -> None:
     """Lightning's launcher SIGKILLs rank 0 (its observer looks every 5 s) when another process has exited with a
     non-zero code: rank 1, stopped by the signal, left at once, and rank 0, still writing its records (an MLflow
     server's end of run takes seconds), died with manifest.json saying "running"."""
-    ddp = (
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
-        "--max-epochs",
-        "2",
-        "--exp-dir",
-        str(exp_dir),
-    )
+    ddp = (*TWO_PROCESSES, "--exp-dir", str(exp_dir))
     stopped = run_cli("signal-train", "SIGTERM", "0", "5", "--", *DIGITS, *ddp, module="tests.fault_driver",
                       env=cli_env(FAULT_RANK="1", FAULT_SLOW_RECORDS="7"), timeout=120)  # fmt: skip
     assert stopped.returncode == 143 and "resume with: " in stopped.stderr, stopped.stderr[-2000:]
@@ -386,8 +365,7 @@ def test_ranks_stopped_together_wait_for_rank_zeros_records(exp_dir) -> None:
 @pytest.mark.parametrize("victim", ["0", "1"])
 def test_a_rank_killed_mid_epoch_stops_the_other_with_one_line_and_the_run_resumes(exp_dir, victim) -> None:
     """Before: the survivor printed gloo's 100-line traceback."""
-    ddp = ("--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--max-epochs", "2",
-           "--checkpoint-every-n-steps", "2", "--exp-dir", str(exp_dir))  # fmt: skip
+    ddp = (*TWO_PROCESSES, "--checkpoint-every-n-steps", "2", "--exp-dir", str(exp_dir))
     killed = run_cli("kill-train", "1", "5", "--", *DIGITS, *ddp, module="tests.fault_driver",
                      env=cli_env(FAULT_RANK=victim), timeout=120)  # fmt: skip
     assert killed.returncode == (-signal.SIGKILL if victim == "0" else 1), killed.stderr[-2000:]

@@ -408,6 +408,26 @@ def test_a_sync_stopped_by_a_signal_says_the_same_command_sends_the_rest(tmp_pat
     assert sync.main([str(run_dir)]) == 0  # and it does
 
 
+def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from project.infra.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = fake_run(tmp_path)
+    assert sync.main([str(run_dir)]) == 0
+    client = mlflow.MlflowClient(local_store(tmp_path))
+    experiment = client.get_experiment_by_name("exp").experiment_id
+    client.delete_experiment(experiment)
+    capsys.readouterr()
+    assert sync.main([str(run_dir)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        f"MLflow's experiment exp is deleted: restore it (mlflow experiments restore --experiment-id {experiment})"
+        in line
+    )
+
+
 def test_a_store_that_refuses_the_files_leaves_no_running_run(tmp_path, monkeypatch, capsys):
     import mlflow
 

@@ -82,12 +82,25 @@ def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:
 
 
 def latest_run(experiment: Path) -> Path | None:
-    """The newest run directory (by name: they start with a timestamp), with a checkpoint or not: an older run is
-    never continued for a newer one that died before its first checkpoint."""
+    """The newest run directory (by name: they start with a timestamp) that holds a checkpoint, or that trained and did
+    not finish: an older run is never continued for a newer one killed before its first checkpoint. A test-only run
+    and a finished smoke test (--fast-dev-run) keep no checkpoint, and are passed over."""
     if not experiment.is_dir():
         return None
+
+    def trained_or_training(run: Path) -> bool:
+        if any((run / CHECKPOINT_DIR).glob("*.ckpt")):
+            return True
+        try:
+            manifest = json.loads((run / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return (run / CONFIG).is_file()  # killed as its records were first written
+        return (
+            isinstance(manifest, dict) and manifest.get("mode") != "test" and manifest.get("exit_status") != "finished"
+        )
+
     runs = sorted((p for p in experiment.iterdir() if p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
-    return next((run for run in reversed(runs) if (run / MANIFEST).is_file() or (run / CONFIG).is_file()), None)
+    return next((run for run in reversed(runs) if trained_or_training(run)), None)
 
 
 def best_checkpoint(run: Path) -> Path | None:
@@ -118,8 +131,8 @@ def find_checkpoint(spec: str, exp_dir: str | Path, exp_name: str, flag: str) ->
     path = best_checkpoint(run) if spec == "best" else run / CHECKPOINT_DIR / LAST
     if path is None or not path.is_file():
         raise UserError(
-            f"{flag} {spec}: {run / CHECKPOINT_DIR} has no {spec} checkpoint (the latest run of "
-            f"--exp-name {exp_name} ended before it saved one): train again, or pass {flag} PATH"
+            f"{flag} {spec}: {run / CHECKPOINT_DIR} has no {spec} checkpoint (the latest run of --exp-name "
+            f"{exp_name} stopped, or is still running, before it saved one): train again, or pass {flag} PATH"
         )
     return path
 
