@@ -263,18 +263,20 @@ class Run(pl.Callback):
         stopped = isinstance(error, (Interrupted, KeyboardInterrupt)) or (
             isinstance(error, RunStopped) and error.exit_code > 128
         )
-        if not self.started:
-            self.abandon()  # nothing was written: leave the run (or no trace of a new one) as it was
-        else:  # a stopped or failed run says what its trackers did not get, as a finished one's summary does
-            pruned = type(error).__name__ == "TrialPruned"  # a sweep stopped a hopeless trial (no Optuna import)
-            status = "interrupted" if stopped else "pruned" if pruned else f"failed: {type(error).__name__}"
-            for problem in self.close(status):
-                print(redact_text(f"warning: {problem}"), file=sys.stderr, flush=True)
-        if isinstance(error, RunStopped) and error.exit_code > 128 and torch.distributed.is_initialized():
-            # Stopped together (callbacks.GracefulStop): each process leaves once rank 0's records are written, as
-            # Lightning's launcher kills rank 0 when another of its processes has exited first with a non-zero code.
-            with contextlib.suppress(Exception):  # one that died meanwhile: the others leave on their own
-                torch.distributed.barrier()
+        try:
+            if not self.started:
+                self.abandon()  # nothing was written: leave the run (or no trace of a new one) as it was
+            else:  # a stopped or failed run says what its trackers did not get, as a finished one's summary does
+                pruned = type(error).__name__ == "TrialPruned"  # a sweep stopped a hopeless trial (no Optuna import)
+                status = "interrupted" if stopped else "pruned" if pruned else f"failed: {type(error).__name__}"
+                for problem in self.close(status):
+                    print(redact_text(f"warning: {problem}"), file=sys.stderr, flush=True)
+        finally:
+            if isinstance(error, RunStopped) and error.exit_code > 128 and torch.distributed.is_initialized():
+                # Stopped together (callbacks.GracefulStop): each process leaves once rank 0's records are written,
+                # as Lightning's launcher kills rank 0 when another of its processes has exited with a non-zero code.
+                with contextlib.suppress(Exception):  # one that died meanwhile: the others leave on their own
+                    torch.distributed.barrier()
 
     def tracker_runs(self) -> dict[str, Any]:
         """Each tracker's run of this run directory: this session's, and those of earlier sessions that logged to
