@@ -370,14 +370,20 @@ def test_a_bad_image_is_one_line_and_no_interpreter_runs(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("name", ["corrupt.jpg", "truncated.png"])
 def test_an_image_that_fails_in_a_dataloader_worker_is_still_one_line(tmp_path, name):
+    import multiprocessing
+
     from torch.utils.data import DataLoader
 
+    from project.infra.batches import Batches
+
+    before = set(multiprocessing.active_children())
     root = tmp_path / "pets"
     write_image_folder(root)
     BAD_FILES[name][0](root / "cat" / name)
     folder = open_folder(root).folders["all"]
-    message = one_line_error(lambda: list(DataLoader(folder, batch_size=4, num_workers=1)))
+    message = one_line_error(lambda: list(Batches.read(DataLoader(folder, batch_size=4, num_workers=1))))
     assert message.startswith(f"image-folder: cannot read image {root / 'cat' / name} {BAD_FILES[name][2]}")
+    assert set(multiprocessing.active_children()) <= before  # its worker ended with the error, not at a later GC
 
 
 def test_a_class_folder_named_in_bytes_that_are_not_utf8_is_one_line(tmp_path):

@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import signal
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,18 @@ class Batches:
         self.index_lists[:] = [index.tolist() for index in self.plan.batches(epoch, skip)]
         self.generator.manual_seed(self.plan.seed + epoch)  # nothing random runs in workers: augmentation is batched
         cores_beside(self.loader.num_workers)
-        return iter(self.loader)
+        return self.read(self.loader)
+
+    @staticmethod
+    def read(loader: DataLoader) -> Iterator[Any]:
+        """The DataLoader's batches. A worker's error (an unreadable image) comes with frames that hold the loader's
+        iterator in a reference cycle: they are cleared, so that the workers stop when the loader goes (teardown).
+        Freed by a garbage collection instead, the iterator's queues close first and its shutdown waits 5 s a worker."""
+        try:
+            yield from loader
+        except Exception as error:
+            traceback.clear_frames(error.__traceback__)
+            raise
 
     def gather(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int, skip: int) -> Iterator[Split]:
         """The epoch's batches of tensors held in memory, gathered by index where they sit (no workers)."""
