@@ -62,7 +62,9 @@ class Standardize(nn.Module):
         super().__init__()
         shape = (1, -1, *[1] * (len(input_shape) - 1))  # broadcast over the pixels of each channel
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+        std = torch.tensor(std, dtype=torch.float32).view(shape)
+        # A feature constant in the training data (std 0) is divided by 1, as scikit-learn's StandardScaler does.
+        self.register_buffer("std", torch.where(std > 0, std, torch.ones_like(std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

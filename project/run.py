@@ -22,6 +22,7 @@ from project.infra.cli import (
     devices,
     fraction,
     image_size,
+    learning_rate,
     monitor,
     name,
     non_negative_int,
@@ -62,10 +63,10 @@ def build_parser() -> Parser:
     # The original template's options; the README's "Defaults" says why the learning rate and --gpus changed.
     add("--batch-size", type=positive_int, default=128, help="samples per step on each device")
     add("--num-workers", type=non_negative_int, default=min(4, CPUS), help="DataLoader workers (image folders)")
-    add("--learning-rate", type=positive_float, default=1e-3, help="Adam's initial learning rate, cosine decay to 0")
+    add("--learning-rate", type=learning_rate, default=1e-3, help="Adam's initial learning rate, cosine decay to 0")
     add("--only-test", action="store_true", command_only=True, help="test --checkpoint on its run's test split")
     add("--half-precision", action="store_true", help="bf16 mixed precision where supported, else fp16")
-    add("--gpus", type=positive_int, help="shorthand for --accelerator gpu --devices N")
+    add("--gpus", type=non_negative_int, help="shorthand for --accelerator gpu --devices N (0: none, as unset)")
     add("--max-epochs", type=positive_int, default=20, help="epochs to train (with --resume: extend the run to this)")
     add("--exp-name", type=name, default="debug", help="runs of one experiment share this folder")
     add("--exp-dir", type=path, default="~/Experiments", help="where runs, checkpoints and the local MLflow store live")
@@ -101,9 +102,9 @@ def build_parser() -> Parser:
     add("--monitor", type=monitor, default="val/loss", metavar="METRIC",
         help="metric that picks the best checkpoint: val/loss or val/<a metric of the dataset's task> (e.g. val/acc, "
         "val/mae), or train/...")
-    add("--checkpoint", default="best", command_only=True,
+    add("--checkpoint", type=path, default="best", command_only=True,
         help="--only-test: a checkpoint file, or best/last of the latest run of --exp-name")
-    add("--resume", nargs="?", const="last", command_only=True,
+    add("--resume", type=path, nargs="?", const="last", command_only=True,
         help="continue a run to --max-epochs: the latest run's last.ckpt, or a checkpoint path")
     add("--checkpoint-every-n-steps", type=non_negative_int,
         help="also save last.ckpt every N training steps (0: only at each epoch's end, e.g. to resume without)")
@@ -119,9 +120,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     continued = None  # the run whose own configuration --resume or --only-test takes
+    if args.resume and args.only_test:
+        parser.error("--only-test and --resume exclude each other")
+    if args.checkpoint != "best" and not args.only_test:  # not ignored: training on from one is --resume
+        parser.error(f"--checkpoint {args.checkpoint}: a checkpoint to test with --only-test; to train on from one, "
+                     "use --resume")  # fmt: skip
     if args.resume or args.only_test:
-        if args.resume and args.only_test:
-            parser.error("--only-test and --resume exclude each other")
         flag = "--resume" if args.resume else "--checkpoint"
         try:
             checkpoint = runs.find_checkpoint(args.resume or args.checkpoint, args.exp_dir, args.exp_name, flag)

@@ -227,6 +227,11 @@ def test_what_may_change_is_a_subset_of_the_options():
 
 BAD_ARGS = [
     (["--learning-rate", "abc"], "--learning-rate"),
+    (["--learning-rate", "4e37"], "--learning-rate"),  # Adam's first step (10x) would overflow float32
+    (["--resume="], "--resume"),  # an unset $CKPT in `--resume "$CKPT"`: not a new run of the defaults
+    (["--resume", ""], "--resume"),
+    (["--only-test", "--checkpoint", ""], "--checkpoint"),
+    (["--checkpoint", "pretrained.ckpt"], "to train on from one, use --resume"),  # never silently ignored
     (["--learning-rate", "0"], "--learning-rate"),
     (["--learning-rate", "-1"], "--learning-rate"),
     (["--learning-rate", "inf"], "--learning-rate"),
@@ -271,6 +276,37 @@ def test_bad_config_files_are_one_line(tmp_path, content, named):
     result = run_cli("--config", str(config))
     assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert f"--config {config}" in result.stderr.splitlines()[-1] or "--config:" in result.stderr
+
+
+def test_an_option_of_several_values_is_read_back_from_a_config_file(tmp_path):
+    """A backbone's option of several values (`nargs`), as a run's config.yaml writes it: resume reads it back."""
+    from project.infra.cli import Parser, positive_int
+
+    parser = Parser(prog="test")
+    parser.add("--widths", type=positive_int, nargs="+", default=[64, 32], help="layer widths")
+    config = tmp_path / "c.yaml"
+    for text, widths in (("widths: [128, 64]\n", [128, 64]), ("widths: 16\n", [16]), ("widths:\n", [64, 32])):
+        config.write_text(text)
+        assert parser.read_config(config) == {"widths": widths}
+    config.write_text("widths: [8, -2]\n")
+    with pytest.raises(SystemExit):  # each value checked by the option's type
+        parser.read_config(config)
+
+
+def test_gpus_0_undoes_the_gpus_of_a_config_file(tmp_path):
+    """A run trained with --gpus 1 is tested or resumed on a machine without one: its config.yaml holds gpus: 1."""
+    import torch
+
+    from project.infra import hardware
+    from project.infra.errors import UserError
+
+    config = tmp_path / "c.yaml"
+    config.write_text("gpus: 1\n")
+    args = parse_args(["--config", str(config), "--gpus", "0"])
+    assert args.gpus == 0 and hardware.resolve(args)["accelerator"] == "auto"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="none is visible; use --gpus 0"):
+            hardware.resolve(parse_args(["--config", str(config)]))
 
 
 def test_help_shows_each_default_once_and_only_choices_that_work():

@@ -11,7 +11,7 @@ import torch
 from project import run
 from project.data import DATASETS
 from project.infra.errors import UserError
-from project.model import MODELS, backbone_options, build_model
+from project.model import MODELS, Standardize, backbone_options, build_model
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "image-folder": (3, 64, 64)}
 
@@ -70,3 +70,12 @@ def test_numpy_values_of_a_dataset_give_checkpoints_that_load_weights_only(tmp_p
     datamodule.pixel_max = Path("16")  # anything a weights-only read refuses: one line before training, not after
     with pytest.raises(UserError, match=r"setting pixel_max = PosixPath\('16'\) \(PosixPath\)"):
         run.build_solver(args, datamodule)
+
+
+def test_a_feature_that_never_varies_is_standardised_as_scikit_learns_scaler_does():
+    """A column constant in the training split (std 0) is divided by 1, not by 0 (every loss NaN from step 1)."""
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.array([[1.0, 5.0, 0.0], [3.0, 5.0, 2.0], [2.0, 5.0, 7.0]])
+    ours = Standardize(x.mean(0).tolist(), x.std(0).tolist(), (3,))(torch.tensor(x, dtype=torch.float32))
+    np.testing.assert_allclose(ours.numpy(), StandardScaler().fit(x).transform(x), rtol=1e-6, atol=1e-6)

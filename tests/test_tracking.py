@@ -233,6 +233,18 @@ def test_a_secret_value_of_one_argument_or_one_folder_is_hidden_whole(value):
     assert secret not in " ".join(argv) + path and path.endswith(f"{REDACTED}/run/last.ckpt"), (argv, path)
 
 
+def test_a_number_and_a_file_named_before_a_colon_are_no_secrets():
+    """A backbone's `num_tokens` or `key_dim` stays in config.yaml, which resume and --only-test read again; an error
+    line that names a config file (keypoints, tokenizer, monkey) says what is wrong with it."""
+    options = {"num_tokens": 4, "key_dim": 64, "use_key": True, "token_dropout": 0.1, "api_key": "k1k1k1"}
+    assert redact(options) == {**options, "api_key": REDACTED}
+    for path in ("/data/keypoints/exp.yaml", "monkey.yaml", "turkey_params.yaml", "tokenizer-v2.yaml"):
+        line = f"--config {path}: unknown option 'learnig_rate'; did you mean learning_rate?"
+        assert redact_text(line) == line
+    for form in ("api_key: {}", "hf_tokens: {}", "db.password: {}", "SECRET:{}", "x/my_token=b/{}"):
+        assert "Hunter2secret" not in redact_text(form.format("Hunter2secret")), form
+
+
 def test_a_url_password_with_a_slash_and_a_path_redacted_already_stay_as_they_should():
     for password in ("Hunter2/secret", "p@ssHunter2secret"):  # as SQLAlchemy and requests read it: to the last '@'
         assert redact_text(f"postgresql://u:{password}@127.0.0.1:1/db") == f"postgresql://u:{REDACTED}@127.0.0.1:1/db"

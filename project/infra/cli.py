@@ -44,6 +44,9 @@ non_negative_int = checked("non-negative integer", int, lambda value: value >= 0
 seed = checked("seed (an integer from 0 to 2**32 - 1)", int, lambda value: 0 <= value < 2**32)  # numpy's are 32-bit
 # torch computes in float32: a larger number is infinite there
 positive_float = checked("positive number (below 3.4e38)", float, lambda value: 0 < value <= FLOAT32_MAX)
+# Adam's first step is the learning rate / (1 - beta1), 10x it: a larger one overflows float32 there
+learning_rate = checked("learning rate (a positive number below 3.4e37)", float,
+                        lambda value: 0 < value <= FLOAT32_MAX / 10)  # fmt: skip
 # Augmentation pads by up to 4 pixels, reflecting the image: that needs more than 4 on each side.
 image_size = checked("image size (5 pixels or more)", int, lambda value: value >= 5)
 # "" would be the working directory, unasked; "~user/..." must name a user this machine knows (a home to expand).
@@ -87,7 +90,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
         self.flags: dict[str, str] = {}  # dest -> its flag, for config files and suggestions
         self.switches: set[str] = set()  # dests of on/off flags
-        self.repeatable: set[str] = set()  # dests that take a list
+        self.repeatable: set[str] = set()  # dests that take a list, a flag for each value
+        self.lists: set[str] = set()  # dests that take a list after one flag (nargs: --widths 64 32)
         self.command_only: set[str] = set()  # what to do with a run (--resume, ...), never in a config file
         self.source = ""  # set while a config file is read, to say where a mistake came from
 
@@ -105,6 +109,8 @@ class Parser(argparse.ArgumentParser):
             help += f" (default: {' '.join(map(str, default))})" if default else ""
         elif default not in (None, [], ()):
             help += " (default: %(default)s)"
+        if kwargs.get("nargs") not in (None, "?"):
+            self.lists.add(dest)
         self.add_argument(flag, default=default, help=help, **kwargs)
         self.flags[dest] = flag
 
@@ -154,8 +160,12 @@ class Parser(argparse.ArgumentParser):
                     raise ValueError(f"unknown option '{key}'" + (f"; did you mean {close[0]}?" if close else ""))
                 if dest in self.switches and not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
-                if isinstance(value, dict) or (isinstance(value, list) and dest not in self.repeatable):
+                if isinstance(value, dict) or (isinstance(value, list) and dest not in self.repeatable | self.lists):
                     raise ValueError(f"{key} takes one value" + (" or a list" if dest in self.repeatable else ""))
+                if dest in self.lists:  # as the command line gives it: the flag, then its values
+                    if value is not None:
+                        tokens += [self.flags[dest], *map(str, value if isinstance(value, list) else [value])]
+                    continue
                 for item in value if isinstance(value, list) else [value]:
                     if isinstance(item, bool):
                         tokens.append(self.flags[dest] if item else f"--no-{self.flags[dest][2:]}")
@@ -218,7 +228,9 @@ def spelled(value: Any, text: Any) -> Any:
 
 def add_model_options(parser: Parser, formats: str) -> None:
     """The options project.predict and project.export share: which trained model, and how to report mistakes."""
-    parser.add("--checkpoint", default="best", help=f"{formats}, or best/last of the latest run of --exp-name")
+    parser.add(
+        "--checkpoint", type=path, default="best", help=f"{formats}, or best/last of the latest run of --exp-name"
+    )
     parser.add("--exp-dir", type=path, default="~/Experiments", help="where runs are, for --checkpoint best/last")
     parser.add("--exp-name", type=name, default="debug", help="whose latest run --checkpoint best/last means")
     parser.add("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -228,7 +240,7 @@ def require_one_device(base: argparse.Namespace, command: str, advice: str = "")
     """project.sweep and project.seeds run one training after another in this process; several processes (DDP) would
     each run the whole loop, and part ways between its runs."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if base.gpus not in (None, 1) or str(base.devices) != "1" or base.num_nodes != 1 or launched:
+    if base.gpus not in (None, 0, 1) or str(base.devices) != "1" or base.num_nodes != 1 or launched:
         raise UserError(f"{command} trains each run on one device{'; ' + advice if advice else ''}")
 
 

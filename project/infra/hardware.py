@@ -32,9 +32,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    accelerator, devices = ("gpu", args.gpus) if args.gpus is not None else (args.accelerator, args.devices)
+    accelerator, devices = ("gpu", args.gpus) if args.gpus else (args.accelerator, args.devices)
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError("a GPU was requested (--gpus/--accelerator gpu) but none is visible; use --accelerator cpu")
+        advice = "--gpus 0 (none: it undoes a --gpus of a config file)" if args.gpus else "--accelerator cpu"
+        raise UserError(f"a GPU was requested (--gpus/--accelerator gpu) but none is visible; use {advice}")
     if accelerator == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
         raise UserError(f"--devices {devices}: this machine has {os.cpu_count()} CPU cores; use at most that many")
     if str(args.strategy).startswith(SPAWNING):

@@ -1,6 +1,7 @@
 """What must never be written down or printed: a secret. A name with KEY, TOKEN, SECRET, PASSWORD or CREDENTIAL
 names one (an environment variable, a config entry, a `--tag`, an option, `name=X` or `name: X` inside a value), and so
-does a URL's password. Every record of a run and every line about its input passes through `redact_text`. No torch.
+does a URL's password; a number is none. Every record of a run and every line about its input passes through
+`redact_text`. No torch.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from typing import Any
 
 REDACTED = "[redacted]"
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW(?:OR)?D|CREDENTIAL", re.IGNORECASE)
-# NAME=value, NAME = value, NAME: value (in a store's URL '=' and ':' are escaped as %3D and %3A).
-SECRET_ASSIGNED = re.compile(rf"[\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|%3D|%3A|:)\s*", re.IGNORECASE)
+# NAME=value, NAME = value, NAME: value (in a store's URL '=' and ':' are escaped as %3D and %3A). Before a ':' the
+# name ends with the secret's word (api_key: X, tokens: X): a path before one (.../keypoints/a.yaml: no such option) is
+# a file's name in a message.
+SECRET_ASSIGNED = re.compile(rf"[\w.\-/]*(?:{SECRET_NAME.pattern})[\w.\-/]*(?:\s*=|%3D)\s*|"
+                             rf"[\w\-]*(?:{SECRET_NAME.pattern})S?(?:\s*:|%3A)\s*", re.IGNORECASE)  # fmt: skip
 # Anywhere in a text: NAME='a b', or a value that ends at a space, quote, ',', ';', '&' (those it starts with are its
 # own). A value redacted already (a folder: `password=[redacted]/run`) is left as it is, and the rest of the path too.
 ASSIGNMENT = re.compile(
@@ -54,8 +58,9 @@ def redact_whole(value: str) -> str:
 
 
 def redact(value: Any, name: str = "") -> Any:
-    """A copy of `value` (a mapping, list or scalar named `name`) that is safe to write down."""
-    if name and is_secret(name) and value is not None:
+    """A copy of `value` (a mapping, list or scalar named `name`) that is safe to write down. A number is no secret:
+    a model's `num_tokens: 4` or `key_dim: 64` stays readable (a run's config.yaml is read again to resume it)."""
+    if name and is_secret(name) and value is not None and not isinstance(value, (bool, int, float)):
         return REDACTED
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}
