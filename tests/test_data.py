@@ -311,3 +311,33 @@ def test_training_shards_are_equal_length_disjoint_and_reshuffled_each_epoch():
     assert set(torch.cat(shards).tolist()) == set(range(19))
     assert not torch.equal(plans[0].shard(epoch=0), plans[0].shard(epoch=1))
     assert torch.equal(plans[0].shard(epoch=2), EpochBatches(19, 4, True, 1, 0, 2).shard(epoch=2))
+
+
+@pytest.mark.parametrize(
+    "task, targets, inputs, named",
+    [("classification", np.arange(12) % 3, (1, 8, 8), "targets run from 0 to 2, but its output_names are"),
+     ("classification", np.arange(12) % 2 - 1, (1, 8, 8), "targets run from -1 to 0"),
+     ("classification", (np.arange(12) % 2).astype(np.float32), (1, 8, 8), 'says task = "regression"'),
+     ("classification", np.arange(12) % 2, (1, 6, 8), "inputs are (1, 6, 8) per sample, but its input_shape says"),
+     ("regression", np.zeros((12, 3), np.float32), (1, 8, 8), "are (3,) per sample: one value for each of its 2"),
+     ("regression", np.zeros((12, 2), np.float32), (1, 8, 8), "target_mean and target_std hold 1 and 1 values")],
+)  # fmt: skip
+def test_a_datasets_arrays_that_do_not_fit_what_it_declares_are_one_line(task, targets, inputs, named):
+    """A dataset of one's own (the README's NpzImages and the like): labels beyond its classes, values for a
+    classification, another shape, one target_mean for several outputs. Before, each was a traceback from the first
+    step (or, for target_mean, silently broadcast)."""
+    from project.data import as_split
+    from project.infra.batches import InMemoryData
+
+    class Mine(InMemoryData):
+        input_shape, output_names, mean, std = (1, 8, 8), ["a", "b"], (0.0,), (1.0,)
+
+        def load(self):
+            pixels = np.zeros((12, *inputs), np.uint8)
+            return {"train": as_split(pixels, targets, np.arange(10)), "test": as_split(pixels, targets, np.arange(10))}
+
+    Mine.task = task
+    Mine.target_mean = Mine.target_std = [1.0] if "target_mean" in named else [1.0, 1.0]  # one: copied from Diabetes
+    with pytest.raises(UserError) as error:
+        Mine().setup("fit")
+    assert str(error.value).startswith("Mine: ") and named in str(error.value), error.value

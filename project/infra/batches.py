@@ -281,12 +281,30 @@ class InMemoryData(DataModule):
         share of the free memory (`auto`) or when asked (`yes`); otherwise a DataLoader feeds the GPU from the host."""
         if self.splits is None:
             self.splits = self.load()
+            self.check(self.splits)
         device = self.training_device()
         if device.type == "cuda" and self.data_on_device != "yes":
             nbytes = sum(x.nbytes + y.nbytes for x, y in self.splits.values())
             if self.data_on_device == "no" or nbytes >= DEVICE_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0]:
                 device = torch.device("cpu")
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+
+    def check(self, splits: dict[str, Split]) -> None:
+        """Arrays that do not fit what the dataset declares (input_shape, its task's targets): one line now."""
+        from project.tasks import TASKS
+
+        dataset = type(self).__name__
+        try:  # an unknown task is named before the data is read (run.resolve_task)
+            task = TASKS[self.task](self.output_names, **TASKS[self.task].options_of(self))
+        except ValueError as error:
+            raise UserError(f"{dataset}: {error}") from None
+        for name, (inputs, targets) in splits.items():
+            if tuple(inputs.shape[1:]) != tuple(self.input_shape):
+                raise UserError(f"{dataset}: its {name} inputs are {tuple(inputs.shape[1:])} per sample, but its "
+                                f"input_shape says {tuple(self.input_shape)}")  # fmt: skip
+            problem = task.check_targets(targets)
+            if problem:
+                raise UserError(f"{dataset}: its {name} targets {problem}")
 
     def batches(self, split: str, shuffle: bool) -> Batches:
         images, labels = self.splits[split]

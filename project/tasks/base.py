@@ -51,6 +51,11 @@ class Task:
     def metric_names(cls) -> list[str]:
         return ["loss", *cls.metrics]
 
+    def check_targets(self, targets: torch.Tensor) -> str | None:
+        """What is wrong with a split's targets for this task, as the end of a sentence, or None. In-memory data are
+        checked as they are read: a dataset of one's own fails there, in one line, not in the first step's traceback."""
+        return None
+
     def output_layer(self) -> nn.Module:
         """The network's last layer, after the backbone: part of every checkpoint and export."""
         return nn.Identity()

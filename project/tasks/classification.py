@@ -19,6 +19,18 @@ MAX_ANNOTATED_CLASSES = 30
 class Classification(Task):
     metrics = {"acc": True, "precision": True, "recall": True, "f1": True}  # macro averages over the classes
 
+    def check_targets(self, targets: torch.Tensor) -> str | None:
+        if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            return (f"are {targets.dtype} of shape {tuple(targets.shape)}: classification takes one integer class per "
+                    'sample (a dataset of values says task = "regression")')  # fmt: skip
+        low, high = (int(targets.min()), int(targets.max())) if len(targets) else (0, 0)
+        last = len(self.output_names) - 1
+        return (
+            f"run from {low} to {high}, but its output_names are the classes 0 to {last}"
+            if low < 0 or high > last
+            else None
+        )
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
 

@@ -34,11 +34,20 @@ class Regression(Task):
         super().__init__(output_names)
         n = len(self.output_names)
         self.target_mean, self.target_std = list(target_mean) or [0.0] * n, list(target_std) or [1.0] * n
+        if len(self.target_mean) != n or len(self.target_std) != n:  # one value would be broadcast to every output
+            raise ValueError(f"target_mean and target_std hold {len(self.target_mean)} and {len(self.target_std)} "
+                             f"values for {n} output_names: one per output")  # fmt: skip
 
     @classmethod
     def options_of(cls, datamodule: Any) -> dict[str, Any]:
         # A dataset without them trains on targets as they are (standardised ones train better: see Diabetes).
         return {key: list(getattr(datamodule, key, ())) for key in ("target_mean", "target_std")}
+
+    def check_targets(self, targets: torch.Tensor) -> str | None:
+        n = len(self.output_names)
+        if tuple(targets.shape[1:]) not in ({(n,), ()} if n == 1 else {(n,)}):
+            return f"are {tuple(targets.shape[1:])} per sample: one value for each of its {n} output_names"
+        return None
 
     def output_layer(self) -> nn.Module:
         return Rescale(self.target_mean, self.target_std)
