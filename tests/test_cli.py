@@ -268,7 +268,10 @@ def test_bad_values_are_at_most_three_lines(argv, named):
     [(b"learning_rate: [1, 2\n", "not valid YAML at line 2"), (b"lerning_rate: 0.1\n", "did you mean learning_rate"),
      (b"batch_size: -4\n", "--batch-size"), (b"- a list\n", "mapping"), (b"fast_dev_run: 3\n", "true or false"),
      (b"resume: last\n", "'resume' is given on the command line only (--resume)"),
-     (b"\xff\xfe not text\n", "not UTF-8")],
+     (b"\xff\xfe not text\n", "not UTF-8"),
+     (b"learning_rate: 0.1\nlearning_rate: 0.2\n", "'learning_rate' is given twice"),  # YAML keeps the last
+     (b"max-epochs: 1\nmax_epochs: 2\n", "'max_epochs' is given twice"),
+     (b"max_epochs: true\n", "takes a value, not true"), (b"logger: []\n", "logger takes a value, not []")],
 )  # fmt: skip
 def test_bad_config_files_are_one_line(tmp_path, content, named):
     config = tmp_path / "bad.yaml"

@@ -150,9 +150,12 @@ class Parser(argparse.ArgumentParser):
         try:
             values = load_config(path, as_written=True)
             options = [dest for dest in self.flags if dest not in self.command_only]
-            tokens = []
+            tokens, seen = [], set()
             for key, value in values.items():
                 dest = str(key).replace("-", "_")
+                if dest in seen:
+                    raise ValueError(f"'{key}' is given twice (as {key} and {self.flags.get(dest, key)[2:]})")
+                seen.add(dest)
                 if dest in self.command_only:
                     raise ValueError(f"'{key}' is given on the command line only ({self.flags[dest]})")
                 if dest not in self.flags:
@@ -160,6 +163,8 @@ class Parser(argparse.ArgumentParser):
                     raise ValueError(f"unknown option '{key}'" + (f"; did you mean {close[0]}?" if close else ""))
                 if dest in self.switches and not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
+                if dest not in self.switches | self.lists and (isinstance(value, bool) or value == []):
+                    raise ValueError(f"{key} takes a value, not {str(value).lower()}")
                 if isinstance(value, dict) or (isinstance(value, list) and dest not in self.repeatable | self.lists):
                     raise ValueError(f"{key} takes one value" + (" or a list" if dest in self.repeatable else ""))
                 if dest in self.lists:  # as the command line gives it: the flag, then its values
@@ -199,10 +204,16 @@ def load_config(path: Path, as_written: bool = False) -> dict[Any, Any]:
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read it: {getattr(error, 'strerror', None) or 'not UTF-8 text'}") from None
     try:
-        depth = 0
+        depth, nodes, keys = 0, 0, set()  # the top mapping's nodes alternate key, value
         for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built yet
             if isinstance(event, yaml.AliasEvent):
                 raise ValueError("YAML aliases (*name) are not allowed in a config file")
+            if depth == 1 and isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+                key = getattr(event, "value", None) if nodes % 2 == 0 else None  # a key, or else a value
+                if key is not None and key in keys:
+                    raise ValueError(f"'{key}' is given twice")  # YAML would keep the last, silently
+                keys.add(key)
+                nodes += 1
             depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
             if depth > MAX_CONFIG_DEPTH:
                 raise ValueError("nested too deeply: a config file holds option: value or option: [values]")
