@@ -475,6 +475,7 @@ def test_out_of_memory_is_one_line_that_says_what_needs_less(error, capsys) -> N
     assert errors.run_command(allocate) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: out of memory (") and "a smaller --batch-size, --image-size or model" in line
+    assert "in a new run (--resume keeps the run's own)" in line  # resume refuses another --batch-size
 
 
 class DiesInItsWorker(torch.utils.data.Dataset):

@@ -128,17 +128,16 @@ def run_command(action: Callable[[], Any], debug: bool = False) -> int:
             raise
         if out_of_memory(error):  # a batch that does not fit: the host's memory, or the GPU's
             what = (str(error).strip() or type(error).__name__).splitlines()[0][:160]
-            print(f"error: out of memory ({what}): a smaller --batch-size, "
-                  "--image-size or model needs less. Checkpoints are whole: continue with --resume",
-                  file=sys.stderr)  # fmt: skip
+            print(f"error: out of memory ({what}): a smaller --batch-size, --image-size or model needs less, in a "
+                  "new run (--resume keeps the run's own)", file=sys.stderr)  # fmt: skip
             return 1
         if NOT_SHARDABLE in str(error):
             print("error: Lightning cannot split this DataLoader across the processes: its batch sampler does not "
                   "subclass torch's BatchSampler (README: Your own data and model)", file=sys.stderr)  # fmt: skip
             return 1
         if killed:  # by the OS's out-of-memory killer, most often
-            print(f"error: {str(error).split('. ')[0].strip()}: out of memory? Fewer --num-workers, a smaller "
-                  "--batch-size or --image-size need less. Checkpoints are whole: continue with --resume",
+            print(f"error: {str(error).split('. ')[0].strip()}: out of memory? Fewer --num-workers need less (then "
+                  "--resume: checkpoints are whole), as do a smaller --batch-size or --image-size in a new run",
                   file=sys.stderr)  # fmt: skip
             return 1
         reason = redact_text(str(error).split("] ", 1)[-1].split(". ")[0])
