@@ -161,7 +161,7 @@ CASES = {
     ),
     "learning rate that is a token": (
         "secrets",
-        "--learning-rate: invalid positive number (below 3.4e38) value: 'token=[redacted]'",
+        "--learning-rate: invalid learning rate (a positive number below 3.4e37) value: 'token=[redacted]'",
     ),
     # 7. Concurrency: a second command on what another one is writing waits or is one line.
     "sweep of a SQLite study another sweep runs": ("concurrency", "study s is being run by another sweep"),
