@@ -34,7 +34,7 @@ from project.infra.cli import (
     tracker,
 )
 from project.infra.errors import UserError, exit_process, run_command
-from project.infra.redact import redact
+from project.infra.redact import REDACTED, redact
 
 # Names only, so that --help needs no torch; tests/test_models.py checks them against data.DATASETS and model.MODELS.
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "image-folder", "diabetes")
@@ -150,6 +150,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"{source} holds no options; restore the run's config.yaml, or start a new run")
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
+        hidden = [parser.flags[key] for key, value in saved.items() if value == REDACTED == getattr(args, key)]
+        if hidden:  # a value whose option's name reads as a secret's was written down redacted: it is not there
+            parser.error(f"{source}: {', '.join(hidden)} was written down as {REDACTED} (its name reads as a "
+                         "secret's): give it again")  # fmt: skip
         if continued:
             refuse_changes(parser, args, saved, continued)
             follow_the_run(parser, args, saved, continued)

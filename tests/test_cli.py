@@ -312,6 +312,28 @@ def test_gpus_0_undoes_the_gpus_of_a_config_file(tmp_path):
             hardware.resolve(parse_args(["--config", str(config)]))
 
 
+def test_a_value_written_down_redacted_is_asked_for_again(tmp_path, monkeypatch, capsys):
+    """A backbone option named like a secret (`--tokenizer`) is [redacted] in config.yaml: a resume or a rerun from
+    that file must not train with the text "[redacted]"."""
+    from project import run
+    from project.infra.redact import redact
+
+    plain = run.build_parser
+
+    def with_a_secret_named_option():
+        parser = plain()
+        parser.add("--tokenizer", default="bpe", help="a backbone option whose name reads as a secret's")
+        return parser
+
+    monkeypatch.setattr(run, "build_parser", with_a_secret_named_option)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(redact({"tokenizer": "wordpiece", "max_epochs": 2})))
+    with pytest.raises(SystemExit):
+        run.parse_args(["--config", str(config)])
+    assert "--tokenizer was written down as [redacted]" in capsys.readouterr().err
+    assert run.parse_args(["--config", str(config), "--tokenizer", "wordpiece"]).tokenizer == "wordpiece"
+
+
 def test_help_shows_each_default_once_and_only_choices_that_work():
     code = (
         "import sys, contextlib, io\n"
