@@ -46,12 +46,15 @@ CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.
 # gives a digits run (12 steps an epoch) a loss curve.
 LOG_EVERY_N_STEPS = 10
 # --resume continues a run with its own config.yaml: flags may change where and how it runs, for how long and what it
-# records. Anything else would change its data, its split, its model or its optimisation, and is refused.
+# records. Anything else would change its data, its split, its model or its optimisation, and is refused. The data's
+# folder may move (--data-dir, as each node of a run has its own): the data themselves are checked to be the same
+# (an image folder's listing, every dataset's split sizes, CIFAR-10's checksums).
 MAY_CHANGE_ON_RESUME = {"max_epochs", "accelerator", "devices", "gpus", "num_nodes", "strategy", "precision",
                         "half_precision", "compile", "deterministic", "num_workers", "data_on_device", "logger",
-                        "checkpoint_every_n_steps", "fast_dev_run", "exp_dir", "exp_name", "image_memory"}  # fmt: skip
+                        "checkpoint_every_n_steps", "fast_dev_run", "exp_dir", "exp_name", "image_memory",
+                        "data_dir"}  # fmt: skip
 # --only-test scores a checkpoint on its run's own test split: what picks those images cannot change.
-FIXED_ON_TEST = {"dataset", "data_dir", "image_size", "seed", "val_fraction"}
+FIXED_ON_TEST = {"dataset", "image_size", "seed", "val_fraction"}
 
 
 def build_parser() -> Parser:

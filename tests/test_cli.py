@@ -181,6 +181,30 @@ def test_the_latest_run_is_the_one_continued_even_before_its_first_checkpoint(tm
     )
 
 
+def test_a_run_renamed_by_hand_is_as_old_as_its_start(tmp_path):
+    """A run kept as `baseline` sorts after every timestamped name: by name it was the latest run for good, and
+    --resume trained on in it, --only-test and predict took its checkpoint."""
+    import json
+
+    baseline = fake_run(tmp_path).rename(tmp_path / "experiments" / "debug" / "baseline")
+    (baseline / "manifest.json").write_text(json.dumps({"run_id": "20260101-000000-abcdef", "mode": "train",
+                                                         "start_time": "2026-01-01T00:00:00+00:00"}))  # fmt: skip
+    newer = fake_run(tmp_path).rename(tmp_path / "experiments" / "debug" / "20260105-000000-fedcba")
+    for flags, found in ((["--resume"], "resume"), (["--only-test", "--checkpoint", "last"], "checkpoint")):
+        args = parse_args([*flags, "--exp-dir", str(tmp_path / "experiments")])
+        assert getattr(args, found) == str(newer / "checkpoints" / "last.ckpt")
+
+
+def test_a_run_goes_on_with_its_data_where_they_are_now(tmp_path):
+    """A relative --data-dir, given from another working directory or after the folder moved: --resume and
+    --only-test take the new place (the data's own checks say whether they are the same), not a refusal."""
+    run = fake_run(tmp_path, data_dir="scratch/pets")
+    moved = str(tmp_path / "pets")
+    for flags in (["--resume"], ["--only-test"]):
+        args = parse_args([*flags, "--exp-dir", str(tmp_path / "experiments"), "--data-dir", moved])
+        assert args.data_dir == moved and (args.resume or args.checkpoint).startswith(str(run))
+
+
 def test_a_run_without_its_config_yaml_is_not_taken_for_a_copy(tmp_path, capsys):
     """Before: --resume went on from its last.ckpt in a new run, with the default settings."""
     run = fake_run(tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -513,6 +514,13 @@ def test_a_folder_changed_before_a_resume_or_a_test_is_refused_in_one_line(tmp_p
         assert len(errors) == 1 and f"{root} has changed since this run started (20 images then, 21 now)" in errors[0]
         assert {path: path.read_bytes() for path in (tmp_path / "runs").rglob("*") if path.is_file()} == files
     added.unlink()
+    other = tmp_path / "other"  # --data-dir may move a run's data, not change them
+    write_image_folder(other, per_class=11, size=16)
+    bad = run_cli("--resume", str(last), "--max-epochs", "2", "--data-dir", str(other))
+    assert bad.returncode == 2 and f"{other} has changed since this run started (20 images then, 22 now)" in bad.stderr
+    moved = shutil.copytree(root, tmp_path / "moved")
+    tested = run_cli("--only-test", "--checkpoint", str(last), "--data-dir", str(moved))
+    assert tested.returncode == 0, tested.stderr[-2000:]
     resumed = run_cli("--resume", str(last), "--max-epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 

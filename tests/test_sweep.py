@@ -461,7 +461,11 @@ def test_two_workers_on_postgresql_finish_exactly_n_trials_and_requeue_a_killed_
     ran = [[int(k) for k in started.findall(log.with_suffix(".out").read_text())] for log in logs]
     assert sorted(sum(ran, [])) == sorted({*sum(ran, [])}) and {t.number for t in finished} <= {*sum(ran, [])}
     tested = sorted(exp_dir.glob("pg/*/test_metrics.json"))
-    assert tested == sorted(Path(t.user_attrs["run_dir"]) / "test_metrics.json" for t in finished if t.value)
+    # The killed trial's run may have tested before the SIGKILL reached it (a loaded machine): its trial still failed.
+    lost = Path(trials[killed].user_attrs["run_dir"]) / "test_metrics.json"
+    assert [path for path in tested if path != lost] == sorted(
+        Path(t.user_attrs["run_dir"]) / "test_metrics.json" for t in finished if t.value
+    )
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ random suffix."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -82,9 +83,10 @@ def experiment_dir(exp_dir: str | Path, exp_name: str) -> Path:
 
 
 def latest_run(experiment: Path) -> Path | None:
-    """The newest run directory (by name: they start with a timestamp) that holds a checkpoint, or that trained and did
-    not finish: an older run is never continued for a newer one killed before its first checkpoint. A test-only run
-    and a finished smoke test (--fast-dev-run) keep no checkpoint, and are passed over."""
+    """The newest run directory (by its manifest's start time; a run renamed by hand is no newer for its name) that
+    holds a checkpoint, or that trained and did not finish: an older run is never continued for a newer one killed
+    before its first checkpoint. A test-only run and a finished smoke test (--fast-dev-run) keep no checkpoint, and
+    are passed over."""
     if not experiment.is_dir():
         return None
 
@@ -99,7 +101,14 @@ def latest_run(experiment: Path) -> Path | None:
             isinstance(manifest, dict) and manifest.get("mode") != "test" and manifest.get("exit_status") != "finished"
         )
 
-    runs = sorted((p for p in experiment.iterdir() if p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
+    def started(run: Path) -> float:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            return datetime.datetime.fromisoformat(json.loads((run / MANIFEST).read_text())["start_time"]).timestamp()
+        with contextlib.suppress(ValueError):  # no manifest yet (killed as it started): its name is its start time
+            return datetime.datetime.strptime(run.name[:15], "%Y%m%d-%H%M%S").timestamp()
+        return run.stat().st_mtime
+
+    runs = sorted((p for p in experiment.iterdir() if p.is_dir() and not p.is_symlink()), key=started)
     return next((run for run in reversed(runs) if trained_or_training(run)), None)
 
 
