@@ -104,6 +104,21 @@ def test_report_names_classes_and_scores():
     report = format_report(cm, ["cat", "dog"])
     assert "cat" in report and "dog" in report
     assert "0.9000" in report  # accuracy 9/10
+    assert "No test samples" not in report
+
+
+def test_report_says_which_classes_the_test_split_lacks_and_keeps_long_names_out_of_the_cells():
+    """A class with no test samples lowers the macro averages (scikit-learn's default leaves it out): the report says
+    so. A 120-character name heads its column by number, not as every cell's width."""
+    from sklearn.metrics import f1_score
+
+    long_name = "a" * 120
+    cm = torch.tensor([[3, 0, 0], [0, 4, 0], [0, 0, 0]])
+    report = format_report(cm, ["cat", long_name, "tiny"])
+    assert "No test samples of tiny: the macro averages count each as 0" in report
+    assert max(map(len, report.splitlines())) < 200 and f"1 {long_name}" in report
+    y = [0, 0, 0, 1, 1, 1, 1]
+    assert summarize(cm)["f1"] == pytest.approx(f1_score(y, y, labels=[0, 1, 2], average="macro", zero_division=0))
 
 
 @pytest.mark.parametrize("outputs, center, spread", [(1, 150, 70), (3, 150, 70), (2, 1e8, 10)])

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
+MAX_COLUMN_NAME = 12  # longer class names head the report's matrix columns by number
+
 
 class ConfusionMatrix(Metric):
     """Counts of (true class, predicted class) pairs; row = true class, column = predicted class.
@@ -77,15 +79,18 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
-    """A readable confusion matrix and a per-class report, as plain text."""
+    """A readable confusion matrix and a per-class report, as plain text. Long class names head the matrix's columns
+    by number (one 120-character name made every cell that wide: a 460 kB report for 36 images)."""
     cm = confusion.detach().cpu().long()
     scores = per_class_scores(cm)
     names = [str(n) for n in class_names]
-    width = max(len("macro avg"), *(len(n) for n in names))
-    cell = max(*(len(n) for n in names), len(str(int(cm.max()))))  # narrow cells: 10 digits fit 80 columns
+    columns = names if max(map(len, names)) <= MAX_COLUMN_NAME else [str(i) for i in range(len(names))]
+    rows = names if columns is names else [f"{i} {name}" for i, name in enumerate(names)]
+    width = max(len("macro avg"), *(len(n) for n in rows))
+    cell = max(*(len(n) for n in columns), len(str(int(cm.max()))))  # narrow cells: 10 digits fit 80 columns
     lines = ["Confusion matrix (rows: true class, columns: predicted class)"]
-    lines.append(" " * width + " " + " ".join(n.rjust(cell) for n in names))
-    for name, row in zip(names, cm.tolist(), strict=True):
+    lines.append(" " * width + " " + " ".join(n.rjust(cell) for n in columns))
+    for name, row in zip(rows, cm.tolist(), strict=True):
         lines.append(name.rjust(width) + " " + " ".join(str(v).rjust(cell) for v in row))
     lines.append("")
     lines.append("class".rjust(width) + "  precision     recall         f1    support")
@@ -101,4 +106,9 @@ def format_report(confusion: torch.Tensor, class_names: list[str]) -> str:
         f"{summary['f1']:10.4f} {int(cm.sum()):10d}"
     )
     lines.append(f"{'accuracy'.rjust(width)} {summary['acc']:10.4f}")
+    absent = [name for name, support in zip(names, scores["support"].tolist(), strict=True) if support == 0]
+    if absent:  # scikit-learn's default macro average leaves them out: say why ours is lower
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        lines.append(f"\nNo test samples of {shown}: the macro averages count each as 0 (scikit-learn's with "
+                     "labels=range(C), zero_division=0)")  # fmt: skip
     return "\n".join(lines)
