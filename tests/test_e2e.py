@@ -12,7 +12,12 @@ QUICK = ("--logger", "csv", "--num-workers", "0")
 def test_fast_dev_run(exp_dir):
     result = run_cli("--fast-dev-run", "--exp-dir", str(exp_dir), *QUICK)
     assert result.returncode == 0, result.stderr
-    assert "Test scores:   acc " in result.stdout
+    assert (
+        "Test scores:   acc " in result.stdout
+        and "(one batch, a smoke test (--fast-dev-run); details:" in result.stdout
+    )
+    (run_dir,) = exp_dir.glob("*/*")  # its scores are of one batch: not to be taken for the model's
+    assert json.loads((run_dir / "test_metrics.json").read_text())["fast_dev_run"] is True
 
 
 @pytest.mark.slow

@@ -237,6 +237,7 @@ class Run(pl.Callback):
         if report is not None:
             loss = trainer.callback_metrics.get("test/loss")
             where = {"checkpoint": redact_path(tested) if tested else None, "checkpoint_epoch": epoch}
+            where |= {"fast_dev_run": True} if self.args.fast_dev_run else {}  # one batch: no score of the model
             self.test_record = {**report.scores, "loss": None if loss is None else float(loss), **report.details,
                                 **where}  # fmt: skip
             self.manifest["test"] = {**report.scores, **where}
@@ -329,7 +330,9 @@ class Run(pl.Callback):
             lines.append(f"Best epoch:    {self.test_record['checkpoint_epoch']}{value}, tested from {where}")
         if report is not None:
             scores = "  ".join(f"{name} {value:.4f}" for name, value in report.scores.items())
-            lines.append(f"Test scores:   {scores}   (details: {', '.join([runs.REPORT, *report.figures])})")
+            details = f"details: {', '.join([runs.REPORT, *report.figures])}"
+            details = f"one batch, a smoke test (--fast-dev-run); {details}" if self.args.fast_dev_run else details
+            lines.append(f"Test scores:   {scores}   ({details})")
         opened = self.trackers.how_to_open() or [f"{redact_path(self.directory / runs.METRICS)} (no tracker)"]
         for i, line in enumerate(opened):
             lines.append(f"{'Tracker:' if i == 0 else '':<15}{line}")
