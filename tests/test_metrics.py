@@ -152,3 +152,15 @@ def test_r2_of_a_constant_target_is_finite_as_in_scikit_learn():
         metric = RegressionErrors(1)
         metric.update(torch.tensor(predicted), torch.tensor([5.0, 5.0]))
         assert float(metric.compute()["r2"]) == r2_score([5.0, 5.0], predicted)
+
+
+def test_a_class_name_the_font_lacks_is_drawn_without_a_warning(tmp_path):
+    """An emoji in a class name: matplotlib draws a box and warned on stderr, naming a line of our source."""
+    import warnings
+
+    from project.tasks import Classification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Classification(["cat", "ünï€ødé 🐍"]).draw_confusion(torch.tensor([[1, 0], [0, 1]]).numpy(), tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,9 @@ class Classification(Task):
             xticks_rotation="vertical" if longest > 3 else "horizontal",
         )  # fmt: skip
         ax.set_title("Test set")
-        figure.savefig(out, dpi=100, format="png")
+        with warnings.catch_warnings():  # a character the font lacks (an emoji in a class name) is drawn as a box
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            figure.savefig(out, dpi=100, format="png")
 
     def serve(self) -> nn.Module:
         return nn.Softmax(dim=1)  # logits -> each class's probability
