@@ -154,7 +154,7 @@ class Parser(argparse.ArgumentParser):
             for key, value in values.items():
                 dest = str(key).replace("-", "_")
                 if dest in seen:
-                    raise ValueError(f"'{key}' is given twice (as {key} and {self.flags.get(dest, key)[2:]})")
+                    raise ValueError(f"'{key}' is given twice ('-' and '_' name the same option)")
                 seen.add(dest)
                 if dest in self.command_only:
                     raise ValueError(f"'{key}' is given on the command line only ({self.flags[dest]})")
