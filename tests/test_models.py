@@ -79,3 +79,17 @@ def test_a_feature_that_never_varies_is_standardised_as_scikit_learns_scaler_doe
     x = np.array([[1.0, 5.0, 0.0], [3.0, 5.0, 2.0], [2.0, 5.0, 7.0]])
     ours = Standardize(x.mean(0).tolist(), x.std(0).tolist(), (3,))(torch.tensor(x, dtype=torch.float32))
     np.testing.assert_allclose(ours.numpy(), StandardScaler().fit(x).transform(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_backbone_parameter_named_like_an_option_of_the_data_is_refused(monkeypatch):
+    """A ViT's `image_size` received --image-size (64, the image folders' default) on 8x8 digits, silently."""
+
+    def vit_like(input_shape, num_outputs: int, hidden_dim: int = 128, image_size: int = 8):
+        return MODELS["mlp"](input_shape, num_outputs, hidden_dim)
+
+    monkeypatch.setitem(MODELS, "vit-like", vit_like)
+    with pytest.raises(ValueError, match="its parameter image_size is the data's option --image-size"):
+        backbone_options("vit-like", {"hidden_dim": 16, "image_size": 64})
+    assert backbone_options("mlp", {"hidden_dim": 16, "image_size": 64}) == {"hidden_dim": 16}
+    monkeypatch.setitem(MODELS, "any", lambda input_shape, num_outputs, *args, **kwargs: vit_like(input_shape, 2))
+    assert backbone_options("any", {"hidden_dim": 16}) == {}  # *args and **kwargs name no option
