@@ -89,6 +89,7 @@ def backbone_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
     parameter named like an option of the data (`image_size`, `batch_size`) would silently get the data's value: it
     is refused (the backbone knows its input_shape)."""
     from project.data import DATASETS
+    from project.infra.errors import UserError
 
     parameters = list(inspect.signature(MODELS[name]).parameters)[2:]  # after input_shape, num_outputs
     data = {parameter.name for dataset in DATASETS.values() for cls in dataset.__mro__ if "__init__" in vars(cls)
@@ -96,6 +97,6 @@ def backbone_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
             if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)}  # fmt: skip
     taken = sorted(set(parameters) & data - {"self"})
     if taken:
-        raise ValueError(f"its parameter {taken[0]} is the data's option --{taken[0].replace('_', '-')}, not the "
-                         "backbone's: give the backbone's option a name of its own")  # fmt: skip
+        raise UserError(f"--model {name}: its parameter {taken[0]} is the data's option --{taken[0].replace('_', '-')},"
+                        " not the backbone's: give the backbone's option a name of its own")  # fmt: skip
     return {key: config[key] for key in parameters if key in config}

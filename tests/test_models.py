@@ -88,7 +88,7 @@ def test_a_backbone_parameter_named_like_an_option_of_the_data_is_refused(monkey
         return MODELS["mlp"](input_shape, num_outputs, hidden_dim)
 
     monkeypatch.setitem(MODELS, "vit-like", vit_like)
-    with pytest.raises(ValueError, match="its parameter image_size is the data's option --image-size"):
+    with pytest.raises(UserError, match="--model vit-like: its parameter image_size is the data's option --image-size"):
         backbone_options("vit-like", {"hidden_dim": 16, "image_size": 64})
     assert backbone_options("mlp", {"hidden_dim": 16, "image_size": 64}) == {"hidden_dim": 16}
     monkeypatch.setitem(MODELS, "any", lambda input_shape, num_outputs, *args, **kwargs: vit_like(input_shape, 2))
