@@ -90,26 +90,31 @@ def latest_run(experiment: Path) -> Path | None:
     if not experiment.is_dir():
         return None
 
-    def trained_or_training(run: Path) -> bool:
+    def manifest(run: Path) -> Any:
+        try:
+            return json.loads((run / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def trained_or_training(run: Path, manifest: Any) -> bool:
         if any((run / CHECKPOINT_DIR).glob("*.ckpt")):
             return True
-        try:
-            manifest = json.loads((run / MANIFEST).read_text())
-        except (OSError, ValueError):
+        if manifest is None:
             return (run / CONFIG).is_file()  # killed as its records were first written
         return (
             isinstance(manifest, dict) and manifest.get("mode") != "test" and manifest.get("exit_status") != "finished"
         )
 
-    def started(run: Path) -> float:
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            return datetime.datetime.fromisoformat(json.loads((run / MANIFEST).read_text())["start_time"]).timestamp()
+    def started(run: Path, manifest: Any) -> float:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            return datetime.datetime.fromisoformat(manifest["start_time"]).timestamp()
         with contextlib.suppress(ValueError):  # no manifest yet (killed as it started): its name is its start time
             return datetime.datetime.strptime(run.name[:15], "%Y%m%d-%H%M%S").timestamp()
         return run.stat().st_mtime
 
-    runs = sorted((p for p in experiment.iterdir() if p.is_dir() and not p.is_symlink()), key=started)
-    return next((run for run in reversed(runs) if trained_or_training(run)), None)
+    found = [(run, manifest(run)) for run in experiment.iterdir() if run.is_dir() and not run.is_symlink()]
+    found.sort(key=lambda pair: started(*pair))
+    return next((run for run, read in reversed(found) if trained_or_training(run, read)), None)
 
 
 def best_checkpoint(run: Path) -> Path | None:
